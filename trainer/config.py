@@ -1,0 +1,394 @@
+"""The training configuration: one typed object, its defaults (= the shipped train.json), and its one merge path.
+
+defaults -> json file (`--config`, else ./train.json) -> `--key value` on the command line, each value coerced to
+the field's type, then validated once. Every problem is collected and reported together (exit status 2), so a
+user fixes their config in one round trip. Field docs feed `--help`.
+
+This module deliberately imports nothing heavy (no torch, no diffusers): `--help` and config errors answer fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_FILE = "train.json"
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+def _key(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults must equal train.json (tests/test_config.py checks)."""
+
+    resume_ckpt: str = _key(
+        "panopstor/EveryDream",
+        "Base model: a diffusers folder, or a name in ckpt_cache/ ('my_model' means ckpt_cache/my_model).",
+    )
+    data_root: str = _key("input", "Folder of training images (searched recursively) with .txt captions.")
+    resolution: int = _key(512, "Training resolution in pixels; a multiple of 64 (SD1/SD2.0: 512, SD2.1-v: 768).")
+    batch_size: int = _key(4, "Images per optimizer micro-step on each device.")
+    grad_accum: int = _key(1, "Micro-steps accumulated into one optimizer step (effective batch = batch_size x this).")
+    max_epochs: int = _key(30, "Passes over the data set.")
+    max_steps: int = _key(0, "Stop after this many optimizer steps; 0 means no limit (max_epochs decides).")
+    lr: float = _key(1.5e-6, "Peak learning rate (AdamW).")
+    lr_scheduler: LRScheduler = _key("constant", "Learning-rate schedule over the run's optimizer steps.")
+    lr_warmup_steps: int | None = _key(
+        None, "Optimizer steps of linear warmup; null: none for constant, 2% of the run otherwise."
+    )
+    clip_grad_norm: float | None = _key(None, "Clip the gradient norm of the trained models to this; null: no clip.")
+    seed: int = _key(555, "Seed for weights noise, timesteps, shuffling and crops; -1 picks a random one (logged).")
+    flip_p: float = _key(0.0, "Probability of flipping an image horizontally (0 to 1).")
+    disable_textenc_training: bool = _key(False, "Freeze the text encoder and train only the UNet.")
+    gradient_checkpointing: bool = _key(True, "Recompute activations in backward: much less memory, ~20% slower.")
+    mixed_precision: MixedPrecision = _key(
+        "fp16", "Autocast precision on GPU: no, fp16 or bf16 (fp16 on a CPU-only machine falls back to no)."
+    )
+    logdir: str = _key("logs", "Folder that holds one sub-folder per run (config, logs, saves).")
+    project_name: str = _key("myproj", "Name used for run folders and saved models.")
+    run_name: str | None = _key(None, "Run folder name under logdir; null: <project_name>_<date>-<time>.")
+    log_step: int = _key(25, "Write loss and learning rate to tensorboard every this many optimizer steps.")
+    save_every_n_epochs: int = _key(0, "Also save a model every this many epochs; 0: only at the end.")
+    save_ckpt_dir: str | None = _key(None, "Folder for saved models; null: <run folder>/ckpts.")
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
+
+# Keys of EveryDream2's train.json (and its CLI) that mean something we express differently. Each maps the
+# ED2 value to our keys; the notice says what happened, once per key.
+ED2_TRANSLATIONS: dict[str, typing.Callable[[Any], dict[str, Any]]] = {
+    "amp": lambda on: {"mixed_precision": "fp16" if on else "no"},
+    "disable_amp": lambda off: {"mixed_precision": "no" if off else "fp16"},
+}
+# EveryDream2 keys we do not support (yet): accepted and named in one warning, so ED2 configs load.
+ED2_UNSUPPORTED: frozenset[str] = frozenset(
+    """attn_type ckpt_every_n_minutes clip_skip cond_dropout disable_unet_training disable_xformers
+    embedding_perturbation ema_decay_rate ema_device ema_resume_model ema_sample_ema_model ema_sample_nonema_model
+    ema_strength_target ema_update_interval enable_zero_terminal_snr gpuid hf_repo_subfolder keep_tags
+    latents_perturbation load_settings_every_epoch loss_type lowvram lr_decay_steps min_snr_gamma no_save_ckpt
+    notebook optimizer_config plugins pyramid_noise_discount rated_dataset rated_dataset_target_dropout_percent
+    sample_prompts sample_steps save_ckpts_from_n_epochs save_full_precision save_optimizer scale_lr shuffle_tags
+    timestep_end timestep_start train_sampler useadam8bit validation_config wandb write_schedule
+    zero_frequency_noise_ratio""".split()
+)
+
+
+class ConfigError(Exception):
+    """The configuration has problems; `problems` lists each one as a full sentence."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(f"{count} in the configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class LoadedConfig:
+    config: TrainConfig
+    sources: dict[str, str]  # key -> where its value came from ("default", a json path, "command line")
+    notices: list[str]  # translations and ignored keys, to print before the run starts
+
+
+# ---------------------------------------------------------------- types
+
+
+def type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(json.dumps(c) for c in typing.get_args(tp))
+    if _is_optional(tp):
+        return f"{type_name(_strip_optional(tp))} | null"
+    return {bool: "bool", int: "int", float: "float", str: "str"}[tp]
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return inner
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+_NULL = {"null", "none"}
+
+
+class _BadValue(Exception):
+    pass
+
+
+def coerce_cli(tp: Any, text: str) -> Any:
+    """A command-line string as a value of `tp`."""
+    if _is_optional(tp):
+        return None if text.lower() in _NULL else coerce_cli(_strip_optional(tp), text)
+    if typing.get_origin(tp) is Literal:
+        return coerce_json(tp, text)
+    if tp is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise _BadValue
+    try:
+        return tp(text)
+    except ValueError:
+        raise _BadValue from None
+
+
+def coerce_json(tp: Any, value: Any) -> Any:
+    """A json value checked against `tp`: json already has types, so only widen int -> float."""
+    if _is_optional(tp):
+        return None if value is None else coerce_json(_strip_optional(tp), value)
+    if typing.get_origin(tp) is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _BadValue
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise _BadValue
+
+
+def _given(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else repr(value)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _closest_key(key: str) -> str:
+    match = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else f"; run 'python train.py --help' for the valid keys."
+
+
+def parse_cli(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
+    """`--key value`, `--key=value` and bare `--flag` into {key: text or None (bare flag)}, plus problems."""
+    values: dict[str, str | None] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("--") or token == "--":
+            problems.append(f"unexpected command-line argument {token!r}; options look like --key value.")
+            continue
+        key, has_equals, text = token[2:].partition("=")
+        key = key.replace("-", "_")
+        if has_equals:
+            values[key] = text
+        elif i < len(argv) and not argv[i].startswith("--"):
+            values[key] = argv[i]
+            i += 1
+        else:
+            values[key] = None
+    return values, problems
+
+
+def _read_json(path: Path) -> tuple[dict[str, Any], list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        return {}, [f"config: file {str(path)!r} does not exist; pass --config with the path of a json file."]
+    except json.JSONDecodeError as err:
+        return {}, [f"config: {str(path)!r} is not valid json ({err.msg} at line {err.lineno}, column {err.colno})."]
+    if not isinstance(data, dict):
+        return {}, [f"config: {str(path)!r} must hold a json object {{\"key\": value, ...}}, found {type(data).__name__}."]
+    return data, []
+
+
+def default_config_path() -> Path:
+    """./train.json when there is one, else the train.json shipped beside train.py."""
+    local = Path(DEFAULT_CONFIG_FILE)
+    return local if local.is_file() else REPO_ROOT / DEFAULT_CONFIG_FILE
+
+
+# ---------------------------------------------------------------- merge
+
+
+def _merge_layer(
+    raw: dict[str, Any],
+    source: str,
+    from_cli: bool,
+    values: dict[str, Any],
+    sources: dict[str, str],
+    problems: list[str],
+    notices: list[str],
+    ignored: list[str],
+) -> None:
+    for key, given in raw.items():
+        if key in ED2_TRANSLATIONS:
+            try:
+                ed2_value = True if given is None else (coerce_cli(bool, given) if from_cli else coerce_json(bool, given))
+            except _BadValue:
+                problems.append(f"{key}: got {_given(given)} (from {source}); expected bool.")
+                continue
+            for ours, value in ED2_TRANSLATIONS[key](ed2_value).items():
+                values[ours], sources[ours] = value, source
+                notices.append(f"{key}: {_given(ed2_value)} (EveryDream2 key) is read as {ours}: {_given(value)}.")
+            continue
+        if key in ED2_UNSUPPORTED:
+            ignored.append(key)
+            continue
+        if key not in FIELDS:
+            problems.append(f"{key}: unknown key (from {source}){_closest_key(key)}")
+            continue
+        tp = FIELD_TYPES[key]
+        try:
+            if from_cli and given is None:
+                if tp is not bool:
+                    raise _BadValue
+                value = True
+            else:
+                value = coerce_cli(tp, given) if from_cli else coerce_json(tp, given)
+        except (_BadValue, TypeError):
+            shown = "nothing" if given is None and from_cli else _given(given)
+            problems.append(f"{key}: got {shown} (from {source}); expected {type_name(tp)}.")
+            continue
+        values[key], sources[key] = value, source
+
+
+def load_config(argv: list[str]) -> LoadedConfig:
+    """Merge defaults, the json file and `argv`, then validate. Raises ConfigError listing every problem."""
+    cli, problems = parse_cli(argv)
+    given_config = "config" in cli
+    config_text = cli.pop("config", None)
+    if given_config and not config_text:
+        problems.append("config: expected a path to a json file after --config.")
+    config_path = Path(config_text) if config_text else default_config_path()
+
+    values = {name: f.default for name, f in FIELDS.items()}
+    sources = {name: "default" for name in FIELDS}
+    notices: list[str] = []
+    ignored: list[str] = []
+    raw_json, json_problems = _read_json(config_path)
+    problems += json_problems
+    _merge_layer(raw_json, str(config_path), False, values, sources, problems, notices, ignored)
+    _merge_layer(cli, "command line", True, values, sources, problems, notices, ignored)
+
+    config = TrainConfig(**values)
+    problems += [
+        f"{key}: got {_given(getattr(config, key))} (from {sources[key]}); expected {expected}."
+        for key, expected in validate(config)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    if ignored:
+        notices.append(
+            "EveryDream2 keys not supported here, ignored: " + ", ".join(sorted(set(ignored))) + "."
+        )
+    return LoadedConfig(config, sources, notices)
+
+
+# ---------------------------------------------------------------- validation
+
+_NAME_OK = re.compile(r"^[\w.\-]+$")
+
+
+def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """Impossible values as (key, what is expected instead); empty when the config can run."""
+    problems: list[tuple[str, str]] = []
+
+    def bad(key: str, expected: str) -> None:
+        problems.append((key, expected))
+
+    if not cfg.resume_ckpt.strip():
+        bad("resume_ckpt", "a model folder, a name in ckpt_cache/, or a Hugging Face repo id")
+    data_root = Path(cfg.data_root)
+    if not data_root.exists():
+        bad("data_root", "an existing folder of training images (it does not exist)")
+    elif not data_root.is_dir():
+        bad("data_root", "a folder of training images (this is a file)")
+    if cfg.resolution < 64 or cfg.resolution % 64:
+        bad("resolution", "a multiple of 64 such as 512 or 768 (the UNet halves the latent size per level)")
+    for key in ("batch_size", "grad_accum", "max_epochs", "log_step"):
+        if getattr(cfg, key) < 1:
+            bad(key, "an integer >= 1")
+    for key in ("max_steps", "save_every_n_epochs"):
+        if getattr(cfg, key) < 0:
+            bad(key, "an integer >= 0 (0 disables it)")
+    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
+        bad("lr_warmup_steps", "an integer >= 0, or null")
+    if not cfg.lr > 0:
+        bad("lr", "a learning rate > 0, such as 1.5e-6")
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        bad("clip_grad_norm", "a norm > 0, or null for no clipping")
+    if not 0.0 <= cfg.flip_p <= 1.0:
+        bad("flip_p", "a probability from 0 to 1")
+    if cfg.seed < -1:
+        bad("seed", "an integer >= 0, or -1 for a random seed")
+    for key in ("project_name", "run_name"):
+        name = getattr(cfg, key)
+        if name is not None and not _NAME_OK.match(name):
+            bad(key, "a folder name of letters, digits, '_', '-' and '.'")
+    return problems
+
+
+# ---------------------------------------------------------------- output
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as json that `--config` loads back to the same config."""
+    path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+
+
+def help_text() -> str:
+    lines = [
+        "usage: python train.py [--config PATH] [--key value ...]",
+        "",
+        "Fine-tunes a Stable Diffusion 1.x/2.x model. Settings come from defaults, then the json file",
+        f"(--config PATH, default ./{DEFAULT_CONFIG_FILE}), then --key value on the command line.",
+        "Booleans take --flag, --flag true or --flag false; nullable keys take null.",
+        "",
+        "options:",
+        "  --config PATH",
+        "      json file of settings; EveryDream2 train.json files load too",
+    ]
+    for name, f in FIELDS.items():
+        lines.append(f"  --{name} {_metavar(FIELD_TYPES[name])}")
+        lines.append(f"      {f.metadata['help']} (default: {_given(f.default)})")
+    return "\n".join(lines)
+
+
+def _metavar(tp: Any) -> str:
+    if _is_optional(tp):
+        return _metavar(_strip_optional(tp))
+    if typing.get_origin(tp) is Literal:
+        return "{" + ",".join(typing.get_args(tp)) + "}"
+    return {bool: "[BOOL]", int: "INT", float: "FLOAT", str: "TEXT"}[tp]
+
+
+def load_config_or_exit(argv: list[str]) -> LoadedConfig:
+    """`load_config` for the command line: --help prints and exits 0; problems print and exit 2."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        sys.exit(0)
+    try:
+        loaded = load_config(argv)
+    except ConfigError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        sys.exit(2)
+    for notice in loaded.notices:
+        print(f"Config: {notice}")
+    return loaded
