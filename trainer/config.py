@@ -175,7 +175,8 @@ def _given(value: Any) -> str:
 
 
 def _closest_key(key: str) -> str:
-    match = difflib.get_close_matches(key, list(FIELDS), n=1, cutoff=0.6)
+    known = [*FIELDS, *ED2_TRANSLATIONS, *ED2_UNSUPPORTED]  # a typo of an ED2 key is still a typo
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else f"; run 'python train.py --help' for the valid keys."
 
 

@@ -1,0 +1,187 @@
+"""The config object: defaults = train.json, the merge order, coercion, and every error reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, run_train
+from trainer.config import (
+    FIELDS,
+    ConfigError,
+    TrainConfig,
+    config_to_dict,
+    help_text,
+    load_config,
+    save_config,
+)
+
+ED2_TRAIN_JSON = Path(__file__).parent / "fixtures" / "everydream2_train.json"
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    root.mkdir()
+    return root
+
+
+def write_json(path: Path, values: dict) -> Path:
+    path.write_text(json.dumps(values), encoding="utf-8")
+    return path
+
+
+def problems_of(argv: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return info.value.problems
+
+
+def test_defaults_are_exactly_train_json():
+    shipped = json.loads((REPO_ROOT / "train.json").read_text(encoding="utf-8"))
+    assert shipped == config_to_dict(TrainConfig())
+    assert list(shipped) == list(FIELDS)  # same order, so the file reads like --help
+
+
+def test_required_everydream2_key_names_exist():
+    for key in (
+        "resume_ckpt data_root resolution batch_size grad_accum max_epochs lr seed logdir project_name run_name "
+        "save_every_n_epochs save_ckpt_dir disable_textenc_training gradient_checkpointing mixed_precision max_steps"
+    ).split():
+        assert key in FIELDS, key
+    assert TrainConfig().resume_ckpt == "panopstor/EveryDream"
+
+
+def test_cli_beats_json_beats_defaults(tmp_path: Path, data_root: Path):
+    config = write_json(tmp_path / "c.json", {"data_root": str(data_root), "batch_size": 3, "lr": 1e-4, "seed": 1})
+    loaded = load_config(["--config", str(config), "--lr", "2e-5", "--max_steps=7"])
+    cfg = loaded.config
+    assert (cfg.batch_size, cfg.lr, cfg.max_steps, cfg.seed) == (3, 2e-5, 7, 1)
+    assert cfg.resolution == 512  # default
+    assert loaded.sources["lr"] == "command line" and loaded.sources["batch_size"] == str(config)
+    assert loaded.sources["resolution"] == "default"
+
+
+def test_cli_values_take_the_field_type(tmp_path: Path, data_root: Path):
+    cfg = load_config(
+        ["--config", str(write_json(tmp_path / "c.json", {})), "--data_root", str(data_root), "--resolution", "768",
+         "--lr", "1", "--clip_grad_norm", "1.5", "--run_name", "r1", "--mixed_precision", "bf16"]
+    ).config
+    assert cfg.resolution == 768 and isinstance(cfg.resolution, int)
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    assert cfg.clip_grad_norm == 1.5 and cfg.run_name == "r1" and cfg.mixed_precision == "bf16"
+    assert load_config(["--data_root", str(data_root), "--clip_grad_norm", "null"]).config.clip_grad_norm is None
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [(["--disable_textenc_training"], True), (["--disable_textenc_training", "true"], True),
+     (["--disable_textenc_training", "false"], False), (["--disable_textenc_training=False"], False),
+     (["--disable_textenc_training", "--lr", "1e-5"], True)],
+)
+def test_boolean_flags(args: list[str], expected: bool, data_root: Path):
+    assert load_config(["--data_root", str(data_root), *args]).config.disable_textenc_training is expected
+
+
+def test_every_problem_reported_together(tmp_path: Path, data_root: Path):
+    config = write_json(tmp_path / "c.json", {"data_root": str(data_root), "batchsize": 4, "lr": "fast"})
+    problems = problems_of(
+        ["--config", str(config), "--resolutin", "512", "--batch_size", "-1", "--resolution", "500",
+         "--mixed_precision", "fp8", "--max_epochs", "two"]
+    )
+    text = "\n".join(problems)
+    assert len(problems) == 7, text
+    assert "batchsize: unknown key (from" in text and "did you mean 'batch_size'?" in text
+    assert "resolutin: unknown key (from command line); did you mean 'resolution'?" in text
+    assert "lr: got 'fast' (from " in text and "expected float" in text
+    assert "batch_size: got -1 (from command line); expected an integer >= 1." in text
+    assert "resolution: got 500 (from command line); expected a multiple of 64" in text
+    assert 'mixed_precision: got \'fp8\' (from command line); expected "no" | "fp16" | "bf16".' in text
+    assert "max_epochs: got 'two' (from command line); expected int." in text
+
+
+def test_missing_data_root_and_wrong_json_types(tmp_path: Path):
+    config = write_json(tmp_path / "c.json", {"data_root": str(tmp_path / "nope"), "batch_size": "4", "flip_p": 2})
+    text = "\n".join(problems_of(["--config", str(config)]))
+    assert "data_root: got" in text and "does not exist" in text
+    assert "batch_size: got '4'" in text and "expected int" in text
+    assert "flip_p: got 2.0" in text and "probability from 0 to 1" in text
+
+
+def test_broken_json_file(tmp_path: Path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"lr": 1e-5,,}', encoding="utf-8")
+    problem = problems_of(["--config", str(bad), "--data_root", str(tmp_path)])
+    assert len(problem) == 1 and "is not valid json" in problem[0] and "line 1" in problem[0]
+    problem = problems_of(["--config", str(tmp_path / "missing.json"), "--data_root", str(tmp_path)])
+    assert len(problem) == 1 and "missing.json' does not exist" in problem[0]
+
+
+def test_everydream2_train_json_loads(data_root: Path):
+    loaded = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root)])
+    cfg = loaded.config
+    assert (cfg.batch_size, cfg.max_epochs, cfg.project_name, cfg.save_every_n_epochs) == (10, 1, "project_abc", 20)
+    assert cfg.mixed_precision == "fp16"  # disable_amp: false
+    translated = [n for n in loaded.notices if n.startswith("disable_amp")]
+    assert translated == ["disable_amp: false (EveryDream2 key) is read as mixed_precision: 'fp16'."]
+    (ignored,) = [n for n in loaded.notices if n.startswith("EveryDream2 keys not supported")]
+    for key in ("cond_dropout", "sample_prompts", "ema_decay_rate", "wandb", "gpuid"):
+        assert key in ignored
+    assert len(loaded.notices) == 2  # one translation line, one warning naming all ignored keys
+
+
+def test_everydream2_translation_on_cli_and_typo_still_an_error(data_root: Path):
+    cfg = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--amp", "false"]).config
+    assert cfg.mixed_precision == "no"
+    problems = problems_of(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--cond_dropot", "0.1"])
+    assert problems == ["cond_dropot: unknown key (from command line); did you mean 'cond_dropout'?"]
+
+
+def test_saved_config_loads_back_identically(tmp_path: Path, data_root: Path):
+    cfg = load_config(["--data_root", str(data_root), "--lr", "3e-5", "--run_name", "x", "--clip_grad_norm", "2"]).config
+    save_config(cfg, tmp_path / "saved.json")
+    assert load_config(["--config", str(tmp_path / "saved.json")]).config == cfg
+
+
+def test_help_lists_every_key_with_type_and_default():
+    text = help_text()
+    for name, f in FIELDS.items():
+        assert f"--{name} " in text
+    assert "--resolution INT" in text and "(default: 512)" in text
+    assert "--mixed_precision {no,fp16,bf16}" in text
+
+
+def run_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    result = run_train(args, cwd)
+    return result, time.perf_counter() - start
+
+
+def test_bad_config_process_exits_2_without_traceback_or_files(tmp_path: Path):
+    result, _ = run_cli(["--data_root", "nope", "--batch_size", "0", "--lrr", "1", "--logdir", "out"], tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "3 problems in the configuration" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_help_and_errors_answer_without_importing_torch(tmp_path: Path):
+    result, _ = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0 and "--data_root TEXT" in result.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, trainer.config; print('torch' in sys.modules, 'diffusers' in sys.modules)"],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.split() == ["False", "False"]
+
+
+def test_replace_keeps_types():
+    # the config is a plain dataclass: code reads attributes, never dict lookups with defaults
+    cfg = dataclasses.replace(TrainConfig(), seed=3)
+    assert cfg.seed == 3 and cfg.lr == TrainConfig().lr
