@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         print(f"Config: seed -1 picked seed {cfg.seed}.")
 
     # Heavy imports only once the config is known to be good, so --help and config errors answer at once.
-    from data.dataset import build_dataset
+    from data.dataset import build_dataloader
     from trainer.checkpoints import create_run_dir
     from trainer.errors import UserError
     from trainer.loop import train
@@ -29,10 +29,10 @@ def main(argv: list[str]) -> int:
     try:
         models = load_models(cfg.resume_ckpt)
         print(f"Model: {models.info.describe()}")
-        dataset = build_dataset(cfg.data_root, cfg.resolution, models.tokenizer, cfg.flip_p)
+        loader = build_dataloader(cfg, models.tokenizer)
         run_dir = create_run_dir(cfg, models.info)
         print(f"Run folder: {run_dir.resolve()}")
-        train(cfg, models, dataset, run_dir)
+        train(cfg, models, loader, run_dir)
     except UserError as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 1

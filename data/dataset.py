@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers import CLIPTokenizer
 
+from trainer.config import TrainConfig
 from trainer.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -93,5 +94,17 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {"pixel_values": to_tensor(image), "input_ids": input_ids}
 
 
-def build_dataset(data_root: str, resolution: int, tokenizer: CLIPTokenizer, flip_p: float) -> ImageCaptionDataset:
-    return ImageCaptionDataset(find_examples(Path(data_root)), resolution, tokenizer, flip_p)
+def build_dataloader(cfg: TrainConfig, tokenizer: CLIPTokenizer) -> torch.utils.data.DataLoader:
+    """Batches of {"pixel_values": (B, 3, H, W) in [-1, 1], "input_ids": (B, 77)}, shuffled by the run's seed.
+
+    The training loop also accepts {"latents": (B, 4, H/8, W/8)} (already scaled by the VAE's scaling factor)
+    in place of "pixel_values", for data that comes with cached latents.
+    """
+    dataset = ImageCaptionDataset(find_examples(Path(cfg.data_root)), cfg.resolution, tokenizer, cfg.flip_p)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.hub_server import hub_server  # noqa: F401  (fixture shared by all tests)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

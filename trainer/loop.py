@@ -40,8 +40,8 @@ def freeze(module: torch.nn.Module) -> None:
     module.eval()
 
 
-def train(cfg: TrainConfig, models: SDModels, dataset: torch.utils.data.Dataset, run_dir: Path) -> Path:
-    """Fine-tune `models` on `dataset`; returns the folder of the final saved model."""
+def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> Path:
+    """Fine-tune `models` on the batches of `loader`; returns the folder of the final saved model."""
     accelerator = Accelerator(
         mixed_precision=pick_mixed_precision(cfg.mixed_precision),
         gradient_accumulation_steps=cfg.grad_accum,
@@ -72,13 +72,6 @@ def train(cfg: TrainConfig, models: SDModels, dataset: torch.utils.data.Dataset,
 
     trained = [unet] + ([text_encoder] if train_text_encoder else [])
     optimizer = torch.optim.AdamW(params_of(trained), lr=cfg.lr)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        pin_memory=torch.cuda.is_available(),
-    )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.max_epochs
     if cfg.max_steps:
@@ -100,7 +93,7 @@ def train(cfg: TrainConfig, models: SDModels, dataset: torch.utils.data.Dataset,
     accelerator.init_trackers("tensorboard")
 
     accelerator.print(
-        f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(dataset)} images at "
+        f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {steps_per_epoch} steps/epoch, {total_steps} steps, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, text encoder {'trained' if train_text_encoder else 'frozen'}."
@@ -111,9 +104,7 @@ def train(cfg: TrainConfig, models: SDModels, dataset: torch.utils.data.Dataset,
     for epoch in range(1, cfg.max_epochs + 1):
         for batch in loader:
             with accelerator.accumulate(*trained):
-                with torch.no_grad():
-                    latents = vae.encode(batch["pixel_values"].float()).latent_dist.sample(generator)
-                    latents = latents * vae.config.scaling_factor
+                latents = batch["latents"] if "latents" in batch else encode_images(vae, batch["pixel_values"], generator)
                 with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
                     encoder_hidden_states = text_encoder(batch["input_ids"])[0]
                 loss = compute_loss(unet, models.noise_scheduler, latents, encoder_hidden_states, generator)
@@ -144,6 +135,13 @@ def train(cfg: TrainConfig, models: SDModels, dataset: torch.utils.data.Dataset,
     save_on_main(accelerator, models, unet, text_encoder, final)
     accelerator.end_training()
     return final.resolve()
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pixels in [-1, 1] -> latents sampled from the VAE's posterior, scaled to about unit variance."""
+    latents = vae.encode(pixel_values.float()).latent_dist.sample(generator)
+    return latents * vae.config.scaling_factor
 
 
 def params_of(modules: list[torch.nn.Module]) -> list[torch.nn.Parameter]:
