@@ -1,24 +1,151 @@
-"""Images and captions from a folder tree, resized and center-cropped to the training resolution.
+"""The training DataLoader: scanned images -> per-epoch bucket batches -> tensors the loop takes.
 
-Captions come from a sidecar file with the image's stem (`.txt`, then `.caption`), else from the file name:
-the text before the first `_` (`a red car_03.jpg` -> `a red car`), as EveryDream2 does.
+Each batch is one of (all rows share one bucket size H x W, multiples of 64):
+    {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,)}      cache_latents off
+    {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,)}  cache_latents on
+`loss_weight` is 0 for the rows that fill a bucket's last batch (see data/schedule.py), else 1.
+
+Every random choice (repeats, order, flips, tag shuffles, caption dropout, the latent sample) comes from the
+run's seed and the epoch through `Draw.seed`, so results do not depend on num_workers.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from transformers import CLIPTokenizer
 
+from data.captions import read_caption, shuffle_tags
+from data.images import load_for_bucket, resize_center_crop  # noqa: F401  (resize_center_crop: public helper)
+from data.latent_cache import LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
+from data.pixels import to_tensor
+from data.scan import ImageItem, Scan, find_image_files, scan_data_root
+from data.schedule import Draw, batches_per_epoch, epoch_batches
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-CAPTION_EXTENSIONS = (".txt", ".caption")
+LATENT_CACHE_FOLDER = ".latent_cache"  # under data_root unless latent_cache_dir says otherwise
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Indexed by `Draw` (from BucketBatchSampler), not by int: a row needs its flip and seed too."""
+
+    def __init__(
+        self,
+        items: list[ImageItem],
+        tokenizer: CLIPTokenizer,
+        cfg: TrainConfig,
+        latents: dict[tuple[int, bool], Path] | None = None,
+        scaling_factor: float = 1.0,
+    ):
+        self.items = items
+        self.tokenizer = tokenizer
+        self.cond_dropout = cfg.cond_dropout
+        self.shuffle_tags = cfg.shuffle_tags
+        self.keep_tags = cfg.keep_tags
+        self.latents = latents  # (item index, flip) -> cache entry
+        self.scaling_factor = scaling_factor
+
+    def __len__(self) -> int:
+        return len(self.items)  # distinct images; an epoch's length (with repeats) is the sampler's
+
+    def caption(self, draw: Draw) -> str:
+        rng = random.Random(draw.seed)
+        caption = self.items[draw.index].caption
+        # cond_dropout: training some steps on the empty caption teaches the unconditional prediction that
+        # classifier-free guidance subtracts at sampling time (Ho & Salimans 2022)
+        if rng.random() < self.cond_dropout:
+            return ""
+        return shuffle_tags(caption, self.keep_tags, rng) if self.shuffle_tags else caption
+
+    def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
+        input_ids = self.tokenizer(
+            self.caption(draw),
+            padding="max_length",
+            truncation=True,
+            max_length=self.tokenizer.model_max_length,
+            return_tensors="pt",
+        ).input_ids[0]
+        row = {"input_ids": input_ids, "loss_weight": torch.tensor(draw.weight)}
+        if self.latents is None:
+            item = self.items[draw.index]
+            row["pixel_values"] = to_tensor(load_for_bucket(item.path, item.bucket, draw.flip))
+        else:
+            mean, std = load_posterior(self.latents[(draw.index, draw.flip)])
+            noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(draw.seed))
+            row["latents"] = (mean + std * noise) * self.scaling_factor
+        return row
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[Draw]]):
+    """Yields one epoch's batches of Draws (data/schedule.py). Epochs count up by themselves; accelerate's
+    DataLoaderShard also calls `set_epoch` before each pass, which keeps resumed runs on the same schedule."""
+
+    def __init__(self, items: list[ImageItem], batch_size: int, flip_p: float, seed: int):
+        self.items, self.batch_size, self.flip_p, self.seed = items, batch_size, flip_p, seed
+        self.epoch = 0
+        self._length = batches_per_epoch(items, batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        batches = epoch_batches(self.items, self.batch_size, self.flip_p, self.seed, self.epoch)
+        assert len(batches) == self._length, "schedule.py promises the same batch count every epoch"
+        self.epoch += 1
+        return iter(batches)
+
+
+def latent_cache_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else Path(cfg.data_root) / LATENT_CACHE_FOLDER
+
+
+def prepare_latents(cfg: TrainConfig, scan: Scan, vae: torch.nn.Module) -> dict[tuple[int, bool], Path]:
+    """Fill the latent cache for every (image, flip) the run can draw; returns their cache entries.
+
+    The one place that writes the cache: in a multi-process run, call it on the main process first.
+    """
+    cache = LatentCache(latent_cache_dir(cfg), vae_fingerprint(vae))
+    flips = (False, True) if cfg.flip_p > 0 else (False,)
+    keys = [(i, flip) for i in range(len(scan.items)) for flip in flips]
+    variants = [Variant(scan.items[i].path, scan.items[i].bucket, flip) for i, flip in keys]
+    encoded, reused = fill_cache(cache, variants, vae, cfg.batch_size, cfg.num_workers)
+    print(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
+    return {key: cache.entry(v) for key, v in zip(keys, variants)}
+
+
+def build_dataloader(
+    cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module | None = None, scan: Scan | None = None
+) -> torch.utils.data.DataLoader:
+    """Scan data_root (unless `scan` is given), report it, fill the latent cache when cache_latents is on
+    (needs the frozen `vae`), and return the DataLoader of bucket batches described in this module's docstring."""
+    if scan is None:
+        scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
+        for line in scan.report():
+            print(line)
+    latents, scaling_factor = None, 1.0
+    if cfg.cache_latents:
+        if vae is None:
+            raise ValueError("cache_latents is on: build_dataloader needs the VAE to fill the cache")
+        latents, scaling_factor = prepare_latents(cfg, scan, vae), float(vae.config.scaling_factor)
+    dataset = TrainDataset(scan.items, tokenizer, cfg, latents, scaling_factor)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=BucketBatchSampler(scan.items, cfg.batch_size, cfg.flip_p, cfg.seed),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,  # no worker start-up (and tokenizer copy) every epoch
+        prefetch_factor=4 if cfg.num_workers > 0 else None,  # batches prepared ahead while the GPU works
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+# ---------------------------------------------------------------- small helpers kept for callers and tests
 
 
 @dataclass(frozen=True)
@@ -27,84 +154,11 @@ class Example:
     caption: str
 
 
-def read_caption(image_path: Path) -> str:
-    for extension in CAPTION_EXTENSIONS:
-        sidecar = image_path.with_suffix(extension)
-        if sidecar.is_file():
-            # utf-8-sig drops a BOM; strip() drops CRLF and trailing newlines
-            return sidecar.read_text(encoding="utf-8-sig").strip()
-    return image_path.stem.split("_")[0].strip()
-
-
 def find_examples(data_root: Path) -> list[Example]:
-    """Every image under `data_root` (recursively, in a stable order) with its caption."""
-    paths = sorted(p for p in data_root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under `data_root` (recursively, stable order) with its caption; no decoding."""
+    paths = find_image_files(data_root)
     if not paths:
         raise UserError(
-            f"data_root {str(data_root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}), searched recursively. "
-            "Point --data_root at your training images."
+            f"data_root {str(data_root)!r} holds no images, searched recursively. Point --data_root at your images."
         )
     return [Example(path, read_caption(path)) for path in paths]
-
-
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # phone photos store rotation in EXIF
-        return image.convert("RGB")
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the short side to `size` and cut the middle square."""
-    scale = size / min(image.size)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> CHW float in [-1, 1], the VAE's input range."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    def __init__(self, examples: list[Example], resolution: int, tokenizer: CLIPTokenizer, flip_p: float = 0.0):
-        self.examples = examples
-        self.resolution = resolution
-        self.tokenizer = tokenizer
-        self.flip_p = flip_p
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        example = self.examples[index]
-        image = resize_center_crop(load_rgb(example.image_path), self.resolution)
-        # torch's RNG, not Python's: the DataLoader seeds it per worker from the run's seed
-        if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
-            image = ImageOps.mirror(image)
-        input_ids = self.tokenizer(
-            example.caption,
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
-        return {"pixel_values": to_tensor(image), "input_ids": input_ids}
-
-
-def build_dataloader(cfg: TrainConfig, tokenizer: CLIPTokenizer) -> torch.utils.data.DataLoader:
-    """Batches of {"pixel_values": (B, 3, H, W) in [-1, 1], "input_ids": (B, 77)}, shuffled by the run's seed.
-
-    The training loop also accepts {"latents": (B, 4, H/8, W/8)} (already scaled by the VAE's scaling factor)
-    in place of "pixel_values", for data that comes with cached latents.
-    """
-    dataset = ImageCaptionDataset(find_examples(Path(cfg.data_root)), cfg.resolution, tokenizer, cfg.flip_p)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        pin_memory=torch.cuda.is_available(),
-    )

@@ -124,7 +124,7 @@ def test_broken_json_file(tmp_path: Path):
 
 
 def test_everydream2_train_json_loads(data_root: Path):
-    loaded = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root)])
+    loaded = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--optimizer_config", "null"])
     cfg = loaded.config
     assert (cfg.batch_size, cfg.max_epochs, cfg.project_name, cfg.save_every_n_epochs) == (10, 1, "project_abc", 20)
     assert cfg.mixed_precision == "fp16"  # disable_amp: false
@@ -137,9 +137,10 @@ def test_everydream2_train_json_loads(data_root: Path):
 
 
 def test_everydream2_translation_on_cli_and_typo_still_an_error(data_root: Path):
-    cfg = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--amp", "false"]).config
-    assert cfg.mixed_precision == "no"
-    problems = problems_of(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--cond_dropot", "0.1"])
+    ed2 = ["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--optimizer_config", "null"]
+    cfg = load_config([*ed2, "--amp", "false", "--useadam8bit"]).config
+    assert cfg.mixed_precision == "no" and cfg.optimizer == "adamw8bit"
+    problems = problems_of([*ed2, "--cond_dropot", "0.1"])
     assert problems == ["cond_dropot: unknown key (from command line); did you mean 'cond_dropout'?"]
 
 

@@ -25,6 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "train.json"
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
+LossType = Literal["mse", "huber", "smooth_l1"]
+OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -46,7 +48,11 @@ class TrainConfig:
     grad_accum: int = _key(1, "Micro-steps accumulated into one optimizer step (effective batch = batch_size x this).")
     max_epochs: int = _key(30, "Passes over the data set.")
     max_steps: int = _key(0, "Stop after this many optimizer steps; 0 means no limit (max_epochs decides).")
-    lr: float = _key(1.5e-6, "Peak learning rate (AdamW).")
+    lr: float = _key(1.5e-6, "Peak learning rate (UNet, and text encoder unless optimizer_config says otherwise).")
+    optimizer: OptimizerName = _key("adamw", "adamw, adamw8bit (bitsandbytes), lion, prodigy (use lr 1.0) or adafactor.")
+    optimizer_config: str | None = _key(
+        None, "EveryDream2-style optimizer.json: per-model lr/betas/weight decay, text-encoder layer freezing."
+    )
     lr_scheduler: LRScheduler = _key("constant", "Learning-rate schedule over the run's optimizer steps.")
     lr_warmup_steps: int | None = _key(
         None, "Optimizer steps of linear warmup; null: none for constant, 2% of the run otherwise."
@@ -59,6 +65,17 @@ class TrainConfig:
     mixed_precision: MixedPrecision = _key(
         "fp16", "Autocast precision on GPU: no, fp16 or bf16 (fp16 on a CPU-only machine falls back to no)."
     )
+    # the objective (trainer/objective.py documents each formula and its paper)
+    min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")
+    zero_frequency_noise_ratio: float = _key(0.02, "Offset noise: share of per-channel constant noise (0: off).")
+    pyramid_noise_discount: float | None = _key(None, "Multi-resolution (pyramid) noise discount, e.g. 0.8; null: off.")
+    enable_zero_terminal_snr: bool = _key(False, "Rescale betas to zero terminal SNR (v-prediction models only).")
+    timestep_start: int = _key(0, "Train on timesteps from this one (inclusive).")
+    timestep_end: int = _key(1000, "Train on timesteps below this one (exclusive).")
+    loss_type: LossType = _key("mse", "Loss on the prediction error: mse, or pseudo-Huber huber / smooth_l1.")
+    huber_c: float = _key(0.1, "The c of the pseudo-Huber losses: errors beyond about c count linearly.")
+    clip_skip: int = _key(0, "Condition on the k-th text-encoder layer from the end (2 = penultimate); 0: last.")
+    embedding_perturbation: float = _key(0.0, "Std of Gaussian noise added to text embeddings while training.")
     logdir: str = _key("logs", "Folder that holds one sub-folder per run (config, logs, saves).")
     project_name: str = _key("myproj", "Name used for run folders and saved models.")
     run_name: str | None = _key(None, "Run folder name under logdir; null: <project_name>_<date>-<time>.")
@@ -75,17 +92,16 @@ FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 ED2_TRANSLATIONS: dict[str, typing.Callable[[Any], dict[str, Any]]] = {
     "amp": lambda on: {"mixed_precision": "fp16" if on else "no"},
     "disable_amp": lambda off: {"mixed_precision": "no" if off else "fp16"},
+    "useadam8bit": lambda on: {"optimizer": "adamw8bit" if on else "adamw"},
 }
 # EveryDream2 keys we do not support (yet): accepted and named in one warning, so ED2 configs load.
 ED2_UNSUPPORTED: frozenset[str] = frozenset(
-    """attn_type ckpt_every_n_minutes clip_skip cond_dropout disable_unet_training disable_xformers
-    embedding_perturbation ema_decay_rate ema_device ema_resume_model ema_sample_ema_model ema_sample_nonema_model
-    ema_strength_target ema_update_interval enable_zero_terminal_snr gpuid hf_repo_subfolder keep_tags
-    latents_perturbation load_settings_every_epoch loss_type lowvram lr_decay_steps min_snr_gamma no_save_ckpt
-    notebook optimizer_config plugins pyramid_noise_discount rated_dataset rated_dataset_target_dropout_percent
-    sample_prompts sample_steps save_ckpts_from_n_epochs save_full_precision save_optimizer scale_lr shuffle_tags
-    timestep_end timestep_start train_sampler useadam8bit validation_config wandb write_schedule
-    zero_frequency_noise_ratio""".split()
+    """attn_type ckpt_every_n_minutes cond_dropout disable_unet_training disable_xformers ema_decay_rate ema_device
+    ema_resume_model ema_sample_ema_model ema_sample_nonema_model ema_strength_target ema_update_interval gpuid
+    hf_repo_subfolder keep_tags latents_perturbation load_settings_every_epoch lowvram lr_decay_steps no_save_ckpt
+    notebook plugins rated_dataset rated_dataset_target_dropout_percent sample_prompts sample_steps
+    save_ckpts_from_n_epochs save_full_precision save_optimizer scale_lr shuffle_tags train_sampler
+    validation_config wandb write_schedule""".split()
 )
 
 
@@ -333,6 +349,24 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
         bad("clip_grad_norm", "a norm > 0, or null for no clipping")
     if not 0.0 <= cfg.flip_p <= 1.0:
         bad("flip_p", "a probability from 0 to 1")
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        bad("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null")
+    if cfg.zero_frequency_noise_ratio < 0:
+        bad("zero_frequency_noise_ratio", "a ratio >= 0 (about 0.02 to 0.1)")
+    if cfg.pyramid_noise_discount is not None and not 0 < cfg.pyramid_noise_discount < 1:
+        bad("pyramid_noise_discount", "a discount between 0 and 1 (e.g. 0.8), or null")
+    if not 1 <= cfg.timestep_end <= 1000:
+        bad("timestep_end", "a timestep from 1 to 1000")
+    elif not 0 <= cfg.timestep_start < cfg.timestep_end:
+        bad("timestep_start", f"a timestep from 0 to below timestep_end ({cfg.timestep_end})")
+    if not cfg.huber_c > 0:
+        bad("huber_c", "a value > 0 such as 0.1")
+    if not 0 <= cfg.clip_skip <= 4:
+        bad("clip_skip", "0 (last layer) or 1 to 4")
+    if cfg.embedding_perturbation < 0:
+        bad("embedding_perturbation", "a standard deviation >= 0")
+    if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
+        bad("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
     if cfg.seed < -1:
         bad("seed", "an integer >= 0, or -1 for a random seed")
     for key in ("project_name", "run_name"):

@@ -411,18 +411,14 @@ def plan_conversion(
     params = original_config["model"]["params"]
     unet_params = params["unet_config"]["params"]
 
-    # the yaml's family must be the weights' family
+    # the yaml's family must be the weights' family (other size differences surface in the shape check)
     yaml_fam = yaml_family(original_config)
-    yaml_context = unet_params.get("context_dim")
-    if isinstance(yaml_context, list):
-        yaml_context = yaml_context[0]
-    if (yaml_fam is not None and yaml_fam != detected.family) or yaml_context != detected.context_dim:
+    if yaml_fam is not None and yaml_fam != detected.family:
         want = {"sd1": "v1-inference.yaml", "sd2": "v2-inference.yaml (512, epsilon) or v2-inference-v.yaml "
                 "(768, v_prediction)"}[detected.family]
         problems.append(
-            f"{yaml_name} describes {FAMILY_NAMES.get(yaml_fam, 'another model') if yaml_fam else 'a model'} "
-            f"with context_dim {yaml_context}, but this checkpoint is {FAMILY_NAMES[detected.family]} with "
-            f"context_dim {detected.context_dim}; use --original_config_file {want}"
+            f"{yaml_name} describes {FAMILY_NAMES[yaml_fam]}, but this checkpoint is "
+            f"{FAMILY_NAMES[detected.family]}; use --original_config_file {want}"
         )
 
     # inpainting UNets take 9 channels: the yaml (or --num_in_channels) must say so
@@ -753,9 +749,8 @@ def original_config_from_diffusers(
     unet["model_channels"] = base
     unet["channel_mult"] = [c // base for c in unet_config["block_out_channels"]]
     unet["num_res_blocks"] = unet_config["layers_per_block"]
-    unet["attention_resolutions"] = [
-        2**i for i, t in enumerate(unet_config["down_block_types"]) if t.startswith("CrossAttn")
-    ]
+    unet["attention_resolutions"] = sorted(  # the stock yamls list them coarsest first
+        (2**i for i, t in enumerate(unet_config["down_block_types"]) if t.startswith("CrossAttn")), reverse=True)
     unet["context_dim"] = unet_config["cross_attention_dim"]
     depth = unet_config.get("transformer_layers_per_block", 1)
     unet["transformer_depth"] = depth

@@ -1,20 +1,88 @@
-"""The denoising objective: noise a latent, ask the UNet for the scheduler's target, take the MSE.
+"""The denoising objective: noise a latent, ask the UNet for the scheduler's target, weigh the error.
 
-Pure functions of (models, batch, generator): with the same generator the same loss comes out.
+Pure functions of (models, batch, generator): with the same generator the same loss comes out. Each option
+is a named helper with the formula it implements and where it comes from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+LossType = Literal["mse", "huber", "smooth_l1"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The objective's options; `TrainConfig` keys of the same names."""
+
+    min_snr_gamma: float | None = None
+    zero_frequency_noise_ratio: float = 0.0
+    pyramid_noise_discount: float | None = None
+    timestep_start: int = 0
+    timestep_end: int = 1000
+    loss_type: LossType = "mse"
+    huber_c: float = 0.1
+    embedding_perturbation: float = 0.0
+    clip_skip: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Objective":
+        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------- noise and timesteps
+
+
+def offset_noise(shape: torch.Size, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Unit noise plus `ratio` x a per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise"):
+    lets the model change an image's mean brightness, which plain noise barely ever asks of it."""
+    noise = torch.randn(shape, generator=generator)
+    if ratio:
+        noise = noise + ratio * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
+def pyramid_noise(noise: torch.Tensor, discount: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Multi-resolution noise (Whitaker 2023): add noise drawn at 1/2, 1/4, ... resolution, upsampled and
+    weighted discount**i, then renormalise to unit variance. Low frequencies get destroyed too."""
+    batch, channels, height, width = noise.shape
+    noise = noise.clone()
+    for i in range(1, 16):
+        h, w = height // 2**i, width // 2**i
+        if h < 1 or w < 1:
+            break
+        coarse = torch.randn((batch, channels, h, w), generator=generator)
+        noise += F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount**i
+    return noise / noise.std()
+
+
+def sample_noise(latents: torch.Tensor, objective: Objective, generator: torch.Generator | None) -> torch.Tensor:
+    """Drawn on the CPU generator so runs repeat on any device, then moved to the latents' device."""
+    noise = offset_noise(latents.shape, objective.zero_frequency_noise_ratio, generator)
+    if objective.pyramid_noise_discount:
+        noise = pyramid_noise(noise, objective.pyramid_noise_discount, generator)
+    return noise.to(latents.device, latents.dtype)
+
+
+def sample_timesteps(batch_size: int, start: int, end: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform integer timesteps in [start, end)."""
+    return torch.randint(start, end, (batch_size,), generator=generator)
+
+
+# ---------------------------------------------------------------- target and weighting
 
 
 def training_target(
     scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """What the UNet must predict: the noise (epsilon) or the velocity v = a_t * noise - s_t * x0
-    (Salimans & Ho 2022, "Progressive Distillation", eq. in sec. 4), as the scheduler's config says."""
+    """What the UNet must predict: the noise (epsilon) or the velocity v = sqrt(a_t) * noise - sqrt(1 - a_t) * x0
+    (Salimans & Ho 2022, "Progressive Distillation"), as the scheduler's config says."""
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         return noise
@@ -23,13 +91,62 @@ def training_target(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def sample_noise_and_timesteps(
-    latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit gaussian noise and uniform timesteps, drawn on the CPU generator so runs repeat on any device."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+def signal_to_noise(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = a_t / (1 - a_t), with a_t the cumulative product of alphas."""
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+
+    The paper's weight min(SNR, gamma) is for an x0 loss; an epsilon loss is already SNR x the x0 loss, so
+    it becomes min(SNR, gamma) / SNR, and a v loss is (SNR + 1) x the x0 loss: min(SNR, gamma) / (SNR + 1).
+    """
+    clipped = torch.clamp(snr, max=gamma)
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    # at SNR 0 (zero-terminal-SNR's last step) epsilon carries no information about x0: weight it 0, not nan
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.zeros_like(snr))
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType, huber_c: float) -> torch.Tensor:
+    """Per-element error. huber/smooth_l1 are the pseudo-Huber losses of Khrapov & Popov 2024 ("Improving
+    Diffusion Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss"), as diffusers scripts use:
+    huber = 2c(sqrt(d^2 + c^2) - c) (about d^2 for small d, 2c|d| for large), smooth_l1 = the same / c."""
+    difference = prediction.float() - target.float()
+    if loss_type == "mse":
+        return difference**2
+    pseudo_huber = 2 * (torch.sqrt(difference**2 + huber_c**2) - huber_c)
+    if loss_type == "huber":
+        return huber_c * pseudo_huber
+    if loss_type == "smooth_l1":
+        return pseudo_huber
+    raise ValueError(f"unsupported loss_type {loss_type!r}")
+
+
+# ---------------------------------------------------------------- text conditioning
+
+
+def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+    """CLIP text states for the UNet. clip_skip k >= 2 takes the k-th layer from the end (2 = penultimate,
+    NovelAI-style) and applies the final layer norm, as A1111 does; 0 and 1 mean the last layer."""
+    if clip_skip <= 1:
+        return text_encoder(input_ids)[0]
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return text_encoder.final_layer_norm(hidden)
+
+
+def perturb_embeddings(states: torch.Tensor, amount: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise of std `amount` on every text-embedding element: a regulariser against overfitting
+    captions (EveryDream2's embedding_perturbation)."""
+    if not amount:
+        return states
+    noise = torch.randn(states.shape, generator=generator).to(states.device, states.dtype)
+    return states + amount * noise
+
+
+# ---------------------------------------------------------------- the loss
 
 
 def compute_loss(
@@ -38,10 +155,41 @@ def compute_loss(
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator | None = None,
+    objective: Objective = Objective(),
 ) -> torch.Tensor:
-    noise, timesteps = sample_noise_and_timesteps(latents, scheduler.config.num_train_timesteps, generator)
+    """The mean weighted denoising loss of one batch (a scalar, fp32)."""
+    noise = sample_noise(latents, objective, generator)
+    end = min(objective.timestep_end, scheduler.config.num_train_timesteps)
+    timesteps = sample_timesteps(latents.shape[0], objective.timestep_start, end, generator).to(latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = perturb_embeddings(encoder_hidden_states, objective.embedding_perturbation, generator)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = training_target(scheduler, latents, noise, timesteps)
-    # the loss in fp32 even under autocast: fp16 squares of small errors underflow
-    return F.mse_loss(prediction.float(), target.float())
+    # fp32 even under autocast: fp16 squares of small errors underflow
+    per_sample = elementwise_loss(prediction, target, objective.loss_type, objective.huber_c).mean(dim=(1, 2, 3))
+    if objective.min_snr_gamma:
+        snr = signal_to_noise(scheduler, timesteps)
+        per_sample = per_sample * min_snr_weights(snr, objective.min_snr_gamma, scheduler.config.prediction_type)
+    return per_sample.mean()
+
+
+# ---------------------------------------------------------------- zero terminal SNR
+
+
+def zero_terminal_snr_schedulers(noise_scheduler: DDPMScheduler, sample_scheduler):
+    """Both schedulers with betas rescaled so the last timestep is pure noise (Lin et al. 2023, "Common
+    Diffusion Noise Schedules and Sampling Steps are Flawed", Alg. 1), and the saved sampler starting from
+    the last timestep ("trailing" spacing, sec. 3.3). Only meaningful for v-prediction: at SNR 0 an epsilon
+    model's target is its input."""
+    import inspect
+
+    from diffusers import DDIMScheduler
+
+    training = DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+    sampler_class = type(sample_scheduler)
+    if "rescale_betas_zero_snr" not in inspect.signature(sampler_class.__init__).parameters:
+        sampler_class = DDIMScheduler  # e.g. PNDM has no such option
+    sampling = sampler_class.from_config(
+        sample_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    return training, sampling

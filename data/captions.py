@@ -1,0 +1,104 @@
+"""Captions: where an image's caption comes from, per-folder repeat factors, and per-step caption variations.
+
+An image's caption is the first of these that exists (EveryDream2's rules):
+  1. `<stem>.txt`, then `<stem>.caption`: the whole file, stripped;
+  2. `<stem>.yaml` / `<stem>.yml` / `<stem>.json`: `main_prompt` followed by its `tags` (strings, or
+     `{"tag": ...}` entries; tag weights are not used), else `caption`;
+  3. the file name up to the first `_` (`a red car_03.jpg` -> `a red car`).
+Text files may be UTF-8 with or without a BOM and with CRLF line ends.
+
+`multiply.txt` in a folder repeats that folder's images per epoch (2.5: every image twice, plus a random half
+once more, drawn anew each epoch). As in EveryDream2 it applies to that folder only, not its subfolders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import yaml
+
+TEXT_SIDECARS = (".txt", ".caption")
+STRUCTURED_SIDECARS = (".yaml", ".yml", ".json")
+MULTIPLY_FILE = "multiply.txt"
+
+
+class CaptionError(ValueError):
+    """A caption or multiply.txt file exists but cannot be used; the message names the file and the fix."""
+
+
+def read_text(path: Path) -> str:
+    # utf-8-sig drops a BOM (Windows Notepad writes one); strip() drops CRLF and trailing newlines
+    try:
+        return path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise CaptionError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from None
+
+
+def caption_from_structured(path: Path) -> str:
+    """`main_prompt` + `tags`, else `caption`, from a yaml or json sidecar."""
+    text = read_text(path)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise CaptionError(f"{path} is not valid {path.suffix[1:]}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CaptionError(f"{path} must hold a mapping with main_prompt/tags or caption, found {type(data).__name__}.")
+    parts: list[str] = []
+    if data.get("main_prompt"):
+        parts.append(str(data["main_prompt"]).strip())
+    for tag in data.get("tags") or []:
+        tag = tag.get("tag") if isinstance(tag, dict) else tag
+        if tag:
+            parts.append(str(tag).strip())
+    if parts:
+        return ", ".join(parts)
+    if data.get("caption"):
+        return str(data["caption"]).strip()
+    raise CaptionError(f"{path} has none of main_prompt, tags or caption; add one, or delete the file.")
+
+
+def caption_from_filename(image_path: Path) -> str:
+    return image_path.stem.split("_")[0].strip()
+
+
+def read_caption(image_path: Path) -> str:
+    """The caption of `image_path` by the rules in this module's docstring."""
+    for suffix in TEXT_SIDECARS:
+        sidecar = image_path.with_suffix(suffix)
+        if sidecar.is_file():
+            return read_text(sidecar)
+    for suffix in STRUCTURED_SIDECARS:
+        sidecar = image_path.with_suffix(suffix)
+        if sidecar.is_file():
+            return caption_from_structured(sidecar)
+    return caption_from_filename(image_path)
+
+
+def read_multiply(folder: Path) -> float:
+    """The repeat factor of `folder`'s images: its multiply.txt, else 1."""
+    path = folder / MULTIPLY_FILE
+    if not path.is_file():
+        return 1.0
+    text = read_text(path)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise CaptionError(f"{path} holds {text!r}; expected one number >= 0 such as 2 or 0.5.")
+    return value
+
+
+def shuffle_tags(caption: str, keep_tags: int, rng: random.Random) -> str:
+    """Keep the first comma chunk (the main prompt) and the next `keep_tags` tags; shuffle the rest.
+
+    Booru-style tag captions have no word order worth learning; shuffling stops the model tying a concept to a
+    position in the 77-token window (EveryDream2's shuffle_tags).
+    """
+    chunks = [c.strip() for c in caption.split(",") if c.strip()]
+    fixed, rest = chunks[: 1 + keep_tags], chunks[1 + keep_tags :]
+    rng.shuffle(rest)
+    return ", ".join(fixed + rest)

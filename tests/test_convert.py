@@ -1,0 +1,502 @@
+"""The single-file converter on tiny real checkpoints: the documented commands, bit-exact against diffusers'
+own conversion, the way back, and every refusal of a wrong file, yaml or flag.
+
+Tiny original checkpoints are made from the tiny diffusers models by our way back, plus the extra tensors
+real LDM files carry (noise-schedule buffers, position_ids, OpenCLIP's text_projection, ...); their yamls
+are the real yamls with the tiny sizes written in. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from trainer import convert  # noqa: E402
+from trainer.convert import ConversionError, convert_checkpoint_file, export_single_file  # noqa: E402
+from trainer.tiny import save_tiny_model  # noqa: E402
+
+TO_DIFFUSERS = REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"
+TO_ORIGINAL = REPO_ROOT / "utils" / "convert_diffusers_to_original_stable_diffusion.py"
+COMPONENT_FILES = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+STOCK_YAML = {"sd1": "v1-inference.yaml", "sd2": "v2-inference.yaml", "sd2-v": "v2-inference-v.yaml"}
+# what real LDM files carry besides the weights diffusers keeps
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod")
+
+
+@dataclass
+class TinyOriginal:
+    family: str
+    diffusers_dir: Path  # the tiny model the file was made from (also diffusers' local config dir)
+    state: dict[str, torch.Tensor]  # the original-layout state dict, extras included
+    yaml_path: Path  # the real yaml of the family with tiny sizes written in
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> dict[str, TinyOriginal]:
+    root = tmp_path_factory.mktemp("originals")
+    made = {}
+    for family in ("sd1", "sd2", "sd2-v"):
+        model = save_tiny_model(root / f"diffusers-{family}", family)
+        export = export_single_file(model, root / f"{family}.safetensors")
+        state = _read(export.checkpoint_path)
+        for i, name in enumerate(SCHEDULE_BUFFERS):
+            state[name] = torch.linspace(0.1, 1.0, 1000) * (i + 1)
+        state["model_ema.decay"] = torch.tensor(0.9999)
+        if family == "sd1":
+            state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+        else:
+            state["cond_stage_model.model.text_projection"] = torch.randn(64, 64)
+            state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
+        yaml_path = root / f"{family}.yaml"
+        family_yaml = export.sidecar_yaml or convert.sidecar_yaml_path(export.checkpoint_path)
+        yaml_path.write_text(family_yaml.read_text())
+        made[family] = TinyOriginal(family, model, state, yaml_path)
+    return made
+
+
+def _write_original(orig: TinyOriginal, path: Path, *, fp16: bool = False, wrapped: bool = True,
+                    metadata: dict[str, str] | None = None) -> Path:
+    state = {k: (v.half() if fp16 and v.is_floating_point() else v) for k, v in orig.state.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state, "global_step": 1234} if wrapped else state, path)
+    else:
+        save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def _load_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: load_file(str(folder / name / f)) for name, f in COMPONENT_FILES.items()}
+
+
+def _config(folder: Path, name: str) -> dict:
+    sub = "scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json"
+    return json.loads((folder / sub).read_text())
+
+
+def _run_cli(script: Path, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+# The issue's commands, verbatim apart from the file names (`...` in the issue is the script and
+# `--scheduler_type ddim`).
+COMMANDS = {
+    "sd1": "--scheduler_type ddim --original_config_file v1-inference.yaml --image_size 512 "
+           "--checkpoint_path my_sd15_model.{ext} --to_safetensors --prediction_type epsilon "
+           "--dump_path ckpt_cache/my_sd15_model",
+    "sd2-v": "--scheduler_type ddim --original_config_file v2-inference-v.yaml --image_size 768 "
+             "--checkpoint_path my_sd21_model.{ext} --prediction_type v_prediction --upcast_attention True "
+             "--dump_path ckpt_cache/my_sd21_model",
+    "sd2": "--scheduler_type ddim --original_config_file v2-inference.yaml --image_size 512 "
+           "--checkpoint_path 512-base-ema.{ext} --prediction_type epsilon --upcast_attn True "
+           "--dump_path ckpt_cache/512-base-ema",
+}
+EXPECTED = {  # family -> (image size, prediction type, upcast, linear projection, heads)
+    "sd1": (512, "epsilon", False, False, 1),
+    "sd2": (512, "epsilon", True, True, [1, 2]),
+    "sd2-v": (768, "v_prediction", True, True, [1, 2]),
+}
+
+
+def _stage_command(orig: TinyOriginal, workdir: Path, fmt: str) -> tuple[list[str], Path, Path]:
+    """Lay out the issue's command for `orig` in `workdir`: the checkpoint and the yaml under its real name."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(orig.yaml_path, workdir / STOCK_YAML[orig.family])
+    ext = "ckpt" if fmt == "ckpt" else "safetensors"
+    args = COMMANDS[orig.family].format(ext=ext).split()
+    if ext == "safetensors":
+        args.append("--from_safetensors")
+    checkpoint = _write_original(orig, workdir / args[args.index("--checkpoint_path") + 1], fp16=fmt == "fp16")
+    return args, checkpoint, workdir / args[args.index("--dump_path") + 1]
+
+
+def _diffusers_reference(checkpoint: Path, orig: TinyOriginal, yaml_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' own conversion of the same file, given local configs (nothing downloaded)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(checkpoint), config=str(orig.diffusers_dir), original_config=str(yaml_path), local_files_only=True)
+    return {name: getattr(pipe, name).state_dict() for name in COMPONENT_FILES}
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors", "fp16"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family, fmt):
+    orig = originals[family]
+    args, checkpoint, dump = _stage_command(orig, tmp_path, fmt)
+    result = _run_cli(TO_DIFFUSERS, args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    ours = _load_folder(dump)
+    reference = _diffusers_reference(checkpoint, orig, tmp_path / STOCK_YAML[family])
+    source_dtype = torch.float16 if fmt == "fp16" else torch.float32
+    for name, ref in reference.items():
+        assert ours[name].keys() == ref.keys(), name
+        for key, tensor in ref.items():
+            assert ours[name][key].dtype == source_dtype, (name, key)
+            assert torch.equal(ours[name][key], tensor.to(source_dtype)), (name, key)
+
+    size, prediction, upcast, linear, heads = EXPECTED[family]
+    unet, vae, scheduler = _config(dump, "unet"), _config(dump, "vae"), _config(dump, "scheduler")
+    tiny_unet, tiny_vae = _config(orig.diffusers_dir, "unet"), _config(orig.diffusers_dir, "vae")
+    assert unet["sample_size"] == size // 8 and vae["sample_size"] == size
+    assert unet["cross_attention_dim"] == tiny_unet["cross_attention_dim"] == 64
+    assert unet["attention_head_dim"] == heads and unet["use_linear_projection"] is linear
+    assert unet["upcast_attention"] is upcast and unet["in_channels"] == 4
+    assert unet["block_out_channels"] == tiny_unet["block_out_channels"]
+    assert vae["scaling_factor"] == pytest.approx(tiny_vae["scaling_factor"], rel=1e-6)
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["prediction_type"] == prediction
+    assert _config(dump, "text_encoder")["hidden_act"] == ("quick_gelu" if family == "sd1" else "gelu")
+    # the source model itself, too: the file was made from it
+    for name, tensors in _load_folder(orig.diffusers_dir).items():
+        assert all(torch.equal(ours[name][k], v.to(source_dtype)) for k, v in tensors.items()), name
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_converted_model_runs_and_trains(originals, tmp_path, family):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    args, _, dump = _stage_command(originals[family], tmp_path, "safetensors")
+    assert _run_cli(TO_DIFFUSERS, args, cwd=tmp_path).returncode == 0
+    pipe = StableDiffusionPipeline.from_pretrained(dump)
+    tok = pipe.tokenizer
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.pad_token == ("<|endoftext|>" if family == "sd1" else "!")
+    image = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+    # one training step on the converted weights, with the objective its scheduler names
+    torch.manual_seed(0)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, before = pipe.unet.train(), pipe.unet.conv_in.weight.detach().clone()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    latents = torch.randn(2, 4, 8, 8)
+    noise, t = torch.randn_like(latents), torch.tensor([10, 500])
+    text = pipe.text_encoder(tok(["a cat", "a dog"], padding="max_length", return_tensors="pt").input_ids)[0]
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+        noise_scheduler.get_velocity(latents, noise, t)
+    loss = torch.nn.functional.mse_loss(unet(noisy, t, text.detach()).sample, target)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, unet.conv_in.weight)
+
+
+def test_half_stores_fp16(originals, tmp_path):
+    orig = originals["sd1"]
+    checkpoint = _write_original(orig, tmp_path / "m.safetensors")
+    convert_checkpoint_file(checkpoint, tmp_path / "out", original_config=orig.yaml_path, image_size=64, half=True)
+    for name, tensors in _load_folder(orig.diffusers_dir).items():
+        ours = load_file(str(tmp_path / "out" / name / COMPONENT_FILES[name]))
+        assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], v.half()) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+def test_round_trip_gives_back_the_same_file(originals, tmp_path, family):
+    orig = originals[family]
+    checkpoint = _write_original(orig, tmp_path / "in.ckpt", wrapped=True)
+    convert_checkpoint_file(checkpoint, tmp_path / "diffusers", original_config=orig.yaml_path, image_size=64)
+    result = _run_cli(TO_ORIGINAL, ["--model_path", str(tmp_path / "diffusers"),
+                                    "--checkpoint_path", str(tmp_path / "out.safetensors")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert back.keys() == orig.state.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in orig.state.items())
+    # A1111/ComfyUI layout: VAE attention as 1x1 convolutions, OpenCLIP's fused q/k/v for SD2
+    assert back["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4
+    assert (f"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in back) == (family != "sd1")
+    # SD2 gets a sidecar yaml that names its parameterization; it converts again on its own
+    sidecar = tmp_path / "out.yaml"
+    assert sidecar.is_file()  # SD2 always; SD1 here too, as the tiny model is not the stock SD1 shape
+    params = yaml.safe_load(sidecar.read_text())["model"]["params"]
+    assert params.get("parameterization", "eps") == ("v" if family == "sd2-v" else "eps")
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == ("v" if family == "sd2-v" else "epsilon")
+    again = convert_checkpoint_file(tmp_path / "out.safetensors", tmp_path / "again", image_size=64)
+    assert again.prediction_type == EXPECTED[family][1]
+
+
+def test_way_back_half(originals, tmp_path):
+    export_single_file(originals["sd2"].diffusers_dir, tmp_path / "half.safetensors", half=True)
+    back = load_file(str(tmp_path / "half.safetensors"))
+    assert all(v.dtype == torch.float16 for v in back.values())
+
+
+def test_stock_yamls_describe_the_real_models():
+    """The shipped yamls give the real SD configs, and the way back reproduces them exactly, so a real
+    SD2 export carries the verbatim v2-inference(-v).yaml as its sidecar."""
+    for (family, prediction), (name, size) in convert.STOCK_CONFIGS.items():
+        original = convert.load_original_config(REPO_ROOT / name)
+        assert convert.yaml_prediction_type(original) == prediction and convert.yaml_family(original) == family
+        unet = convert.unet_config_from_ldm(original, size, False, None)
+        vae = convert.vae_config_from_ldm(original, size)
+        assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["sample_size"] == size // 8
+        assert unet["cross_attention_dim"] == (768 if family == "sd1" else 1024)
+        assert unet["attention_head_dim"] == (8 if family == "sd1" else [5, 10, 20, 20])
+        assert vae["scaling_factor"] == 0.18215 and vae["block_out_channels"] == [128, 256, 512, 512]
+        scheduler = {"prediction_type": prediction, "beta_start": 0.00085, "beta_end": 0.012,
+                     "num_train_timesteps": 1000}
+        assert convert.original_config_from_diffusers(family, unet, vae, scheduler) == original
+
+
+def test_text_encoder_config_from_shapes():
+    def detected(family, width, blocks):
+        return convert.Detected(family, 4, width, width, blocks, [])
+
+    sd1 = convert.text_encoder_config(detected("sd1", 768, 12))
+    assert (sd1["hidden_size"], sd1["num_hidden_layers"], sd1["num_attention_heads"], sd1["hidden_act"]) == \
+        (768, 12, 12, "quick_gelu")
+    sd2 = convert.text_encoder_config(detected("sd2", 1024, 24))
+    assert (sd2["hidden_size"], sd2["num_hidden_layers"], sd2["num_attention_heads"], sd2["hidden_act"]) == \
+        (1024, 23, 16, "gelu")
+    small = convert.text_encoder_config(detected("sd2", 128, 3))
+    assert (small["num_hidden_layers"], small["num_attention_heads"]) == (3, 2)
+    with pytest.raises(ConversionError, match="multiple of the 64-wide"):
+        convert.text_encoder_config(detected("sd1", 100, 2))
+
+
+def test_extract_ema(originals, tmp_path):
+    orig = originals["sd1"]
+    state = dict(orig.state)
+    unet_keys = [k for k in state if k.startswith(convert.UNET_PREFIX)]
+    for k in unet_keys:  # LDM's EMA names drop the dots after "model."
+        state["model_ema." + "".join(k.split(".")[1:])] = state[k] + 1
+    save_file(state, str(tmp_path / "ema.safetensors"))
+    result = convert_checkpoint_file(tmp_path / "ema.safetensors", tmp_path / "ema", original_config=orig.yaml_path,
+                                     image_size=64, extract_ema=True)
+    assert any("EMA" in note for note in result.notes)
+    ours = load_file(str(tmp_path / "ema" / "unet" / COMPONENT_FILES["unet"]))
+    source = load_file(str(orig.diffusers_dir / "unet" / COMPONENT_FILES["unet"]))
+    assert all(torch.equal(ours[k], v + 1) for k, v in source.items())
+    plain = convert_checkpoint_file(tmp_path / "ema.safetensors", tmp_path / "plain", original_config=orig.yaml_path,
+                                    image_size=64)
+    assert any("--extract_ema" in note for note in plain.notes)
+
+
+def test_runs_with_every_socket_refused(originals, tmp_path):
+    (tmp_path / "nonet").mkdir()
+    (tmp_path / "nonet" / "sitecustomize.py").write_text(
+        "import socket\n"
+        "def _refuse(*a, **k):\n    raise OSError('network use attempted during conversion')\n"
+        "socket.socket.connect = _refuse\nsocket.socket.connect_ex = _refuse\n"
+        "socket.create_connection = _refuse\nsocket.getaddrinfo = _refuse\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "DIFFUSERS_"))}
+    env["PYTHONPATH"] = str(tmp_path / "nonet")
+    args, _, dump = _stage_command(originals["sd2-v"], tmp_path, "safetensors")
+    result = _run_cli(TO_DIFFUSERS, args, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (dump / "model_index.json").is_file()
+    probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('127.0.0.1', 9))"],
+                           env=env, capture_output=True, text=True)
+    assert "network use attempted" in probe.stderr  # the guard really is active in that interpreter
+
+
+# ----------------------------------------------------------------------------------------- refusals
+
+def _expect_refusal(argv: list[str], cwd: Path, capsys, *needles: str) -> str:
+    """In-process run of the CLI: exit != 0, one message naming the fix, no traceback, nothing written."""
+    from utils.convert_original_stable_diffusion_to_diffusers import main
+
+    before = sorted(p.name for p in cwd.iterdir())
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(argv)
+    finally:
+        os.chdir(old)
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert sorted(p.name for p in cwd.iterdir()) == before  # nothing written, no temp folder left
+    return err
+
+
+def _args(checkpoint: str, yaml_name: str, *extra: str) -> list[str]:
+    return ["--original_config_file", yaml_name, "--checkpoint_path", checkpoint, "--image_size", "64",
+            "--dump_path", "out", *extra]
+
+
+def test_refuses_sd2_checkpoint_with_v1_yaml(originals, tmp_path, capsys):
+    _write_original(originals["sd2"], tmp_path / "m.safetensors")
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    _expect_refusal(_args("m.safetensors", "v1-inference.yaml"), tmp_path, capsys,
+                    "SD2.x", "--original_config_file v2-inference.yaml")
+
+
+def test_refuses_sd1_checkpoint_with_v2_yaml(originals, tmp_path, capsys):
+    _write_original(originals["sd1"], tmp_path / "m.ckpt")
+    shutil.copyfile(originals["sd2"].yaml_path, tmp_path / "v2-inference.yaml")
+    _expect_refusal(_args("m.ckpt", "v2-inference.yaml"), tmp_path, capsys,
+                    "SD1.x", "--original_config_file v1-inference.yaml")
+
+
+def test_refuses_inpainting_checkpoint_with_4_channel_yaml(originals, tmp_path, capsys):
+    orig = originals["sd1"]
+    state = dict(orig.state)
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(64, 9, 3, 3)
+    save_file(state, str(tmp_path / "inpaint.safetensors"))
+    shutil.copyfile(orig.yaml_path, tmp_path / "v1-inference.yaml")
+    _expect_refusal(_args("inpaint.safetensors", "v1-inference.yaml"), tmp_path, capsys,
+                    "inpainting", "--num_in_channels 9", "v1-inpainting-inference.yaml")
+    # with the channel count given, it converts to an inpainting pipeline
+    result = convert_checkpoint_file(tmp_path / "inpaint.safetensors", tmp_path / "inpaint", image_size=64,
+                                     original_config=orig.yaml_path, num_in_channels=9)
+    assert result.in_channels == 9 and _config(tmp_path / "inpaint", "unet")["in_channels"] == 9
+    assert json.loads((tmp_path / "inpaint" / "model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionInpaintPipeline"
+
+
+@pytest.mark.parametrize("evidence", ["metadata", "sidecar", "v_pred key"])
+def test_refuses_epsilon_flag_on_a_file_that_says_v(originals, tmp_path, capsys, evidence):
+    orig = originals["sd2-v"]
+    shutil.copyfile(originals["sd2"].yaml_path, tmp_path / "v2-inference.yaml")
+    if evidence == "metadata":
+        _write_original(orig, tmp_path / "m.safetensors", metadata={"modelspec.prediction_type": "v"})
+        checkpoint, where = "m.safetensors", "modelspec.prediction_type"
+    elif evidence == "sidecar":
+        _write_original(orig, tmp_path / "m.ckpt")
+        shutil.copyfile(orig.yaml_path, tmp_path / "m.yaml")
+        checkpoint, where = "m.ckpt", "sidecar m.yaml"
+    else:
+        state = {**orig.state, "v_pred": torch.tensor([])}
+        torch.save(state, tmp_path / "m.ckpt")
+        checkpoint, where = "m.ckpt", '"v_pred" key'
+    _expect_refusal(_args(checkpoint, "v2-inference.yaml", "--prediction_type", "epsilon"), tmp_path, capsys,
+                    where, "--prediction_type v_prediction", "v2-inference-v.yaml")
+
+
+def test_refuses_flag_that_contradicts_the_yaml(originals, tmp_path, capsys):
+    _write_original(originals["sd2"], tmp_path / "m.ckpt")
+    shutil.copyfile(originals["sd2-v"].yaml_path, tmp_path / "v2-inference-v.yaml")
+    _expect_refusal(_args("m.ckpt", "v2-inference-v.yaml", "--prediction_type", "epsilon"), tmp_path, capsys,
+                    "v2-inference-v.yaml says v_prediction", "--original_config_file v2-inference.yaml")
+
+
+def test_refuses_a_pickle_that_runs_code_and_runs_none_of_it(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "payload": Payload()},
+               tmp_path / "evil.ckpt")
+    shutil.copyfile(REPO_ROOT / "v1-inference.yaml", tmp_path / "v1-inference.yaml")
+    _expect_refusal(_args("evil.ckpt", "v1-inference.yaml"), tmp_path, capsys,
+                    "refused to load", "weights_only", "nothing in it was run", "posix.mkdir")
+    assert not marker.exists()
+
+
+def test_refusal_from_a_real_subprocess_has_no_traceback(originals, tmp_path):
+    _write_original(originals["sd2"], tmp_path / "m.ckpt")
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    result = _run_cli(TO_DIFFUSERS, _args("m.ckpt", "v1-inference.yaml"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.count("error: ") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "missing yaml", "not a model", "not sd", "exists",
+                                  "extract_ema without ema", "shapes"])
+def test_other_refusals(originals, tmp_path, capsys, case):
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    _write_original(originals["sd1"], tmp_path / "m.safetensors")
+    argv, needles = _args("m.safetensors", "v1-inference.yaml"), []
+    if case == "missing checkpoint":
+        argv, needles = _args("nope.ckpt", "v1-inference.yaml"), ["does not exist"]
+    elif case == "missing yaml":
+        argv, needles = _args("m.safetensors", "v9.yaml"), ["does not exist", "v1-inference.yaml"]
+    elif case == "not a model":
+        (tmp_path / "notes.ckpt").write_text("hello")
+        argv, needles = _args("notes.ckpt", "v1-inference.yaml"), ["neither a safetensors file nor a torch"]
+    elif case == "not sd":
+        save_file({"lora_unet_down.weight": torch.zeros(2)}, str(tmp_path / "lora.safetensors"))
+        argv, needles = _args("lora.safetensors", "v1-inference.yaml"), ["no Stable Diffusion UNet", "LoRA"]
+    elif case == "exists":
+        (tmp_path / "out").mkdir()
+        needles = ["already exists"]
+    elif case == "extract_ema without ema":
+        argv, needles = argv + ["--extract_ema"], ["no EMA weights", "drop --extract_ema"]
+    elif case == "shapes":  # the stock full-size yaml on a tiny file: right family, wrong sizes
+        shutil.copyfile(REPO_ROOT / "v1-inference.yaml", tmp_path / "v1-inference.yaml")
+        needles = ["does not match v1-inference.yaml", "shape"]
+    _expect_refusal(argv, tmp_path, capsys, *needles)
+
+
+def test_sd2_without_any_prediction_evidence_asks_for_it(originals, tmp_path):
+    _write_original(originals["sd2"], tmp_path / "m.ckpt")
+    with pytest.raises(ConversionError, match="pass prediction_type 'epsilon' or 'v_prediction'"):
+        convert_checkpoint_file(tmp_path / "m.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["--from_safetensors on a pickle", "safetensors without the flag"])
+def test_content_beats_the_flag_and_says_so(originals, tmp_path, case):
+    from utils.convert_original_stable_diffusion_to_diffusers import main
+
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    if case == "--from_safetensors on a pickle":
+        _write_original(originals["sd1"], tmp_path / "m.ckpt")
+        argv = _args(str(tmp_path / "m.ckpt"), str(tmp_path / "v1-inference.yaml"), "--from_safetensors")
+        said = "is a torch checkpoint"
+    else:
+        _write_original(originals["sd1"], tmp_path / "m.safetensors")
+        os.rename(tmp_path / "m.safetensors", tmp_path / "m.ckpt")
+        argv = _args(str(tmp_path / "m.ckpt"), str(tmp_path / "v1-inference.yaml"))
+        said = "is a safetensors file although --from_safetensors was not given"
+    argv[argv.index("out")] = str(tmp_path / "out")
+    result = subprocess.run([sys.executable, str(TO_DIFFUSERS), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert said in result.stdout and (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_failure_while_writing_leaves_nothing(originals, tmp_path):
+    """A late failure (here a yaml whose schedule has no timesteps, caught only when the scheduler is
+    built, after the weights are written) leaves neither the folder nor its temporary sibling."""
+    broken = yaml.safe_load(originals["sd1"].yaml_path.read_text())
+    broken["model"]["params"]["timesteps"] = 0
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    checkpoint = _write_original(originals["sd1"], tmp_path / "m.safetensors")
+    with pytest.raises(Exception):
+        convert_checkpoint_file(checkpoint, tmp_path / "cache" / "m", original_config=tmp_path / "broken.yaml",
+                                image_size=64, scheduler_type="ddim")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_upcast_flag_forms():
+    from utils.convert_original_stable_diffusion_to_diffusers import build_parser
+
+    parser = build_parser()
+    base = ["--checkpoint_path", "m.ckpt", "--dump_path", "d"]
+    assert parser.parse_args(base + ["--upcast_attention", "True"]).upcast_attention is True
+    assert parser.parse_args(base + ["--upcast_attn", "False"]).upcast_attention is False
+    assert parser.parse_args(base + ["--upcast_attention", "--half"]).upcast_attention is True
+    assert parser.parse_args(base).upcast_attention is None
+    for scheduler in ("pndm", "lms", "ddim", "euler", "euler-ancestral", "dpm"):
+        assert parser.parse_args(base + ["--scheduler_type", scheduler]).scheduler_type == scheduler
+    args = parser.parse_args(base + ["--extract_ema", "--half", "--num_in_channels", "9", "--device", "cpu",
+                                     "--to_safetensors", "--from_safetensors"])
+    assert args.extract_ema and args.half and args.num_in_channels == 9

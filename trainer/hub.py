@@ -1,0 +1,309 @@
+"""Download a diffusers Stable Diffusion model from the Hugging Face Hub: only what training needs, once.
+
+This module owns everything between a repo id and a local folder:
+
+* which files a training run needs (`select_training_files`, pure): `model_index.json` and the five
+  components the trainer loads (unet, vae, text_encoder, tokenizer, scheduler) with their configs, and one
+  weight format per component, safetensors preferred. Never the single-file `.ckpt`/`.safetensors`
+  siblings at the repo root, the safety checker, fp16/EMA variants, Flax, TF or ONNX weights;
+* the token, by an explicit order: `HF_API_TOKEN` (EveryDream2's name, which the client itself ignores),
+  then `HF_TOKEN`, then the token `hf auth login` saved;
+* the cache: `HUGGINGFACE_HUB_CACHE` (the legacy name EveryDream2 documents), then `HF_HUB_CACHE`, then the
+  client's default. Downloads go through `snapshot_download`, so the client's cache layout, progress bars,
+  in-process resume of broken transfers, and atomic blob writes (a file appears in a snapshot only once
+  complete) all apply; with `HF_HUB_OFFLINE=1` the same files are taken from the cache with no request;
+* turning the client's exceptions into one `UserError` each that says what to do.
+
+The client reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` at import; they are honoured as it reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from trainer.errors import UserError
+
+# What the trainer loads from a diffusers folder; nothing else is downloaded.
+TRAINING_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CONFIG_SUFFIXES = (".json", ".txt")  # configs, scheduler_config.json, vocab.json, merges.txt, shard indexes
+# The weight file stems a component may have, in the loader's naming: diffusers models, then transformers'.
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+WEIGHT_FORMATS = (".safetensors", ".bin")  # preference order; one is downloaded per component
+SHARD = re.compile(r"^(?P<stem>[\w]+)-\d{5}-of-\d{5}(?P<suffix>\.safetensors|\.bin)$")
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[^\s@]+))?$")
+
+# Removed from the Hub in November 2025; the same weights live on under sd2-community/.
+RETIRED_REPOS = {
+    f"stabilityai/{name}": f"sd2-community/{name}"
+    for name in ("stable-diffusion-2", "stable-diffusion-2-base", "stable-diffusion-2-1", "stable-diffusion-2-1-base")
+}
+
+TOKEN_VARIABLES = ("HF_API_TOKEN", "HF_TOKEN")
+CACHE_VARIABLES = ("HUGGINGFACE_HUB_CACHE", "HF_HUB_CACHE")
+LOGIN_TOKEN = "the token saved by `hf auth login`"
+
+
+@dataclass(frozen=True)
+class RepoRef:
+    repo_id: str
+    revision: str | None  # None: the default branch
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+@dataclass(frozen=True)
+class HubToken:
+    value: str | None
+    source: str  # which variable or file it came from, for messages; "no token" when none
+
+
+@dataclass(frozen=True)
+class HubModel:
+    """A downloaded (or cached) diffusers model: the folder to load and where it came from."""
+
+    path: Path  # the snapshot folder, or its `subfolder`
+    repo: RepoRef
+    commit: str
+    subfolder: str | None
+    files: tuple[str, ...]  # repo paths that make up the model
+    cache_dir: Path
+    cache_source: str
+    token_source: str
+    offline: bool
+
+    def describe(self) -> str:
+        where = f", subfolder {self.subfolder}" if self.subfolder else ""
+        how = "from the cache (HF_HUB_OFFLINE)" if self.offline else f"token: {self.token_source}"
+        return f"Hugging Face repo {self.repo} at commit {self.commit[:12]}{where} ({how})"
+
+
+def parse_repo_id(text: str) -> RepoRef | None:
+    """`owner/name` or `owner/name@revision` as a reference, or None when `text` is not shaped like one."""
+    match = REPO_ID.match(text.strip())
+    if match is None or match.group("repo").endswith((".ckpt", ".safetensors")):
+        return None
+    return RepoRef(match.group("repo"), match.group("revision"))
+
+
+def find_token() -> HubToken:
+    """HF_API_TOKEN, else HF_TOKEN, else the `hf auth login` token; an empty variable counts as unset."""
+    for name in TOKEN_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return HubToken(value, name)
+    from huggingface_hub import get_token
+
+    saved = get_token()
+    return HubToken(saved, LOGIN_TOKEN) if saved else HubToken(None, "no token")
+
+
+def find_cache_dir() -> tuple[Path, str]:
+    """HUGGINGFACE_HUB_CACHE, else HF_HUB_CACHE, else the client's default (under HF_HOME), with its source."""
+    for name in CACHE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return Path(value).expanduser(), name
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE), "the default hub cache"
+
+
+def is_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+def select_training_files(repo_files: list[str], subfolder: str | None, repo: RepoRef) -> list[str]:
+    """The repo paths a training run needs, or a UserError saying why this repo is not a usable model.
+
+    Per component: every config file directly in its folder, and the weights of one format (a single
+    file, or an index with its shards), safetensors before bin; never fp16/EMA variants.
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    inside = [p[len(prefix):] for p in repo_files if p.startswith(prefix)]
+    if "model_index.json" not in inside:
+        raise UserError(_not_a_diffusers_model(repo_files, subfolder, repo))
+    chosen = ["model_index.json"]
+    problems = []
+    for component in TRAINING_COMPONENTS:
+        files = [PurePosixPath(p).name for p in inside if str(PurePosixPath(p).parent) == component]
+        if not files:
+            problems.append(f"{component}/ is missing")
+            continue
+        # configs; shard indexes come with the weights they index
+        chosen += [f"{component}/{name}" for name in sorted(files)
+                   if name.endswith(CONFIG_SUFFIXES) and not name.endswith(".index.json")]
+        if component in ("tokenizer", "scheduler"):
+            continue
+        weights = _pick_weights(files)
+        if not weights:
+            found = ", ".join(sorted(files)) or "nothing"
+            problems.append(f"{component}/ has no {' or '.join(WEIGHT_FORMATS)} weights without a variant "
+                            f"(found: {found})")
+        chosen += [f"{component}/{name}" for name in weights]
+    if problems:
+        where = f"{repo} (subfolder {subfolder})" if subfolder else str(repo)
+        raise UserError(
+            f"{where} is not a complete diffusers Stable Diffusion model: " + "; ".join(problems) + ". Training "
+            f"needs {', '.join(TRAINING_COMPONENTS)} with full-precision weights (fp16-only repos are not supported)."
+        )
+    return [prefix + p for p in chosen]
+
+
+def _pick_weights(files: list[str]) -> list[str]:
+    """One format's weights: `<stem><suffix>`, or its index `<stem><suffix>.index.json` with the shards."""
+    names = set(files)
+    for suffix in WEIGHT_FORMATS:
+        for stem in WEIGHT_STEMS:
+            if f"{stem}{suffix}" in names:
+                return [f"{stem}{suffix}"]
+            index = f"{stem}{suffix}.index.json"
+            if index in names:
+                shards = [n for n in names if (m := SHARD.match(n)) and (m["stem"], m["suffix"]) == (stem, suffix)]
+                return [index, *sorted(shards)]
+    return []
+
+
+def _not_a_diffusers_model(repo_files: list[str], subfolder: str | None, repo: RepoRef) -> str:
+    nested = sorted(str(PurePosixPath(p).parent) for p in repo_files
+                    if PurePosixPath(p).name == "model_index.json" and "/" in p)
+    singles = sorted(p for p in repo_files if p.endswith(SINGLE_FILE_SUFFIXES) and "/" not in p)
+    where = f"subfolder {subfolder!r} of {repo}" if subfolder else str(repo)
+    message = f"{where} is not a diffusers model: it has no model_index.json."
+    if nested:
+        message += (f" The repo holds diffusers model(s) in {', '.join(nested)}/: pass --hf_repo_subfolder "
+                    f"{nested[0]} (or set hf_repo_subfolder in train.json).")
+    if singles:
+        example = singles[0]
+        message += (f" It holds single-file checkpoint(s): {', '.join(singles)}. Download one, e.g. "
+                    f"`hf download {repo.repo_id} {example} --local-dir models`, and pass the file: "
+                    f"--resume_ckpt models/{example} (it is converted once, into ckpt_cache/).")
+    if not nested and not singles:
+        message += " Pass a Stable Diffusion 1.x/2.x model in diffusers format."
+    return message
+
+
+# -------------------------------------------------------------------------------------------- download
+
+
+def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
+    """The training files of `repo` in the hub cache (downloading what is missing), or a UserError."""
+    import httpx2  # huggingface_hub's HTTP transport; its network errors reach us unwrapped
+    from huggingface_hub import HfApi, get_cached_repo_tree, snapshot_download
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    token = find_token()
+    cache_dir, cache_source = find_cache_dir()
+    offline = is_offline()
+    revision = repo.revision or "main"
+    print(f"Model: fetching {repo} from "
+          f"{'the cache' if offline else _endpoint()} into {cache_dir} ({cache_source}); token: {token.source}",
+          flush=True)
+    try:
+        if offline:
+            try:
+                listing = [f.path for f in get_cached_repo_tree(repo.repo_id, revision=revision, cache_dir=cache_dir)]
+            except CachedRepoTreeNotFoundError:
+                raise UserError(
+                    f"{repo} is not in the hub cache {cache_dir} ({cache_source}) and HF_HUB_OFFLINE is set, so "
+                    "it cannot be downloaded. Run once with network access (unset HF_HUB_OFFLINE), or point "
+                    "HUGGINGFACE_HUB_CACHE at the cache that holds it." + _retired_hint(repo)
+                ) from None
+        else:
+            listing = HfApi().list_repo_files(repo.repo_id, revision=revision, token=token.value)
+        files = select_training_files(listing, subfolder, repo)
+        snapshot = Path(snapshot_download(
+            repo.repo_id, revision=revision, cache_dir=cache_dir, token=token.value, allow_patterns=files,
+        ))
+    except UserError:
+        raise
+    # GatedRepoError is a RepositoryNotFoundError: the order of these branches matters.
+    except HfHubHTTPError as err:
+        raise UserError(_http_error_message(err, repo, token)) from None
+    except LocalEntryNotFoundError as err:  # offline, or no connection, and not (fully) in the cache
+        raise UserError(
+            f"{repo} could not be fetched and the hub cache {cache_dir} does not hold all of its training files "
+            f"({type(err).__name__}: {_first_line(err)}). Check the network connection and HF_ENDPOINT, or "
+            "unset HF_HUB_OFFLINE, and run again: files already complete are kept." + _retired_hint(repo)
+        ) from None
+    except httpx2.TransportError as err:  # no connection, or broken off after the client's own retries
+        cached = _is_cached(repo, cache_dir)
+        raise UserError(
+            f"could not download {repo} from {_endpoint()}: {type(err).__name__}: {_first_line(err)}. Check the "
+            "network connection (and HF_ENDPOINT if set) and run again: files already complete are kept in the "
+            "cache and not downloaded twice."
+            + (f" {repo} is in the hub cache: set HF_HUB_OFFLINE=1 to train from it without network." if cached else "")
+        ) from None
+    model_dir = snapshot / subfolder.strip("/") if subfolder else snapshot
+    return HubModel(model_dir, repo, snapshot.name, subfolder, tuple(files), cache_dir, cache_source,
+                    token.source, offline)
+
+
+def _http_error_message(err: Exception, repo: RepoRef, token: HubToken) -> str:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    page = f"{_endpoint()}/{repo.repo_id}"
+    if isinstance(err, GatedRepoError):
+        if token.value is None:
+            return (f"{repo.repo_id} is a gated model and no Hugging Face token was found (looked at "
+                    f"HF_API_TOKEN, HF_TOKEN and `hf auth login`). Accept its license at {page} with your "
+                    "account, then run `hf auth login` or set HF_API_TOKEN to a token of that account.")
+        return (f"{repo.repo_id} is a gated model and the token from {token.source} has no access to it "
+                f"(HTTP {status}). Accept its license at {page} with the account of that token, or use a token "
+                "of an account that has.")
+    if isinstance(err, RepositoryNotFoundError):
+        retired = RETIRED_REPOS.get(repo.repo_id)
+        if retired:
+            return (f"{repo.repo_id} was removed from the Hugging Face Hub in November 2025. The same weights are "
+                    f"published as {retired}: pass --resume_ckpt {retired}.")
+        private = ("" if token.value else
+                   " If it is private, run `hf auth login` or set HF_API_TOKEN to a token that can read it.")
+        return (f"{repo.repo_id} was not found on {_endpoint()} (HTTP {status}). Check the spelling: a repo id "
+                f"is owner/name as in the model page's address.{private} resume_ckpt was also not a local "
+                "folder, a name in ckpt_cache/ or a .ckpt/.safetensors file.")
+    if isinstance(err, RevisionNotFoundError):
+        return f"{repo.repo_id} has no revision {repo.revision!r} (a branch, tag or commit); see {page}/tree/main."
+    if status == 401 and token.value is not None:
+        return (f"the Hugging Face token from {token.source} was refused as invalid (HTTP 401). Create a new one "
+                f"at {_endpoint()}/settings/tokens and run `hf auth login` or set HF_API_TOKEN.")
+    return (f"the Hub answered HTTP {status} for {repo}: {_first_line(err)}. Try again later; if it persists, "
+            f"download the model's diffusers folder and pass its path.")
+
+
+def _is_cached(repo: RepoRef, cache_dir: Path) -> bool:
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        get_cached_repo_tree(repo.repo_id, revision=repo.revision or "main", cache_dir=cache_dir)
+    except CachedRepoTreeNotFoundError:
+        return False
+    return True
+
+
+def _retired_hint(repo: RepoRef) -> str:
+    retired = RETIRED_REPOS.get(repo.repo_id)
+    return (f" Note: {repo.repo_id} was removed from the Hub in November 2025; its weights are published as "
+            f"{retired}.") if retired else ""
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
