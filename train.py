@@ -19,6 +19,17 @@ def main(argv: list[str]) -> int:
         cfg = dataclasses.replace(cfg, seed=random.randrange(2**31))
         print(f"Config: seed -1 picked seed {cfg.seed}.")
 
+    if cfg.dry_run:  # the data plan only: no model is loaded and diffusers is never imported
+        from data.dry_run import print_plan
+        from trainer.errors import UserError
+
+        try:
+            print_plan(cfg)
+        except UserError as err:
+            print(f"train.py: {err}", file=sys.stderr)
+            return 1
+        return 0
+
     # Heavy imports only once the config is known to be good, so --help and config errors answer at once.
     from data.dataset import build_dataloader
     from trainer.checkpoints import create_run_dir
@@ -27,16 +38,18 @@ def main(argv: list[str]) -> int:
     from trainer.models import load_models
 
     try:
-        models = load_models(cfg.resume_ckpt)
+        models = load_models(
+            cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder, prediction_type=cfg.prediction_type
+        )
         print(f"Model: {models.info.describe()}")
-        loader = build_dataloader(cfg, models.tokenizer)
+        loader = build_dataloader(cfg, models.tokenizer, models.vae)  # fills the latent cache if on
         run_dir = create_run_dir(cfg, models.info)
         print(f"Run folder: {run_dir.resolve()}")
-        train(cfg, models, loader, run_dir)
+        result = train(cfg, models, loader, run_dir)
     except UserError as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 1
-    return 0
+    return 130 if result.interrupted else 0  # 130: the shell's code for "stopped by Ctrl-C"
 
 
 if __name__ == "__main__":

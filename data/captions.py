@@ -69,7 +69,8 @@ def read_caption(image_path: Path) -> str:
     for suffix in TEXT_SIDECARS:
         sidecar = image_path.with_suffix(suffix)
         if sidecar.is_file():
-            return read_text(sidecar)
+            # a caption is one line of text; line breaks (CRLF or LF) inside it are spaces
+            return " ".join(line.strip() for line in read_text(sidecar).splitlines() if line.strip())
     for suffix in STRUCTURED_SIDECARS:
         sidecar = image_path.with_suffix(suffix)
         if sidecar.is_file():

@@ -27,7 +27,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from trainer import convert  # noqa: E402
 from trainer.convert import ConversionError, convert_checkpoint_file, export_single_file  # noqa: E402
-from trainer.tiny import save_tiny_model  # noqa: E402
 
 TO_DIFFUSERS = REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"
 TO_ORIGINAL = REPO_ROOT / "utils" / "convert_diffusers_to_original_stable_diffusion.py"
@@ -54,11 +53,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory) -> dict[str, TinyOriginal]:
+def originals(tmp_path_factory, tiny_model) -> dict[str, TinyOriginal]:
     root = tmp_path_factory.mktemp("originals")
     made = {}
     for family in ("sd1", "sd2", "sd2-v"):
-        model = save_tiny_model(root / f"diffusers-{family}", family)
+        model = tiny_model(family)  # conftest's session-wide tiny diffusers model; only read here
         export = export_single_file(model, root / f"{family}.safetensors")
         state = _read(export.checkpoint_path)
         for i, name in enumerate(SCHEDULE_BUFFERS):
@@ -93,6 +92,18 @@ def _load_folder(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 def _config(folder: Path, name: str) -> dict:
     sub = "scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json"
     return json.loads((folder / sub).read_text())
+
+
+def _run_main(args: list[str], cwd: Path) -> int:
+    """The CLI's main() in this process (the import cost, ~8 s per process here, is paid once)."""
+    from utils.convert_original_stable_diffusion_to_diffusers import main
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return main(args)
+    finally:
+        os.chdir(old)
 
 
 def _run_cli(script: Path, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -143,11 +154,26 @@ def _diffusers_reference(checkpoint: Path, orig: TinyOriginal, yaml_path: Path) 
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors", "fp16"])
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
-def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family, fmt):
-    orig = originals[family]
-    args, checkpoint, dump = _stage_command(orig, tmp_path, fmt)
+def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family, fmt, capsys):
+    args, checkpoint, dump = _stage_command(originals[family], tmp_path, fmt)
+    assert _run_main(args, tmp_path) == 0, capsys.readouterr().err
+    _check_against_diffusers(originals[family], tmp_path, checkpoint, dump, fmt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["ckpt", "safetensors", "fp16"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+def test_issue_commands_as_subprocesses(originals, tmp_path, family, fmt):
+    """The same, exactly as a user types them: a fresh `python utils/...` process in the working folder."""
+    args, checkpoint, dump = _stage_command(originals[family], tmp_path, fmt)
     result = _run_cli(TO_DIFFUSERS, args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "converted" in result.stdout and "Traceback" not in result.stderr
+    _check_against_diffusers(originals[family], tmp_path, checkpoint, dump, fmt)
+
+
+def _check_against_diffusers(orig: TinyOriginal, tmp_path: Path, checkpoint: Path, dump: Path, fmt: str) -> None:
+    family = orig.family
     ours = _load_folder(dump)
     reference = _diffusers_reference(checkpoint, orig, tmp_path / STOCK_YAML[family])
     source_dtype = torch.float16 if fmt == "fp16" else torch.float32
@@ -174,11 +200,11 @@ def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family,
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
-def test_converted_model_runs_and_trains(originals, tmp_path, family):
+def test_converted_model_runs_and_trains(originals, tmp_path, family, capsys):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     args, _, dump = _stage_command(originals[family], tmp_path, "safetensors")
-    assert _run_cli(TO_DIFFUSERS, args, cwd=tmp_path).returncode == 0
+    assert _run_main(args, tmp_path) == 0
     pipe = StableDiffusionPipeline.from_pretrained(dump)
     tok = pipe.tokenizer
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -295,7 +321,25 @@ def test_extract_ema(originals, tmp_path):
     assert any("--extract_ema" in note for note in plain.notes)
 
 
+def test_runs_with_every_socket_refused_in_process(originals, tmp_path, monkeypatch, capsys):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network use attempted during conversion")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    for family in ("sd1", "sd2-v"):
+        args, _, dump = _stage_command(originals[family], tmp_path / family, "safetensors")
+        assert _run_main(args, tmp_path / family) == 0, capsys.readouterr().err
+        assert (dump / "model_index.json").is_file()
+
+
+@pytest.mark.slow
 def test_runs_with_every_socket_refused(originals, tmp_path):
+    """A fresh interpreter whose sockets refuse from the first import on."""
     (tmp_path / "nonet").mkdir()
     (tmp_path / "nonet" / "sitecustomize.py").write_text(
         "import socket\n"
@@ -318,15 +362,8 @@ def test_runs_with_every_socket_refused(originals, tmp_path):
 
 def _expect_refusal(argv: list[str], cwd: Path, capsys, *needles: str) -> str:
     """In-process run of the CLI: exit != 0, one message naming the fix, no traceback, nothing written."""
-    from utils.convert_original_stable_diffusion_to_diffusers import main
-
     before = sorted(p.name for p in cwd.iterdir())
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        code = main(argv)
-    finally:
-        os.chdir(old)
+    code = _run_main(argv, cwd)
     err = capsys.readouterr().err
     assert code != 0 and err.startswith("error: ") and "Traceback" not in err
     for needle in needles:
@@ -454,23 +491,19 @@ def test_sd2_without_any_prediction_evidence_asks_for_it(originals, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["--from_safetensors on a pickle", "safetensors without the flag"])
-def test_content_beats_the_flag_and_says_so(originals, tmp_path, case):
-    from utils.convert_original_stable_diffusion_to_diffusers import main
-
+def test_content_beats_the_flag_and_says_so(originals, tmp_path, capsys, case):
     shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
     if case == "--from_safetensors on a pickle":
         _write_original(originals["sd1"], tmp_path / "m.ckpt")
-        argv = _args(str(tmp_path / "m.ckpt"), str(tmp_path / "v1-inference.yaml"), "--from_safetensors")
+        argv = _args("m.ckpt", "v1-inference.yaml", "--from_safetensors")
         said = "is a torch checkpoint"
     else:
         _write_original(originals["sd1"], tmp_path / "m.safetensors")
         os.rename(tmp_path / "m.safetensors", tmp_path / "m.ckpt")
-        argv = _args(str(tmp_path / "m.ckpt"), str(tmp_path / "v1-inference.yaml"))
+        argv = _args("m.ckpt", "v1-inference.yaml")
         said = "is a safetensors file although --from_safetensors was not given"
-    argv[argv.index("out")] = str(tmp_path / "out")
-    result = subprocess.run([sys.executable, str(TO_DIFFUSERS), *argv], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert said in result.stdout and (tmp_path / "out" / "model_index.json").is_file()
+    assert _run_main(argv, tmp_path) == 0
+    assert said in capsys.readouterr().out and (tmp_path / "out" / "model_index.json").is_file()
 
 
 def test_failure_while_writing_leaves_nothing(originals, tmp_path):

@@ -26,7 +26,10 @@ DEFAULT_CONFIG_FILE = "train.json"
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 LossType = Literal["mse", "huber", "smooth_l1"]
+AttnType = Literal["sdp", "xformers"]
+EmaDevice = Literal["gpu", "cpu"]
 OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
+PredictionTypeOverride = Literal["epsilon", "v_prediction"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -40,7 +43,14 @@ class TrainConfig:
 
     resume_ckpt: str = _key(
         "panopstor/EveryDream",
-        "Base model: a diffusers folder, or a name in ckpt_cache/ ('my_model' means ckpt_cache/my_model).",
+        "Base model: a diffusers folder, a name in ckpt_cache/ ('my_model' means ckpt_cache/my_model), a "
+        ".ckpt/.safetensors file (converted once into ckpt_cache/), or a Hugging Face repo id owner/name[@revision].",
+    )
+    hf_repo_subfolder: str | None = _key(
+        None, "Sub-folder of the Hugging Face repo in resume_ckpt that holds the diffusers model; null: its root."
+    )
+    prediction_type: PredictionTypeOverride | None = _key(
+        None, "What the base model predicts, epsilon or v_prediction; null: detect it from the model."
     )
     data_root: str = _key("input", "Folder of training images (searched recursively) with .txt captions.")
     resolution: int = _key(512, "Training resolution in pixels; a multiple of 64 (SD1/SD2.0: 512, SD2.1-v: 768).")
@@ -60,8 +70,17 @@ class TrainConfig:
     clip_grad_norm: float | None = _key(None, "Clip the gradient norm of the trained models to this; null: no clip.")
     seed: int = _key(555, "Seed for weights noise, timesteps, shuffling and crops; -1 picks a random one (logged).")
     flip_p: float = _key(0.0, "Probability of flipping an image horizontally (0 to 1).")
+    shuffle_tags: bool = _key(False, "Shuffle a caption's comma-separated tags each step, keeping the first chunk.")
+    keep_tags: int = _key(0, "With shuffle_tags: also keep this many tags after the first chunk in place.")
+    cond_dropout: float = _key(0.04, "Probability of training a step's image on the empty caption (for CFG).")
+    num_workers: int = _key(2, "DataLoader worker processes preparing batches ahead; 0: load in the main process.")
+    cache_latents: bool = _key(True, "Encode each image once with the frozen VAE and reuse the latents from disk.")
+    latent_cache_dir: str | None = _key(None, "Folder of cached latents; null: <data_root>/.latent_cache.")
+    dry_run: bool = _key(False, "Scan data_root, print buckets, skipped files and steps per epoch, and exit.")
     disable_textenc_training: bool = _key(False, "Freeze the text encoder and train only the UNet.")
     gradient_checkpointing: bool = _key(True, "Recompute activations in backward: much less memory, ~20% slower.")
+    attn_type: AttnType = _key("sdp", "Attention kernel: sdp (PyTorch SDPA) or xformers (needs the xformers package).")
+    torch_compile: bool = _key(False, "torch.compile the UNet: faster steps after a slow first one (CUDA).")
     mixed_precision: MixedPrecision = _key(
         "fp16", "Autocast precision on GPU: no, fp16 or bf16 (fp16 on a CPU-only machine falls back to no)."
     )
@@ -82,6 +101,22 @@ class TrainConfig:
     log_step: int = _key(25, "Write loss and learning rate to tensorboard every this many optimizer steps.")
     save_every_n_epochs: int = _key(0, "Also save a model every this many epochs; 0: only at the end.")
     save_ckpt_dir: str | None = _key(None, "Folder for saved models; null: <run folder>/ckpts.")
+    ckpt_every_n_minutes: float | None = _key(None, "Also save a model every this many minutes; null: off.")
+    max_saves: int | None = _key(None, "Keep only the newest this many periodic saves; null: keep all.")
+    save_full_precision: bool = _key(False, "Save weights in fp32 instead of fp16.")
+    save_single_file: bool = _key(True, "Beside each diffusers folder, write an A1111/ComfyUI .safetensors file.")
+    save_optimizer: bool = _key(False, "Save the full training state with each save, so resume_state can go on exactly.")
+    resume_state: str | None = _key(
+        None, "Continue a run exactly from a saved training state folder, or 'findlast' under logdir."
+    )
+    ema_decay_rate: float | None = _key(None, "Keep an EMA of the weights with this decay per update, e.g. 0.999.")
+    ema_update_interval: int = _key(1, "Update the EMA every this many optimizer steps.")
+    ema_device: EmaDevice = _key("gpu", "Where the EMA weights live: gpu (the training device) or cpu (saves VRAM).")
+    sample_prompts: str | None = _key(
+        None, "Prompts to sample during training: .txt (one per line) or .json (prompt, seed, cfg, size, steps)."
+    )
+    sample_steps: int = _key(300, "Sample the prompts every this many optimizer steps (and at the end).")
+    wandb: bool = _key(False, "Also log to Weights & Biases (needs the wandb package and a login).")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -93,15 +128,14 @@ ED2_TRANSLATIONS: dict[str, typing.Callable[[Any], dict[str, Any]]] = {
     "amp": lambda on: {"mixed_precision": "fp16" if on else "no"},
     "disable_amp": lambda off: {"mixed_precision": "no" if off else "fp16"},
     "useadam8bit": lambda on: {"optimizer": "adamw8bit" if on else "adamw"},
+    "disable_xformers": lambda off: {"attn_type": "sdp" if off else "xformers"},
 }
 # EveryDream2 keys we do not support (yet): accepted and named in one warning, so ED2 configs load.
 ED2_UNSUPPORTED: frozenset[str] = frozenset(
-    """attn_type ckpt_every_n_minutes cond_dropout disable_unet_training disable_xformers ema_decay_rate ema_device
-    ema_resume_model ema_sample_ema_model ema_sample_nonema_model ema_strength_target ema_update_interval gpuid
-    hf_repo_subfolder keep_tags latents_perturbation load_settings_every_epoch lowvram lr_decay_steps no_save_ckpt
-    notebook plugins rated_dataset rated_dataset_target_dropout_percent sample_prompts sample_steps
-    save_ckpts_from_n_epochs save_full_precision save_optimizer scale_lr shuffle_tags train_sampler
-    validation_config wandb write_schedule""".split()
+    """disable_unet_training ema_resume_model ema_sample_ema_model ema_sample_nonema_model ema_strength_target gpuid
+    latents_perturbation load_settings_every_epoch lowvram lr_decay_steps no_save_ckpt notebook
+    plugins rated_dataset rated_dataset_target_dropout_percent save_ckpts_from_n_epochs scale_lr train_sampler
+    validation_config write_schedule""".split()
 )
 
 
@@ -268,6 +302,10 @@ def _merge_layer(
             problems.append(f"{key}: unknown key (from {source}){_closest_key(key)}")
             continue
         tp = FIELD_TYPES[key]
+        if given is None and not from_cli and not _is_optional(tp):
+            # EveryDream2's files write null for "the default"
+            notices.append(f"{key}: null in {source} is read as the default, {_given(FIELDS[key].default)}.")
+            continue
         try:
             if from_cli and given is None:
                 if tp is not bool:
@@ -328,6 +366,9 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
 
     if not cfg.resume_ckpt.strip():
         bad("resume_ckpt", "a model folder, a name in ckpt_cache/, or a Hugging Face repo id")
+    subfolder = cfg.hf_repo_subfolder
+    if subfolder is not None and (not subfolder.strip("/") or ".." in subfolder.split("/") or "\\" in subfolder):
+        bad("hf_repo_subfolder", "a folder path inside the repo such as 'diffusers' or 'models/v1', or null")
     data_root = Path(cfg.data_root)
     if not data_root.exists():
         bad("data_root", "an existing folder of training images (it does not exist)")
@@ -349,6 +390,11 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
         bad("clip_grad_norm", "a norm > 0, or null for no clipping")
     if not 0.0 <= cfg.flip_p <= 1.0:
         bad("flip_p", "a probability from 0 to 1")
+    if not 0.0 <= cfg.cond_dropout <= 1.0:
+        bad("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)")
+    for key in ("keep_tags", "num_workers"):
+        if getattr(cfg, key) < 0:
+            bad(key, "an integer >= 0")
     if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
         bad("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null")
     if cfg.zero_frequency_noise_ratio < 0:
@@ -367,6 +413,20 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
         bad("embedding_perturbation", "a standard deviation >= 0")
     if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
         bad("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
+    if cfg.ckpt_every_n_minutes is not None and not cfg.ckpt_every_n_minutes > 0:
+        bad("ckpt_every_n_minutes", "minutes > 0, or null")
+    if cfg.max_saves is not None and cfg.max_saves < 1:
+        bad("max_saves", "an integer >= 1, or null to keep every save")
+    if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
+        bad("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null")
+    if cfg.ema_update_interval < 1:
+        bad("ema_update_interval", "an integer >= 1")
+    if cfg.sample_steps < 1:
+        bad("sample_steps", "an integer >= 1")
+    if cfg.sample_prompts is not None and not Path(cfg.sample_prompts).is_file():
+        bad("sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
+    if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
+        bad("resume_state", "a saved training state folder, 'findlast', or null")
     if cfg.seed < -1:
         bad("seed", "an integer >= 0, or -1 for a random seed")
     for key in ("project_name", "run_name"):
