@@ -75,7 +75,7 @@ def make_sd15_checkpoint(path: Path, config_dir: Path) -> int:
 
 
 def measure(name: str, argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one fresh process."""
+    """Wall seconds and peak RSS (MiB) of one fresh process (imports included, the same for all)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.stdout.read()
@@ -98,7 +98,11 @@ def same_tensors(a: Path, b: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep-dir", default=None, help="work here and keep the files (default: a temp dir)")
+    parser.add_argument("--generate", nargs=2, metavar=("CHECKPOINT", "CONFIG_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        make_sd15_checkpoint(Path(args.generate[0]), Path(args.generate[1]))
+        return
     work = Path(args.keep_dir or tempfile.mkdtemp(prefix="bench_convert-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -112,9 +116,10 @@ def run(work: Path) -> None:
     checkpoint, config_dir = work / "sd15-random.safetensors", work / "diffusers-config"
     if not checkpoint.is_file():
         print("generating a random fp16 SD1.5 original checkpoint ...", flush=True)
-        size = make_sd15_checkpoint(checkpoint, config_dir)
-    else:
-        size = checkpoint.stat().st_size
+        # in a child: Linux carries a parent's peak RSS into the children it spawns, so this process
+        # must stay small for the measurements below to mean anything
+        subprocess.run([sys.executable, __file__, "--generate", str(checkpoint), str(config_dir)], check=True)
+    size = checkpoint.stat().st_size
     print(f"checkpoint: {size / 1e9:.2f} GB, {checkpoint}")
     (work / "nonet").mkdir(exist_ok=True)
     (work / "nonet" / "sitecustomize.py").write_text(NO_NETWORK)

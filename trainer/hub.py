@@ -206,9 +206,12 @@ def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
     cache_dir, cache_source = find_cache_dir()
     offline = is_offline()
     revision = repo.revision or "main"
-    print(f"Model: fetching {repo} from "
-          f"{'the cache' if offline else _endpoint()} into {cache_dir} ({cache_source}); token: {token.source}",
-          flush=True)
+    if offline:
+        print(f"Model: looking up {repo} in the hub cache {cache_dir} ({cache_source}); HF_HUB_OFFLINE is set",
+              flush=True)
+    else:
+        print(f"Model: fetching {repo} from {_endpoint()} into the hub cache {cache_dir} ({cache_source}); "
+              f"token: {token.source}", flush=True)
     try:
         if offline:
             try:

