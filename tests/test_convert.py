@@ -252,7 +252,7 @@ def test_round_trip_gives_back_the_same_file(originals, tmp_path, family):
     assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in orig.state.items())
     # A1111/ComfyUI layout: VAE attention as 1x1 convolutions, OpenCLIP's fused q/k/v for SD2
     assert back["first_stage_model.decoder.mid.attn_1.q.weight"].ndim == 4
-    assert (f"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in back) == (family != "sd1")
+    assert ("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in back) == (family != "sd1")
     # SD2 gets a sidecar yaml that names its parameterization; it converts again on its own
     sidecar = tmp_path / "out.yaml"
     assert sidecar.is_file()  # SD2 always; SD1 here too, as the tiny model is not the stock SD1 shape
@@ -533,3 +533,20 @@ def test_upcast_flag_forms():
     args = parser.parse_args(base + ["--extract_ema", "--half", "--num_in_channels", "9", "--device", "cpu",
                                      "--to_safetensors", "--from_safetensors"])
     assert args.extract_ema and args.half and args.num_in_channels == 9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_converted_folder_trains_with_train_py(originals, tmp_path, shapes_dir, family):
+    """The issue's command, then `python train.py --resume_ckpt <name>` on what it wrote."""
+    from tests.conftest import run_train
+
+    args, _, dump = _stage_command(originals[family], tmp_path, "safetensors")
+    converted = _run_cli(TO_DIFFUSERS, args, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    result = run_train(["--resume_ckpt", dump.name, "--data_root", str(shapes_dir), "--resolution", "64",
+                        "--batch_size", "4", "--max_steps", "2", "--logdir", "logs"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = "v_prediction" if family == "sd2-v" else "epsilon"
+    assert f"Model: {'SD2' if family == 'sd2-v' else 'SD1'} model at {dump.resolve()}: prediction type {expected}" in result.stdout
+    assert "Saved model: " in result.stdout

@@ -38,7 +38,8 @@ from trainer.models import (
 )
 
 TRAIN_ARGS = ["--max_steps", "1", "--resolution", "64", "--batch_size", "2", "--num_workers", "0",
-              "--gradient_checkpointing", "false", "--logdir", "logs"]
+              "--gradient_checkpointing", "false", "--cache_latents", "false", "--save_single_file", "false",
+              "--logdir", "logs"]
 TRAINING_FILES = [
     "model_index.json",
     "scheduler/scheduler_config.json",
@@ -547,16 +548,18 @@ def test_train_from_a_single_file(family, name, single_files, shapes_dir, tmp_pa
         assert "converting" not in second.stdout and f"Model: reusing ckpt_cache/{checkpoint.stem}" in second.stdout
 
 
-@pytest.mark.slow
-def test_train_from_the_manual_converters_cache_entry(single_files, shapes_dir, tmp_path):
+def test_the_manual_converters_output_loads_by_its_cache_name(single_files, tmp_path, monkeypatch):
+    """What utils/convert_original_stable_diffusion_to_diffusers.py writes to ckpt_cache/<name> is what
+    `--resume_ckpt <name>` loads (training from a cache name: tests/test_train_e2e.py)."""
     from utils.convert_original_stable_diffusion_to_diffusers import main as convert_main
 
-    checkpoint = single_files("sd1")
+    monkeypatch.chdir(tmp_path)
+    checkpoint = single_files("sd2-v")
     assert convert_main(["--checkpoint_path", str(checkpoint), "--original_config_file",
                          str(convert.sidecar_yaml_path(checkpoint)), "--scheduler_type", "ddim",
-                         "--dump_path", str(tmp_path / "ckpt_cache" / "my_model")]) == 0
+                         "--dump_path", "ckpt_cache/my_model"]) == 0
 
-    result = train_in(tmp_path, ["--resume_ckpt", "my_model", "--data_root", str(shapes_dir), *TRAIN_ARGS])
+    models = load_models("my_model")
 
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Model source: ckpt_cache entry" in result.stdout and "Saved model: " in result.stdout
+    assert models.info.source_kind == "cache" and models.info.source.startswith("ckpt_cache entry")
+    assert (models.info.family, models.info.prediction_type) == ("sd2", "v_prediction")

@@ -136,3 +136,19 @@ def test_compute_loss_options_are_deterministic_and_weighted(tiny_model):
     for option in (Objective(loss_type="huber"), Objective(zero_frequency_noise_ratio=0.1),
                    Objective(pyramid_noise_discount=0.8), Objective(embedding_perturbation=0.1)):
         assert loss(option) != plain
+
+
+def test_loss_weight_zero_rows_count_for_nothing(tiny_model):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model("sd1"), subfolder="unet")
+    latents, states = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 64)
+    with torch.no_grad():
+        full = compute_loss(unet, scheduler(), latents, states, torch.Generator().manual_seed(5), Objective(),
+                            torch.ones(4)).item()
+        weighted = compute_loss(unet, scheduler(), latents, states, torch.Generator().manual_seed(5), Objective(),
+                                torch.tensor([1.0, 1.0, 1.0, 0.0])).item()
+        per_row = [compute_loss(unet, scheduler(), latents, states, torch.Generator().manual_seed(5), Objective(),
+                                torch.eye(4)[i]).item() * 4 for i in range(4)]
+    assert full == pytest.approx(sum(per_row) / 4, rel=1e-5)
+    assert weighted == pytest.approx(sum(per_row[:3]) / 4, rel=1e-5)

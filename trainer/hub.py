@@ -170,7 +170,8 @@ def _pick_weights(files: list[str]) -> list[str]:
             index = f"{stem}{suffix}.index.json"
             if index in names:
                 shards = [n for n in names if (m := SHARD.match(n)) and (m["stem"], m["suffix"]) == (stem, suffix)]
-                return [index, *sorted(shards)]
+                if shards:
+                    return [index, *sorted(shards)]
     return []
 
 

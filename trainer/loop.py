@@ -303,7 +303,8 @@ def micro_step(run: Run, batch: dict, state: TrainerState) -> tuple[torch.Tensor
         latents = batch["latents"] if "latents" in batch else encode_images(models.vae, batch["pixel_values"], run.generator)
         with torch.set_grad_enabled(not run.cfg.disable_textenc_training), accelerator.autocast():
             encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"], run.cfg.clip_skip)
-        loss = compute_loss(run.unet, models.noise_scheduler, latents, encoder_hidden_states, run.generator, run.objective)
+        loss = compute_loss(run.unet, models.noise_scheduler, latents, encoder_hidden_states, run.generator,
+                            run.objective, batch.get("loss_weight"))
         check_finite(run, loss, state)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
         grad_norm = None

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from trainer import convert
 from trainer.errors import UserError
 from trainer.hub import download_model, parse_repo_id
 
@@ -162,6 +163,10 @@ def _not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
     return f"resume_ckpt {resume_ckpt!r} was not found. Looked for:\n  - " + "\n  - ".join(tried) + "\n" + hint
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def _is_inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
@@ -241,8 +246,6 @@ def prepare_single_file(checkpoint: Path, cache_dir: Path, override: PredictionT
 def convert_into_cache(checkpoint: Path, entry: Path, record: SourceRecord) -> tuple[str, ...]:
     """Convert `checkpoint` and put it at `entry` whole: built in a hidden folder beside it with its source
     record, then renamed in (an older entry is renamed away first and removed after)."""
-    from trainer import convert
-
     staging = entry.parent / f".{entry.name}.converting-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -292,7 +295,11 @@ def _process_alive(pid: int) -> bool:
 
 
 def decide_prediction_type(
-    ckpt, detected, checkpoint: Path, override: PredictionType | None, probe_yaml: Path | None = None
+    ckpt: convert.LoadedCheckpoint,
+    detected: convert.Detected,
+    checkpoint: Path,
+    override: PredictionType | None,
+    probe_yaml: Path | None = None,
 ) -> tuple[PredictionType | None, tuple[str, ...]]:
     """The prediction type to convert with, and why; None leaves it to the converter, which reads what the
     file states (safetensors metadata, sidecar yaml, `v_pred` key) and checks any override against it.
@@ -313,8 +320,6 @@ def decide_prediction_type(
         size, where = hint
         value = SD2_SIZE_PREDICTION[size]
         return value, (f"{value}: image size {size} ({where}); SD2 at {size} predicts {value}",)
-    from trainer import convert
-
     yaml_path = probe_yaml or convert.stock_config_for(detected.family, "epsilon")[0]
     value, score = probe_prediction_type(ckpt, convert.load_original_config(yaml_path))
     return value, (f"{value}: one-forward UNet probe (mean of output - input at t={PROBE_TIMESTEP} is {score:.3f}; "
@@ -335,14 +340,19 @@ def image_size_hint(metadata: dict[str, str], checkpoint: Path) -> tuple[int, st
 
 
 @torch.no_grad()
-def probe_prediction_type(ckpt, original_config: dict) -> tuple[PredictionType, float]:
+def probe_prediction_type(ckpt: convert.LoadedCheckpoint, original_config: dict) -> tuple[PredictionType, float]:
     """AUTOMATIC1111's test: run the UNet once on a constant latent at t=999 and look at the output's sign."""
-    from trainer import convert
-
     unet_config = convert.unet_config_from_ldm(original_config, 512, False, None)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-    unet.load_state_dict(convert.convert_unet(ckpt.state, unet_config), strict=True, assign=True)
+    try:
+        unet.load_state_dict(convert.convert_unet(ckpt.state, unet_config), strict=True, assign=True)
+    except RuntimeError as err:  # shapes that do not fit the yaml: say what to set instead of probing
+        raise convert.ConversionError(
+            f"cannot probe the UNet for its prediction type, its weights do not fit the yaml "
+            f"({_first_line(err)}); set prediction_type (epsilon or v_prediction) in the config, or put the "
+            "model's yaml beside the file as <file>.yaml"
+        ) from None
     unet = unet.float().eval()
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5)
     context = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)

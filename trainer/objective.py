@@ -156,8 +156,12 @@ def compute_loss(
     encoder_hidden_states: torch.Tensor,
     generator: torch.Generator | None = None,
     objective: Objective = Objective(),
+    loss_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mean weighted denoising loss of one batch (a scalar, fp32)."""
+    """The mean weighted denoising loss of one batch (a scalar, fp32).
+
+    `loss_weight` (B,) weighs each sample; the sum is still divided by B, so rows of weight 0 (the data
+    loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch."""
     noise = sample_noise(latents, objective, generator)
     end = min(objective.timestep_end, scheduler.config.num_train_timesteps)
     timesteps = sample_timesteps(latents.shape[0], objective.timestep_start, end, generator).to(latents.device)
@@ -170,6 +174,8 @@ def compute_loss(
     if objective.min_snr_gamma:
         snr = signal_to_noise(scheduler, timesteps)
         per_sample = per_sample * min_snr_weights(snr, objective.min_snr_gamma, scheduler.config.prediction_type)
+    if loss_weight is not None:
+        per_sample = per_sample * loss_weight.to(per_sample.device, per_sample.dtype)
     return per_sample.mean()
 
 
