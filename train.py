@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     # Heavy imports only once the config is known to be good, so --help and config errors answer at once.
-    from data.dataset import build_dataloader
+    from data.dataset import build_training_data
     from trainer.checkpoints import create_run_dir
     from trainer.errors import UserError
     from trainer.loop import train
@@ -42,10 +42,10 @@ def main(argv: list[str]) -> int:
             cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder, prediction_type=cfg.prediction_type
         )
         print(f"Model: {models.info.describe()}")
-        loader = build_dataloader(cfg, models.tokenizer, models.vae)  # fills the latent cache if on
+        data = build_training_data(cfg, models.tokenizer, models.vae)  # fills the latent cache if on
         run_dir = create_run_dir(cfg, models.info)
         print(f"Run folder: {run_dir.resolve()}")
-        result = train(cfg, models, loader, run_dir)
+        result = train(cfg, models, data, run_dir)
     except UserError as err:
         print(f"train.py: {err}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from data.dataset import build_dataloader  # noqa: E402
+from data.dataset import build_dataloader, build_training_data  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
@@ -32,7 +32,8 @@ from trainer.tiny import save_tiny_model  # noqa: E402
 def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, float]:
     models = load_models(str(model_dir))
     start = time.perf_counter()
-    loader = build_dataloader(cfg, models.tokenizer, models.vae)
+    data = build_training_data(cfg, models.tokenizer, models.vae)
+    loader = data.loader
     loader_s = time.perf_counter() - start
     stamps: list[float] = []
     cpu: list[float] = []
@@ -46,7 +47,7 @@ def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, flo
     models.vae.encoder.register_forward_hook(lambda module, args, out: encoder_calls.append(1))
     steps = len(loader)
     begin, cpu_begin = time.perf_counter(), time.process_time()
-    train(cfg, models, loader, run_dir)
+    train(cfg, models, data, run_dir)
     end = time.perf_counter()
     assert len(stamps) == 3 * steps, (len(stamps), steps)
     return {

@@ -145,6 +145,24 @@ def build_dataloader(
     )
 
 
+@dataclass
+class TrainingData:
+    loader: torch.utils.data.DataLoader
+    validation: list[dict[str, torch.Tensor]]  # fixed batches (data/validation.py); empty when none asked
+
+
+def build_training_data(cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module) -> TrainingData:
+    """Scan data_root, hold out the validation images, and build the training loader from the rest."""
+    from data.validation import encode_validation_set, validation_items
+
+    scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
+    for line in scan.report():
+        print(line)
+    train_scan, held_out = validation_items(cfg, scan)
+    loader = build_dataloader(cfg, tokenizer, vae, scan=train_scan)
+    return TrainingData(loader, encode_validation_set(held_out, tokenizer, vae, cfg.batch_size) if held_out else [])
+
+
 # ---------------------------------------------------------------- small helpers kept for callers and tests
 
 

@@ -189,3 +189,11 @@ def test_replace_keeps_types():
     # the config is a plain dataclass: code reads attributes, never dict lookups with defaults
     cfg = dataclasses.replace(TrainConfig(), seed=3)
     assert cfg.seed == 3 and cfg.lr == TrainConfig().lr
+
+
+def test_config_docs_are_generated_from_the_config_object():
+    from trainer.config import markdown_reference
+
+    assert (REPO_ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8") == markdown_reference(), (
+        "docs/CONFIG.md is stale: run python utils/write_config_docs.py"
+    )

@@ -18,7 +18,7 @@ from PIL import Image
 
 from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
 from data.captions import CaptionError, read_caption, read_multiply, shuffle_tags
-from data.dataset import TrainDataset, build_dataloader
+from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.images import load_for_bucket, load_rgb
 from data.scan import scan_data_root
 from data.schedule import batches_per_epoch, epoch_batches
@@ -295,9 +295,9 @@ def test_training_loop_never_encodes_cached_latents(tiny_model, shapes_dir: Path
     models = load_models(str(tiny_model("sd1")))
     cfg = config(few_shapes(shapes_dir, tmp_path / "data"), resolution=64, batch_size=2, max_epochs=2,
                  logdir=str(tmp_path / "logs"), mixed_precision="no", gradient_checkpointing=False)
-    loader = build_dataloader(cfg, models.tokenizer, models.vae)
+    data = build_training_data(cfg, models.tokenizer, models.vae)
     calls = count_encoder_calls(models.vae)
-    train(cfg, models, loader, tmp_path / "run")
+    train(cfg, models, data, tmp_path / "run")
     assert calls == []  # two epochs, four steps, not one VAE encoder call
 
 

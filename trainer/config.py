@@ -77,6 +77,9 @@ class TrainConfig:
     cache_latents: bool = _key(True, "Encode each image once with the frozen VAE and reuse the latents from disk.")
     latent_cache_dir: str | None = _key(None, "Folder of cached latents; null: <data_root>/.latent_cache.")
     dry_run: bool = _key(False, "Scan data_root, print buckets, skipped files and steps per epoch, and exit.")
+    validation_split: float = _key(0.0, "Share of data_root held out to measure a validation loss (e.g. 0.1); 0: none.")
+    validation_data_root: str | None = _key(None, "A separate folder of validation images (wins over validation_split).")
+    validation_every_n_epochs: int = _key(1, "Compute the validation loss every this many epochs (and at the end).")
     disable_textenc_training: bool = _key(False, "Freeze the text encoder and train only the UNet.")
     gradient_checkpointing: bool = _key(True, "Recompute activations in backward: much less memory, ~20% slower.")
     attn_type: AttnType = _key("sdp", "Attention kernel: sdp (PyTorch SDPA) or xformers (needs the xformers package).")
@@ -427,6 +430,12 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
         bad("sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
     if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
         bad("resume_state", "a saved training state folder, 'findlast', or null")
+    if not 0 <= cfg.validation_split < 1:
+        bad("validation_split", "a fraction from 0 (none) to below 1, such as 0.1")
+    if cfg.validation_data_root is not None and not Path(cfg.validation_data_root).is_dir():
+        bad("validation_data_root", "an existing folder of validation images, or null")
+    if cfg.validation_every_n_epochs < 1:
+        bad("validation_every_n_epochs", "an integer >= 1")
     if cfg.seed < -1:
         bad("seed", "an integer >= 0, or -1 for a random seed")
     for key in ("project_name", "run_name"):
@@ -464,6 +473,23 @@ def help_text() -> str:
         lines.append(f"  --{name} {_metavar(FIELD_TYPES[name])}")
         lines.append(f"      {f.metadata['help']} (default: {_given(f.default)})")
     return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """docs/CONFIG.md: every key with its type, default and help (a test keeps the file equal to this)."""
+    lines = [
+        "# Configuration keys",
+        "",
+        "Generated from `TrainConfig` in trainer/config.py by `python utils/write_config_docs.py`; do not edit.",
+        "Every key goes in train.json or on the command line as `--key value`.",
+        "",
+        "| key | type | default | what it does |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, f in FIELDS.items():
+        tp = type_name(FIELD_TYPES[name]).replace("|", "\\|")
+        lines.append(f"| `{name}` | {tp} | `{json.dumps(f.default)}` | {f.metadata['help']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _metavar(tp: Any) -> str:

@@ -86,7 +86,7 @@ class HubModel:
 def parse_repo_id(text: str) -> RepoRef | None:
     """`owner/name` or `owner/name@revision` as a reference, or None when `text` is not shaped like one."""
     match = REPO_ID.match(text.strip())
-    if match is None or match.group("repo").endswith((".ckpt", ".safetensors")):
+    if match is None or match.group("repo").endswith(SINGLE_FILE_SUFFIXES):
         return None
     return RepoRef(match.group("repo"), match.group("revision"))
 

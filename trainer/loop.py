@@ -30,10 +30,11 @@ from trainer.checkpoints import (
     save_name,
     save_training_state,
 )
+from data.dataset import TrainingData
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import SDModels
-from trainer.objective import Objective, compute_loss, encode_prompts, zero_terminal_snr_schedulers
+from trainer.objective import Objective, compute_loss, encode_prompts, validation_loss, zero_terminal_snr_schedulers
 from trainer.optim import build_lr_scheduler, build_optimizer, freeze_text_encoder_parts, plan_optimizers
 from trainer.sampling import generate_samples, read_sample_prompts, write_samples
 
@@ -87,6 +88,7 @@ class Run:
     run_dir: Path
     emas: list = field(default_factory=list)  # (EMAModel, module) pairs
     prompts: list = field(default_factory=list)
+    validation: list = field(default_factory=list)  # fixed validation batches
 
     def log(self, message: str) -> None:
         """Print on the main process and append to <run>/train.log."""
@@ -234,6 +236,20 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     return path
 
 
+def validate(run: Run, step: int) -> None:
+    """The validation loss (fixed noise and timesteps) of the current weights, logged and printed."""
+    if not run.validation:
+        return
+    unet, text_encoder = run.unwrapped()
+    modes = [unet.training, text_encoder.training]
+    unet.eval(), text_encoder.eval()
+    with run.accelerator.autocast():
+        loss = validation_loss(unet, text_encoder, run.models.noise_scheduler, run.validation, run.accelerator.device)
+    unet.train(modes[0]), text_encoder.train(modes[1])
+    run.accelerator.log({"loss/validation": loss}, step=step)
+    run.log(f"Validation loss at step {step}: {loss:.5f}")
+
+
 def sample(run: Run, step: int) -> None:
     prompts = run.prompts
     if not prompts or not run.accelerator.is_main_process:
@@ -250,7 +266,7 @@ def sample(run: Run, step: int) -> None:
         run.log(f"Samples at step {step}: {grid}")
 
 
-def prepare_run(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> Run:
+def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path) -> Run:
     """Accelerator, frozen/trained modules, optimizer, LR schedule, EMA and prompts, all prepared."""
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.seed)
@@ -265,6 +281,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.Dat
             models.noise_scheduler, models.sample_scheduler)
     train_text_encoder = not cfg.disable_textenc_training
     optimizer = build_optimizer(plan, models.unet, models.text_encoder if train_text_encoder else None)
+    loader = data.loader
     total_steps = math.ceil(len(loader) / cfg.grad_accum) * cfg.max_epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
@@ -277,6 +294,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.Dat
         objective=Objective.from_config(cfg), generator=torch.Generator().manual_seed(cfg.seed + accelerator.process_index),
         total_steps=total_steps, run_dir=run_dir,
         prompts=read_sample_prompts(Path(cfg.sample_prompts)) if cfg.sample_prompts else [],
+        validation=data.validation,
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
@@ -318,9 +336,9 @@ def micro_step(run: Run, batch: dict, state: TrainerState) -> tuple[torch.Tensor
     return loss.detach(), grad_norm
 
 
-def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoader, run_dir: Path) -> TrainResult:
-    """Fine-tune `models` on the batches of `loader`; returns where the final model was saved."""
-    run = prepare_run(cfg, models, loader, run_dir)
+def train(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path) -> TrainResult:
+    """Fine-tune `models` on `data`; returns where the final model was saved."""
+    run = prepare_run(cfg, models, data, run_dir)
     accelerator, loader = run.accelerator, run.loader
     state = TrainerState(global_step=0, epoch=1, batches_in_epoch=0)
     if cfg.resume_state:
@@ -361,9 +379,12 @@ def train(cfg: TrainConfig, models: SDModels, loader: torch.utils.data.DataLoade
             else:  # the epoch ran to its end; a save now resumes at the next epoch's start
                 finished = state.epoch
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                if finished % cfg.validation_every_n_epochs == 0 and finished < cfg.max_epochs:
+                    validate(run, state.global_step)
                 if cfg.save_every_n_epochs and finished % cfg.save_every_n_epochs == 0 and finished < cfg.max_epochs:
                     save(run, state, epoch=finished)
     progress.close()
+    validate(run, state.global_step)
     if state.global_step % cfg.sample_steps:  # not sampled at this very step already
         sample(run, state.global_step)
     # named after the epoch of the last step: at an epoch boundary the state already points at the next one

@@ -30,11 +30,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from trainer import convert
 from trainer.errors import UserError
-from trainer.hub import download_model, parse_repo_id
+from trainer.hub import SINGLE_FILE_SUFFIXES, download_model, parse_repo_id
 
 CKPT_CACHE = Path("ckpt_cache")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 SOURCE_RECORD = "converted_from.json"  # inside a ckpt_cache entry made from a single file
 ORIGINAL_CONFIGS = {  # (family, prediction_type) -> the original inference yaml of that family
     ("sd1", "epsilon"): "v1-inference.yaml",
@@ -260,7 +259,8 @@ def convert_into_cache(checkpoint: Path, entry: Path, record: SourceRecord) -> t
                 checkpoint, staging / "model", prediction_type=chosen, scheduler_type="ddim")
         except convert.ConversionError as err:
             raise UserError(f"could not convert {checkpoint}: {err}") from None
-        unet_kind = "an inpainting UNet" if result.in_channels == convert.INPAINT_IN_CHANNELS else "a text-to-image UNet"
+        inpainting = result.in_channels == convert.INPAINT_IN_CHANNELS
+        unet_kind = "an inpainting UNet" if inpainting else "a text-to-image UNet"
         evidence = (*ours, *result.evidence, f"in_channels {result.in_channels}: {unet_kind}", *result.notes)
         done = dataclasses.replace(record, evidence=evidence)
         (result.dump_path / SOURCE_RECORD).write_text(json.dumps(dataclasses.asdict(done), indent=2) + "\n")

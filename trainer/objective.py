@@ -199,3 +199,29 @@ def zero_terminal_snr_schedulers(noise_scheduler: DDPMScheduler, sample_schedule
         sample_scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
     )
     return training, sampling
+
+
+# ---------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validation_loss(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
+    batches: list[dict[str, torch.Tensor]],
+    device: torch.device,
+    repeats: int = 4,
+    seed: int = 0,
+) -> float:
+    """Mean plain-MSE loss over fixed batches with the same noise and timesteps on every call (a fresh
+    generator of `seed`), `repeats` draws per image, so only the weights change between calls."""
+    generator = torch.Generator().manual_seed(seed)
+    total, count = 0.0, 0
+    for batch in batches:
+        latents = batch["latents"].to(device)
+        states = encode_prompts(text_encoder, batch["input_ids"].to(device))
+        for _ in range(repeats):
+            loss = compute_loss(unet, scheduler, latents, states, generator, Objective())
+            total, count = total + loss.item() * len(latents), count + len(latents)
+    return total / max(count, 1)

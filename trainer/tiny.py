@@ -71,7 +71,7 @@ def tiny_unet(family: TinyFamily) -> UNet2DConditionModel:
 
 
 def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -82,6 +82,13 @@ def tiny_vae() -> AutoencoderKL:
         norm_num_groups=32,
         sample_size=TINY_RESOLUTION,
     )
+    # A trained SD VAE is nearly deterministic (posterior std ~1e-3 of the latents' spread). A random one has
+    # log-variance ~0, so a sampled latent would be mostly the VAE's own noise and there would be nothing to
+    # learn. Fix the log-variance half of quant_conv's output at -18 (std ~1e-4), like a trained encoder.
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels :] = 0.0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -18.0
+    return vae
 
 
 def tiny_scheduler(family: TinyFamily) -> PNDMScheduler | DDIMScheduler:

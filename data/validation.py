@@ -1,0 +1,76 @@
+"""A held-out validation set: a fixed share of data_root (or a folder of its own), encoded once.
+
+The validation loss is only comparable across steps if nothing about it changes but the weights: the same
+images, captions (no dropout or tag shuffles), latents (posterior means, no flips) and, in the trainer, the
+same noise and timesteps each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import CLIPTokenizer
+
+from data.images import load_for_bucket
+from data.pixels import to_tensor
+from data.scan import ImageItem, Scan
+from trainer.errors import UserError
+
+
+def split_validation(scan: Scan, fraction: float, seed: int) -> tuple[Scan, list[ImageItem]]:
+    """(training scan, held-out items): round(fraction x n) images, at least one, chosen by a seeded hash of
+    each path so the split is stable across runs and independent of file order."""
+    if fraction <= 0:
+        return scan, []
+    count = max(1, round(fraction * len(scan.items)))
+    if count >= len(scan.items):
+        raise UserError(
+            f"validation_split {fraction} would hold out all {len(scan.items)} images; use a smaller fraction "
+            "or a validation_data_root folder."
+        )
+
+    def rank(item: ImageItem) -> str:
+        return hashlib.sha256(f"{seed}/{item.path.relative_to(scan.root)}".encode()).hexdigest()
+
+    held_out = set(sorted(scan.items, key=rank)[:count])
+    return replace(scan, items=[i for i in scan.items if i not in held_out]), [i for i in scan.items if i in held_out]
+
+
+@torch.no_grad()
+def encode_validation_set(
+    items: list[ImageItem], tokenizer: CLIPTokenizer, vae: torch.nn.Module, batch_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU."""
+    by_bucket: dict = {}
+    for item in items:
+        by_bucket.setdefault(item.bucket, []).append(item)
+    device = next(vae.parameters()).device
+    batches = []
+    for bucket_items in by_bucket.values():
+        for start in range(0, len(bucket_items), batch_size):
+            chunk = bucket_items[start : start + batch_size]
+            pixels = torch.stack([to_tensor(load_for_bucket(i.path, i.bucket, False)) for i in chunk]).to(device)
+            latents = vae.encode(pixels.float()).latent_dist.mean * vae.config.scaling_factor
+            input_ids = tokenizer(
+                [i.caption for i in chunk], padding="max_length", truncation=True,
+                max_length=tokenizer.model_max_length, return_tensors="pt",
+            ).input_ids
+            batches.append({"latents": latents.cpu(), "input_ids": input_ids})
+    return batches
+
+
+def validation_items(cfg, scan: Scan) -> tuple[Scan, list[ImageItem]]:
+    """The training scan and the validation items the config asks for (a folder wins over a split)."""
+    if cfg.validation_data_root:
+        from data.scan import scan_data_root
+
+        held = scan_data_root(Path(cfg.validation_data_root), cfg.resolution)
+        print(f"Validation: {len(held.items)} images in {held.root}.")
+        return scan, held.items
+    train_scan, held = split_validation(scan, cfg.validation_split, cfg.seed)
+    if held:
+        print(f"Validation: {len(held)} of {len(scan.items)} images held out (validation_split {cfg.validation_split}).")
+    return train_scan, held
