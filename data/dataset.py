@@ -1,9 +1,14 @@
 """The training DataLoader: scanned images -> per-epoch bucket batches -> tensors the loop takes.
 
 Each batch is one of (all rows share one bucket size H x W, multiples of 64):
-    {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,)}      cache_latents off
-    {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,)}  cache_latents on
-`loss_weight` is 0 for the rows that fill a bucket's last batch (see data/schedule.py), else 1.
+    {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,), "seed": [B ints]}  cache off
+    {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...]}  on
+`loss_weight` is 0 for the rows that fill a bucket's last batch (see data/schedule.py), else 1. `seed` is each
+row's `Draw.seed`, from which the objective draws that row's noise (trainer/objective.py `row_generators`).
+
+With N processes the sampler yields global batches of N x batch_size rows from one bucket and accelerate
+(`split_batches`) gives process i the i-th slice: together the processes train exactly the batches one process
+with batch N x batch_size would.
 
 Every random choice (repeats, order, flips, tag shuffles, caption dropout, the latent sample) comes from the
 run's seed and the epoch through `Draw.seed`, so results do not depend on num_workers.
@@ -69,7 +74,7 @@ class TrainDataset(torch.utils.data.Dataset):
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).input_ids[0]
-        row = {"input_ids": input_ids, "loss_weight": torch.tensor(draw.weight)}
+        row = {"input_ids": input_ids, "loss_weight": torch.tensor(draw.weight), "seed": draw.seed}
         if self.latents is None:
             item = self.items[draw.index]
             row["pixel_values"] = to_tensor(load_for_bucket(item.path, item.bucket, draw.flip))
@@ -80,9 +85,20 @@ class TrainDataset(torch.utils.data.Dataset):
         return row
 
 
+def collate(rows: list[dict]) -> dict:
+    """torch's default collation, except that row seeds stay a list of ints: they seed CPU generators, and as a
+    tensor accelerate would move them to the GPU, to be read back (a sync) every step."""
+    seeds = [row.pop("seed") for row in rows]
+    return {**torch.utils.data.default_collate(rows), "seed": seeds}
+
+
 class BucketBatchSampler(torch.utils.data.Sampler[list[Draw]]):
-    """Yields one epoch's batches of Draws (data/schedule.py). Epochs count up by themselves; accelerate's
-    DataLoaderShard also calls `set_epoch` before each pass, which keeps resumed runs on the same schedule."""
+    """Yields the batches of Draws (data/schedule.py) of the epoch last given to `set_epoch` (0 before).
+
+    The epoch changes only through `set_epoch`, which the training loop calls before each pass (accelerate's
+    own set_epoch does not reach a batch sampler wrapped in its BatchSamplerShard). It must not count up by
+    itself: torch's multi-worker loader iterates a batch sampler twice when it starts, which made runs with
+    num_workers > 0 train a different schedule from runs without workers, or with more processes."""
 
     def __init__(self, items: list[ImageItem], batch_size: int, flip_p: float, seed: int):
         self.items, self.batch_size, self.flip_p, self.seed = items, batch_size, flip_p, seed
@@ -98,7 +114,6 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[Draw]]):
     def __iter__(self):
         batches = epoch_batches(self.items, self.batch_size, self.flip_p, self.seed, self.epoch)
         assert len(batches) == self._length, "schedule.py promises the same batch count every epoch"
-        self.epoch += 1
         return iter(batches)
 
 
@@ -121,10 +136,15 @@ def prepare_latents(cfg: TrainConfig, scan: Scan, vae: torch.nn.Module) -> dict[
 
 
 def build_dataloader(
-    cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module | None = None, scan: Scan | None = None
+    cfg: TrainConfig,
+    tokenizer: CLIPTokenizer,
+    vae: torch.nn.Module | None = None,
+    scan: Scan | None = None,
+    num_processes: int = 1,
 ) -> torch.utils.data.DataLoader:
     """Scan data_root (unless `scan` is given), report it, fill the latent cache when cache_latents is on
-    (needs the frozen `vae`), and return the DataLoader of bucket batches described in this module's docstring."""
+    (needs the frozen `vae`), and return the DataLoader of bucket batches described in this module's docstring:
+    global batches of `num_processes` x batch_size rows, for accelerate to split between the processes."""
     if scan is None:
         scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
         for line in scan.report():
@@ -137,7 +157,8 @@ def build_dataloader(
     dataset = TrainDataset(scan.items, tokenizer, cfg, latents, scaling_factor)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=BucketBatchSampler(scan.items, cfg.batch_size, cfg.flip_p, cfg.seed),
+        batch_sampler=BucketBatchSampler(scan.items, cfg.batch_size * num_processes, cfg.flip_p, cfg.seed),
+        collate_fn=collate,
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,  # no worker start-up (and tokenizer copy) every epoch
         prefetch_factor=4 if cfg.num_workers > 0 else None,  # batches prepared ahead while the GPU works
@@ -150,16 +171,25 @@ class TrainingData:
     loader: torch.utils.data.DataLoader
     validation: list[dict[str, torch.Tensor]]  # fixed batches (data/validation.py); empty when none asked
 
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        return self.loader.batch_sampler
 
-def build_training_data(cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module) -> TrainingData:
-    """Scan data_root, hold out the validation images, and build the training loader from the rest."""
+
+def build_training_data(
+    cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module, num_processes: int = 1
+) -> TrainingData:
+    """Scan data_root, hold out the validation images, and build the training loader from the rest.
+
+    Writes the latent cache when cache_latents is on: in a multi-process run, call it on the main process
+    first (train.py does), so the others find the cache full and only read it."""
     from data.validation import encode_validation_set, validation_items
 
     scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
     for line in scan.report():
         print(line)
     train_scan, held_out = validation_items(cfg, scan)
-    loader = build_dataloader(cfg, tokenizer, vae, scan=train_scan)
+    loader = build_dataloader(cfg, tokenizer, vae, scan=train_scan, num_processes=num_processes)
     return TrainingData(loader, encode_validation_set(held_out, tokenizer, vae, cfg.batch_size) if held_out else [])
 
 

@@ -67,6 +67,7 @@ class LatentCache:
         self.root = Path(root)
         self.folder = self.root / f"vae-{fingerprint}"
         self._hashes: dict[str, list] = {}
+        self._hashes_changed = False
         self._hash_index = self.root / HASH_INDEX
         if self._hash_index.is_file():
             try:
@@ -82,6 +83,7 @@ class LatentCache:
             return known[2]
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         self._hashes[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        self._hashes_changed = True
         return digest
 
     def entry(self, variant: Variant) -> Path:
@@ -90,12 +92,16 @@ class LatentCache:
         return self.folder / sha[:2] / name
 
     def save_hashes(self) -> None:
-        """Write the content-hash index (the one writer's job) atomically."""
+        """Write the content-hash index (the one writer's job) atomically, when it learned new hashes. A process
+        that finds everything already indexed writes nothing: the other processes of a multi-process run, which
+        read the cache after the main one filled it."""
         self.root.mkdir(parents=True, exist_ok=True)
         gitignore = self.root / ".gitignore"
         if not gitignore.exists():
             gitignore.write_text("# written by the trainer: cached VAE latents, safe to delete\n*\n", encoding="utf-8")
-        _atomic_write(self._hash_index, json.dumps(self._hashes).encode("utf-8"))
+        if self._hashes_changed or not self._hash_index.is_file():
+            _atomic_write(self._hash_index, json.dumps(self._hashes).encode("utf-8"))
+            self._hashes_changed = False
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

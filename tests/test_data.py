@@ -333,3 +333,33 @@ def test_messy_folder_with_landscape_and_portrait_images_trains(tiny_model, mess
     assert f"Latent cache: {len(EXPECTED)} encoded, 0 reused" in out
     assert "on 10 images" in out and "7 steps/epoch" in out
     assert "Saved model: " in out
+
+
+# ---------------------------------------------------------------- validation split
+
+
+def test_validation_split_is_stable_disjoint_and_refuses_everything(shapes_dir: Path):
+    from data.validation import split_validation
+
+    scan = scan_data_root(shapes_dir, 64)
+    train_scan, held = split_validation(scan, 0.25, seed=7)
+    assert len(held) == 4 and len(train_scan.items) == 12
+    assert not set(held) & set(train_scan.items)
+    assert split_validation(scan, 0.25, seed=7)[1] == held  # same seed, same split
+    assert split_validation(scan, 0.25, seed=8)[1] != held
+    assert split_validation(scan, 0.0, seed=7) == (scan, [])
+    assert len(split_validation(scan, 0.01, seed=7)[1]) == 1  # a fraction asks for at least one image
+    with pytest.raises(UserError, match="would hold out all 16 images"):
+        split_validation(scan, 0.99, seed=7)
+
+
+def test_training_data_holds_out_validation_images(shapes_dir: Path, tiny_model, tmp_path: Path):
+    from trainer.models import load_models
+
+    models = load_models(str(tiny_model("sd1")))
+    cfg = config(few_shapes(shapes_dir, tmp_path / "data", count=8), resolution=64, batch_size=2,
+                 validation_split=0.25, num_workers=0)
+    data = build_training_data(cfg, models.tokenizer, models.vae)
+    assert len(data.loader.dataset) == 6
+    assert [b["latents"].shape for b in data.validation] == [torch.Size([2, 4, 8, 8])]
+    assert data.validation[0]["input_ids"].shape == (2, 77)

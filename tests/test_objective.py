@@ -152,3 +152,19 @@ def test_loss_weight_zero_rows_count_for_nothing(tiny_model):
                                 torch.eye(4)[i]).item() * 4 for i in range(4)]
     assert full == pytest.approx(sum(per_row) / 4, rel=1e-5)
     assert weighted == pytest.approx(sum(per_row[:3]) / 4, rel=1e-5)
+
+
+def test_validation_loss_is_the_same_for_the_same_weights(tiny_model):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from trainer.objective import validation_loss
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model("sd1"), subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_model("sd1"), subfolder="text_encoder")
+    batches = [{"latents": torch.randn(2, 4, 8, 8), "input_ids": torch.full((2, 77), 49407)}]
+    first = validation_loss(unet, text_encoder, scheduler(), batches, torch.device("cpu"))
+    assert first == validation_loss(unet, text_encoder, scheduler(), batches, torch.device("cpu"))
+    with torch.no_grad():
+        unet.conv_out.bias += 0.5  # other weights, other loss
+    assert validation_loss(unet, text_encoder, scheduler(), batches, torch.device("cpu")) > first

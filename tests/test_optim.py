@@ -94,7 +94,7 @@ def test_lr_schedule_warmup_and_decay_per_optimizer_step():
     unet, text_encoder = two_modules()
     plan = plan_optimizers(config(lr=1.0, lr_scheduler="cosine", lr_warmup_steps=2))
     optimizer = build_optimizer(plan, unet, text_encoder)
-    scheduler = build_lr_scheduler(plan, optimizer, total_steps=10, num_processes=1)
+    scheduler = build_lr_scheduler(plan, optimizer, total_steps=10)
     lrs = []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])

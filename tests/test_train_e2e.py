@@ -41,7 +41,7 @@ def test_train_saves_changed_loadable_model(family: str, tiny_model, shapes_dir:
     start = tiny_model(family)
     result = run_train(
         ["--resume_ckpt", str(start), "--data_root", str(shapes_dir), "--resolution", "64", "--batch_size", "2",
-         "--max_epochs", "2", "--logdir", str(tmp_path / "logs")],
+         "--max_epochs", "2", "--logdir", str(tmp_path / "logs"), "--save_full_precision"],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +68,7 @@ def test_cache_name_frozen_text_encoder_epoch_saves_and_same_seed_same_weights(t
     shutil.copytree(tiny_model("sd1"), tmp_path / "ckpt_cache" / "my_sd15_model")
     args = ["--resume_ckpt", "my_sd15_model", "--data_root", str(shapes_dir), "--resolution", "64",
             "--batch_size", "4", "--max_epochs", "3", "--save_every_n_epochs", "1", "--disable_textenc_training",
-            "--gradient_checkpointing", "false", "--lr", "1e-4"]
+            "--gradient_checkpointing", "false", "--lr", "1e-4", "--save_full_precision"]
     first = run_train([*args, "--logdir", "a", "--run_name", "r"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     saves = saved_paths(first.stdout)
@@ -94,6 +94,7 @@ def test_max_steps_and_grad_accum(tiny_model, shapes_dir: Path, tmp_path: Path):
     assert saved_paths(result.stdout)[-1].name == "last-myproj-ep01-gs00003"
 
 
+@pytest.mark.slow
 def test_unknown_model_is_one_clear_message_and_writes_nothing(shapes_dir: Path, tmp_path: Path):
     result = run_train(["--resume_ckpt", "no_such_model", "--data_root", str(shapes_dir), "--logdir", "logs"], cwd=tmp_path)
     assert result.returncode == 1
@@ -103,6 +104,7 @@ def test_unknown_model_is_one_clear_message_and_writes_nothing(shapes_dir: Path,
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow
 def test_empty_data_root_is_an_error(tiny_model, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", "empty", "--logdir", "logs"], cwd=tmp_path)

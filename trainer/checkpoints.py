@@ -8,6 +8,7 @@ then renamed), so a crash never leaves a save that looks whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -26,10 +27,16 @@ STATE_DIR = "training_state"
 STATE_FILE = "trainer_state.json"
 
 
-def create_run_dir(cfg: TrainConfig, info: ModelInfo) -> Path:
-    """`<logdir>/<run_name>` with the resolved config (`--config` loads it back) and the model's description."""
-    name = cfg.run_name or f"{cfg.project_name}_{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = Path(cfg.logdir) / name
+def run_dir_path(cfg: TrainConfig) -> Path:
+    """`<logdir>/<run_name>`, by default named after the project and the time now. In a multi-process run only
+    the main process's answer counts (train.py passes it to the others): the clocks may straddle a second."""
+    return Path(cfg.logdir) / (cfg.run_name or f"{cfg.project_name}_{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def create_run_dir(cfg: TrainConfig, info: ModelInfo, run_dir: Path | None = None) -> Path:
+    """`run_dir` (default: `run_dir_path(cfg)`) with the resolved config (`--config` loads it back) and the
+    model's description. The main process's job."""
+    run_dir = run_dir or run_dir_path(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "train.json")
     (run_dir / "model_info.json").write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
@@ -123,15 +130,29 @@ class TrainerState:
 
     global_step: int
     epoch: int  # 1-based epoch in progress
-    batches_in_epoch: int  # micro-batches of `epoch` already consumed
+    batches_in_epoch: int  # global micro-batches of `epoch` already consumed (each process took its slice of each)
+    batch_samples: int = 0  # rows in one global micro-batch (batch_size x processes); 0: saved before it was kept
 
 
-def save_training_state(accelerator, state: TrainerState, generator: torch.Generator, model_path: Path) -> Path:
-    """accelerate's state plus ours into `<model_path>/training_state`, atomically. Call on every process."""
+def continue_position(saved: TrainerState, batch_samples: int) -> TrainerState:
+    """Where to go on in the epoch with global batches of `batch_samples` rows. Unchanged (an exact resume) when
+    the global batch is the same, whatever the process count (batch 4 on one process = batch 2 on two). With
+    another global batch the epoch is re-planned in batches of the new size (data/schedule.py), so the run goes
+    on after as many samples as were trained, rounded down to whole batches: close, not exact."""
+    position = saved.batches_in_epoch
+    if saved.batch_samples and saved.batch_samples != batch_samples:
+        position = saved.batches_in_epoch * saved.batch_samples // batch_samples
+    return dataclasses.replace(saved, batches_in_epoch=position, batch_samples=batch_samples)
+
+
+def save_training_state(accelerator, state: TrainerState, model_path: Path) -> Path:
+    """accelerate's state plus ours into `<model_path>/training_state`, atomically. Call on every process.
+
+    No noise generator is saved: every sample's noise comes from its row's seed (trainer/objective.py
+    `row_generators`), which the data schedule replays."""
     final = model_path / STATE_DIR
     partial = model_path / (STATE_DIR + ".partial")
     accelerator.save_state(str(partial))
-    torch.save(generator.get_state(), partial / f"noise_generator_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
@@ -160,10 +181,9 @@ def find_training_state(resume_state: str, logdir: Path, extra_dirs: list[Path])
     return max(found, key=lambda p: (p / STATE_FILE).stat().st_mtime)
 
 
-def load_training_state(accelerator, state_dir: Path, generator: torch.Generator) -> TrainerState:
+def load_training_state(accelerator, state_dir: Path) -> TrainerState:
+    """Weights, optimizer, LR schedule and RNG back into the prepared objects; returns the saved position. With
+    more processes than at the save, the new ones find no RNG file of their own; accelerate then keeps their
+    seeded state, which changes nothing here: no training draw uses the global RNG."""
     accelerator.load_state(str(state_dir))
-    generator_file = state_dir / f"noise_generator_{accelerator.process_index}.pt"
-    if not generator_file.is_file():  # saved with fewer processes: derive this rank's stream from rank 0's
-        generator_file = state_dir / "noise_generator_0.pt"
-    generator.set_state(torch.load(generator_file, weights_only=True))
     return TrainerState(**json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8")))

@@ -6,8 +6,10 @@ is a named helper with the formula it implements and where it comes from.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 LossType = Literal["mse", "huber", "smooth_l1"]
+# One generator for the whole batch, or one per row (the trainer's choice: see row_generators).
+Generators: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,36 @@ class Objective:
 # ---------------------------------------------------------------- noise and timesteps
 
 
-def offset_noise(shape: torch.Size, ratio: float, generator: torch.Generator | None) -> torch.Tensor:
+def row_generators(seeds: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per batch row, from the row's own seed (data/schedule.py's `Draw.seed`, which the data
+    set passes on). A sample then gets the same noise and timestep whichever batch, batch size or process it
+    lands in: a 2-process run with batch b draws exactly what a 1-process run with batch 2b draws, and a resumed
+    run what the uninterrupted one did. The seed is hashed first: the latent cache already samples the VAE
+    posterior from `Draw.seed` itself, and torch's CPU generator keeps only a seed's low 32 bits."""
+    return [torch.Generator().manual_seed(_noise_seed(int(seed))) for seed in seeds]
+
+
+def _noise_seed(seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}/noise".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def randn(shape: Sequence[int], generator: Generators) -> torch.Tensor:
+    """Standard normal noise; with one generator per row, row i is drawn from generator i alone."""
+    if isinstance(generator, Sequence):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generator])
+    return torch.randn(tuple(shape), generator=generator)
+
+
+def offset_noise(shape: torch.Size, ratio: float, generator: Generators) -> torch.Tensor:
     """Unit noise plus `ratio` x a per-channel constant (Guttenberg 2023, "Diffusion with Offset Noise"):
     lets the model change an image's mean brightness, which plain noise barely ever asks of it."""
-    noise = torch.randn(shape, generator=generator)
+    noise = randn(shape, generator)
     if ratio:
-        noise = noise + ratio * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+        noise = noise + ratio * randn((shape[0], shape[1], 1, 1), generator)
     return noise
 
 
-def pyramid_noise(noise: torch.Tensor, discount: float, generator: torch.Generator | None) -> torch.Tensor:
+def pyramid_noise(noise: torch.Tensor, discount: float, generator: Generators) -> torch.Tensor:
     """Multi-resolution noise (Whitaker 2023): add noise drawn at 1/2, 1/4, ... resolution, upsampled and
     weighted discount**i, then renormalise to unit variance. Low frequencies get destroyed too."""
     batch, channels, height, width = noise.shape
@@ -57,12 +81,12 @@ def pyramid_noise(noise: torch.Tensor, discount: float, generator: torch.Generat
         h, w = height // 2**i, width // 2**i
         if h < 1 or w < 1:
             break
-        coarse = torch.randn((batch, channels, h, w), generator=generator)
+        coarse = randn((batch, channels, h, w), generator)
         noise += F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False) * discount**i
     return noise / noise.std()
 
 
-def sample_noise(latents: torch.Tensor, objective: Objective, generator: torch.Generator | None) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, objective: Objective, generator: Generators) -> torch.Tensor:
     """Drawn on the CPU generator so runs repeat on any device, then moved to the latents' device."""
     noise = offset_noise(latents.shape, objective.zero_frequency_noise_ratio, generator)
     if objective.pyramid_noise_discount:
@@ -70,8 +94,10 @@ def sample_noise(latents: torch.Tensor, objective: Objective, generator: torch.G
     return noise.to(latents.device, latents.dtype)
 
 
-def sample_timesteps(batch_size: int, start: int, end: int, generator: torch.Generator | None) -> torch.Tensor:
+def sample_timesteps(batch_size: int, start: int, end: int, generator: Generators) -> torch.Tensor:
     """Uniform integer timesteps in [start, end)."""
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.randint(start, end, (1,), generator=g) for g in generator])
     return torch.randint(start, end, (batch_size,), generator=generator)
 
 
@@ -137,12 +163,12 @@ def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_sk
     return text_encoder.final_layer_norm(hidden)
 
 
-def perturb_embeddings(states: torch.Tensor, amount: float, generator: torch.Generator | None) -> torch.Tensor:
+def perturb_embeddings(states: torch.Tensor, amount: float, generator: Generators) -> torch.Tensor:
     """Gaussian noise of std `amount` on every text-embedding element: a regulariser against overfitting
     captions (EveryDream2's embedding_perturbation)."""
     if not amount:
         return states
-    noise = torch.randn(states.shape, generator=generator).to(states.device, states.dtype)
+    noise = randn(states.shape, generator).to(states.device, states.dtype)
     return states + amount * noise
 
 
@@ -154,11 +180,12 @@ def compute_loss(
     scheduler: DDPMScheduler,
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     objective: Objective = Objective(),
     loss_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mean weighted denoising loss of one batch (a scalar, fp32).
+    """The mean weighted denoising loss of one batch (a scalar, fp32). `generator`: one for the batch, or one
+    per row (`row_generators`), from which that row's noise, timestep and perturbation are drawn.
 
     `loss_weight` (B,) weighs each sample; the sum is still divided by B, so rows of weight 0 (the data
     loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch."""

@@ -192,14 +192,14 @@ def warmup_steps(plan: OptimizerPlan, total_steps: int) -> int:
     return 0 if plan.lr_scheduler == "constant" else math.ceil(0.02 * total_steps)
 
 
-def build_lr_scheduler(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, total_steps: int, num_processes: int):
-    """diffusers' schedules, stepped once per optimizer step. accelerate steps a prepared scheduler once per
-    process, so the horizon is multiplied by the process count."""
+def build_lr_scheduler(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, total_steps: int):
+    """diffusers' schedules, stepped once per optimizer step: the loop prepares it with split_batches, so
+    accelerate steps it once per step whatever the process count (not once per process)."""
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(
         plan.lr_scheduler,
         optimizer,
-        num_warmup_steps=warmup_steps(plan, total_steps) * num_processes,
-        num_training_steps=total_steps * num_processes,
+        num_warmup_steps=warmup_steps(plan, total_steps),
+        num_training_steps=total_steps,
     )

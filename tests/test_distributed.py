@@ -1,0 +1,151 @@
+"""Multi-process training through accelerate, checked with two real CPU processes (gloo), and the shipped
+accelerate configs. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu` is what starts two CPU processes with
+accelerate 1.15 (`--cpu --num_processes 2` starts one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, run_train
+from tests.test_loop import saved_paths
+
+# Every sample's noise comes from its own seed, so what must match is only the arithmetic: fp32, no dropout.
+# Adam's step m / (sqrt(v) + eps) turns float rounding in a near-zero gradient into a whole step of either sign;
+# eps 1 makes the step linear in the gradient, so any real difference between the runs shows, and rounding not.
+LINEAR_ADAM = {"base": {"epsilon": 1.0}}
+
+
+def launch_two(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` of train.py on two CPU processes."""
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+         str(REPO_ROOT / "train.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+    )
+
+
+def trained_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    unet = load_file(model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    text_encoder = load_file(model_dir / "text_encoder" / "model.safetensors")
+    return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in text_encoder.items()}}
+
+
+def assert_same_training(a: Path, b: Path, base: Path) -> None:
+    wa, wb, w0 = trained_weights(a), trained_weights(b), trained_weights(base)
+    assert wa.keys() == wb.keys()
+    moved = max((wa[k] - w0[k]).abs().max().item() for k in wa)
+    assert moved > 1e-5, "training did not change the weights: the comparison would prove nothing"
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Shared arguments (16 images, global batch 4: 4 steps per epoch) and the one-process batch-4 reference."""
+    work = tmp_path_factory.mktemp("distributed")
+    optimizer = work / "optimizer.json"
+    optimizer.write_text(json.dumps(LINEAR_ADAM), encoding="utf-8")
+    common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--resolution", "64",
+              "--mixed_precision", "no", "--gradient_checkpointing", "false", "--save_full_precision",
+              "--save_single_file", "false", "--cond_dropout", "0", "--flip_p", "0", "--zero_frequency_noise_ratio",
+              "0.1", "--lr", "1e-4", "--optimizer_config", str(optimizer), "--max_steps", "4", "--log_step", "1"]
+    reference = run_train([*common, "--batch_size", "4", "--logdir", "one"], cwd=work)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    (final,) = saved_paths(reference.stdout)
+    return dataclasses.make_dataclass("Setup", ["work", "common", "reference", "base"])(
+        work, common, final, tiny_model("sd1"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_with_twice_the_batch_does(setup):
+    cache = setup.work / "fresh_cache"  # empty: one process must fill it, the other only read it
+    two = launch_two([*setup.common, "--batch_size", "2", "--logdir", "two", "--latent_cache_dir", str(cache)],
+                     cwd=setup.work)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "batch 2 x accum 1 x 2 process(es), 4 steps/epoch" in two.stdout
+    assert "Weights agree on all 2 processes at step 4" in two.stdout  # checked across ranks before the save
+    assert two.stdout.count("Latent cache: 16 encoded, 0 reused") == 1  # the main process encoded...
+    assert two.stdout.count("Latent cache: 0 encoded, 16 reused") == 1  # ...the other found it all there
+    assert len(list(setup.work.glob("two/*"))) == 1, "both processes must use the same run folder"
+    (final,) = saved_paths(two.stdout)  # one process saved
+    assert_same_training(setup.reference, final, setup.base)
+
+
+@pytest.mark.slow
+def test_resume_on_two_processes_from_a_one_process_save(setup):
+    """Batch 4 on one process for 2 steps, then batch 2 on two processes (the same global batch) for the other
+    2: the same weights as 4 steps on one process."""
+    first = run_train([*setup.common, "--batch_size", "4", "--max_steps", "2", "--save_optimizer",
+                       "--logdir", "split"], cwd=setup.work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (half,) = saved_paths(first.stdout)
+    resumed = launch_two([*setup.common, "--batch_size", "2", "--logdir", "split", "--resume_state", str(half)],
+                         cwd=setup.work)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step 2, epoch 1, 2 batches into it" in resumed.stdout and "re-planned" not in resumed.stdout
+    (final,) = saved_paths(resumed.stdout)
+    assert_same_training(setup.reference, final, setup.base)
+
+
+def test_schedule_does_not_depend_on_workers_or_processes(shapes_dir: Path):
+    """An epoch's rows, by seed: the same with and without worker processes, and a two-process loader's global
+    batches (each process takes half of each) are the one-process loader's batches of twice the size."""
+    from data.dataset import build_dataloader
+    from trainer.config import TrainConfig
+    from trainer.tokenizer import clip_tokenizer
+
+    cfg = dataclasses.replace(TrainConfig(), data_root=str(shapes_dir), resolution=64, cache_latents=False)
+
+    def epoch_seeds(batch_size: int, num_workers: int, num_processes: int) -> list[list[int]]:
+        loader = build_dataloader(dataclasses.replace(cfg, batch_size=batch_size, num_workers=num_workers),
+                                  clip_tokenizer(), num_processes=num_processes)
+        loader.batch_sampler.set_epoch(3)
+        return [batch["seed"] for batch in loader]
+
+    two_processes = epoch_seeds(2, 0, 2)
+    assert len(two_processes) == 4 and all(len(seeds) == 4 for seeds in two_processes)
+    assert epoch_seeds(2, 2, 2) == two_processes  # torch iterates a batch sampler twice when its workers start
+    assert epoch_seeds(4, 0, 1) == two_processes
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "docs" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_accelerate_configs_are_accepted(config: Path):
+    """accelerate's own loader (unknown keys and bad enum values raise) and its launch-argument validation."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.distributed_type.value in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train.py"])
+    validated = _validate_launch_command(args)[0]
+    assert validated.num_processes == loaded.num_processes > 1
+
+
+def test_each_documented_config_exists():
+    text = (REPO_ROOT / "docs" / "DISTRIBUTED.md").read_text(encoding="utf-8")
+    shipped = {p.name for p in (REPO_ROOT / "docs" / "accelerate").glob("*.yaml")}
+    assert shipped == {"multi_gpu.yaml", "multi_node.yaml", "fsdp.yaml", "deepspeed_zero2_offload.yaml"}
+    for name in shipped:
+        assert f"docs/accelerate/{name}" in text, name
+
+
+def test_help_and_config_error_answer_fast(tmp_path: Path):
+    """Well under 2 s each, torch and diffusers never imported (tests/test_config.py checks the imports)."""
+    import time
+
+    for args, code in ((["--help"], 0), (["--batch_size", "zero"], 2)):
+        start = time.perf_counter()
+        result = run_train(args, tmp_path)
+        elapsed = time.perf_counter() - start
+        assert result.returncode == code, result.stderr[-2000:]
+        assert elapsed < 2.0, f"train.py {' '.join(args)} took {elapsed:.2f} s"
