@@ -23,14 +23,13 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from data.captions import read_caption, shuffle_tags
-from data.images import load_for_bucket, resize_center_crop  # noqa: F401  (resize_center_crop: public helper)
+from data.captions import shuffle_tags
+from data.images import load_for_bucket
 from data.latent_cache import LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
 from data.pixels import to_tensor
-from data.scan import ImageItem, Scan, find_image_files, scan_data_root
+from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import Draw, batches_per_epoch, epoch_batches
 from trainer.config import TrainConfig
-from trainer.errors import UserError
 
 LATENT_CACHE_FOLDER = ".latent_cache"  # under data_root unless latent_cache_dir says otherwise
 
@@ -192,21 +191,3 @@ def build_training_data(
     loader = build_dataloader(cfg, tokenizer, vae, scan=train_scan, num_processes=num_processes)
     return TrainingData(loader, encode_validation_set(held_out, tokenizer, vae, cfg.batch_size) if held_out else [])
 
-
-# ---------------------------------------------------------------- small helpers kept for callers and tests
-
-
-@dataclass(frozen=True)
-class Example:
-    image_path: Path
-    caption: str
-
-
-def find_examples(data_root: Path) -> list[Example]:
-    """Every image file under `data_root` (recursively, stable order) with its caption; no decoding."""
-    paths = find_image_files(data_root)
-    if not paths:
-        raise UserError(
-            f"data_root {str(data_root)!r} holds no images, searched recursively. Point --data_root at your images."
-        )
-    return [Example(path, read_caption(path)) for path in paths]

@@ -94,7 +94,3 @@ def load_for_bucket(path: Path, bucket: Bucket, flip: bool) -> Image.Image:
     image = resize_crop(load_rgb(path), bucket)
     return ImageOps.mirror(image) if flip else image
 
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the short side to `size` and cut the middle square (the square bucket)."""
-    return resize_crop(image, Bucket(size, size))

@@ -27,7 +27,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.numpy import load_file, save_file
 
-from tests.hub_server import CLIENT_CHUNK_SIZE, HubServer, hub_server  # noqa: F401  (hub_server: fixture)
+from tests.hub_server import CLIENT_CHUNK_SIZE, HubServer
 
 REPO = "owner/tiny"
 CLIENT_TIMEOUT_S = 60

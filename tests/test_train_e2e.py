@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import run_train
@@ -28,7 +29,7 @@ def changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def generate(model_dir: Path, prompt: str = "a red circle") -> "PIL.Image.Image":
+def generate(model_dir: Path, prompt: str = "a red circle") -> Image.Image:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)

@@ -9,7 +9,10 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from data.dataset import find_examples, read_caption, resize_center_crop
+from data.buckets import Bucket
+from data.captions import read_caption
+from data.images import resize_crop
+from data.scan import find_image_files
 from trainer.models import load_models
 from trainer.objective import compute_loss, training_target
 from trainer.tokenizer import clip_tokenizer
@@ -26,18 +29,20 @@ def test_caption_sources(tmp_path: Path):
     assert read_caption(tmp_path / "y.png") == "from caption file"
 
 
-def test_find_examples_recurses_and_ignores_other_files(tmp_path: Path):
+def test_image_files_are_found_recursively_skipping_hidden_folders_and_other_files(tmp_path: Path):
     (tmp_path / "sub" / "deeper").mkdir(parents=True)
     for name in ("a.png", "sub/b.JPG", "sub/deeper/c.webp"):
         Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith("png") else None)
     (tmp_path / "notes.md").touch()
-    assert [e.image_path.name for e in find_examples(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
+    (tmp_path / ".latent_cache").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".latent_cache" / "hidden.png")
+    assert [p.name for p in find_image_files(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
 
 
-def test_resize_center_crop_keeps_the_middle():
+def test_square_bucket_crop_keeps_the_middle():
     image = Image.new("RGB", (200, 100), (0, 0, 0))
     image.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
-    out = resize_center_crop(image, 64)
+    out = resize_crop(image, Bucket(64, 64))
     assert out.size == (64, 64)
     assert min(out.getdata())[0] > 200  # all white: the black side bars were cropped away
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import re
 import sys
 import types
@@ -230,7 +229,7 @@ def _given(value: Any) -> str:
 def _closest_key(key: str) -> str:
     known = [*FIELDS, *ED2_TRANSLATIONS, *ED2_UNSUPPORTED]  # a typo of an ED2 key is still a typo
     match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"; did you mean '{match[0]}'?" if match else f"; run 'python train.py --help' for the valid keys."
+    return f"; did you mean '{match[0]}'?" if match else "; run 'python train.py --help' for the valid keys."
 
 
 def parse_cli(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
