@@ -25,10 +25,6 @@ class BadImage(Exception):
     """A file with an image extension that cannot be used; the message is the reason, for the skip report."""
 
 
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
 def probe(path: Path) -> tuple[int, int]:
     """(width, height) as the picture is shown (after EXIF rotation), after checking the whole file decodes.
 
