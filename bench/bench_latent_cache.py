@@ -25,14 +25,17 @@ from data.dataset import build_dataloader, build_training_data  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
+from trainer.preflight import run_preflight  # noqa: E402
 from trainer.synthetic import make_shapes_dataset  # noqa: E402
 from trainer.tiny import save_tiny_model  # noqa: E402
 
 
 def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, float]:
+    preflight = run_preflight(cfg, run_dir)
     models = load_models(str(model_dir))
     start = time.perf_counter()
-    data = build_training_data(cfg, models.tokenizer, models.vae)
+    data = build_training_data(cfg, models.tokenizer, models.vae, cache_dir=preflight.cache_dir, scan=preflight.scan,
+                               held_out=preflight.validation)
     loader = data.loader
     loader_s = time.perf_counter() - start
     stamps: list[float] = []
@@ -47,7 +50,8 @@ def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, flo
     models.vae.encoder.register_forward_hook(lambda module, args, out: encoder_calls.append(1))
     steps = len(loader)
     begin, cpu_begin = time.perf_counter(), time.process_time()
-    train(cfg, models, data, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train(cfg, models, data, run_dir, preflight, "no")
     end = time.perf_counter()
     assert len(stamps) == 3 * steps, (len(stamps), steps)
     return {

@@ -10,6 +10,10 @@ between consecutive UNet forwards after a warm-up, measured by a pre-forward hoo
 
 Models: "tiny" (the test model, 64px) and "small SD-shaped" (SD1's four UNet levels, two resnets per level,
 cross-attention on the first three, at reduced width, 128px). Goal: ours / bare <= 1.05.
+
+The last column is the divergence guard's share of our step (trainer/guard.py: the loss and the largest weight
+checked after every optimizer step, on the device): its `after_step` timed alone over the same trained
+parameters, divided by our step time. Goal: <= 2%.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from data.dataset import build_training_data  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.guard import WeightGuard  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
+from trainer.preflight import run_preflight  # noqa: E402
 from trainer.synthetic import make_shapes_dataset  # noqa: E402
 from trainer.tiny import TEXT_WIDTH, make_tiny_pipeline  # noqa: E402
 
@@ -74,12 +80,31 @@ def time_ours(model_dir: Path, data_root: Path, work: Path, args, resolution: in
         gradient_checkpointing=False, lr=1e-5, log_step=25, sample_steps=10**9, save_single_file=False,
         logdir=str(work / "logs"), latent_cache_dir=str(work / "cache"), num_workers=args.num_workers,
     )
+    run_dir = work / "run"
+    preflight = run_preflight(cfg, run_dir)
     models = load_models(str(model_dir))
-    data = build_training_data(cfg, models.tokenizer, models.vae)
+    data = build_training_data(cfg, models.tokenizer, models.vae, cache_dir=preflight.cache_dir, scan=preflight.scan,
+                               held_out=preflight.validation)
     stamps: list[float] = []
     models.unet.register_forward_pre_hook(lambda module, inputs: stamps.append(time.perf_counter()))
-    train(cfg, models, data, work / "run")
+    run_dir.mkdir(parents=True)
+    train(cfg, models, data, run_dir, preflight, "no")
     return step_times(stamps)
+
+
+def time_guard(model_dir: Path, calls: int = 50) -> float:
+    """The guard's per-step work alone, over the parameters a run trains (UNet and text encoder)."""
+    models = load_models(str(model_dir))
+    params = [*models.unet.parameters(), *models.text_encoder.parameters()]
+    guard = WeightGuard(params, half_saves=True, device=torch.device("cpu"))
+    times = []
+    for step in range(1, calls + 1):
+        start = time.perf_counter()
+        guard.add_loss(torch.tensor(0.5))
+        guard.after_step(step)
+        times.append(time.perf_counter() - start)
+    assert guard.breakage() is None
+    return statistics.median(times)
 
 
 def time_bare(model_dir: Path, args, resolution: int) -> float:
@@ -123,13 +148,15 @@ def main() -> None:
             bare = time_bare(model_dir, args, resolution)
             ours = time_ours(model_dir, data_root, tmp / f"ours-{kind}-b", args, resolution)
             bare_second = time_bare(model_dir, args, resolution)
+            guard = time_guard(model_dir)
             # ours, bare, ours, bare: the median of each pair evens out a machine that speeds up or slows down
-            rows.append((kind, resolution, (ours_first + ours) / 2, (bare + bare_second) / 2))
+            rows.append((kind, resolution, (ours_first + ours) / 2, (bare + bare_second) / 2, guard))
     print(f"\nTrainer overhead, batch {args.batch_size}, fp32, AdamW, {torch.get_num_threads()} CPU threads, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}; median step time after {WARMUP} warm-up steps:")
-    print(f"{'model':<8} {'px':>4} {'ours ms':>9} {'bare ms':>9} {'ours/bare':>10}")
-    for kind, resolution, ours, bare in rows:
-        print(f"{kind:<8} {resolution:>4} {ours * 1e3:>9.1f} {bare * 1e3:>9.1f} {ours / bare:>10.3f}")
+    print(f"{'model':<8} {'px':>4} {'ours ms':>9} {'bare ms':>9} {'ours/bare':>10} {'guard ms':>9} {'guard/ours':>11}")
+    for kind, resolution, ours, bare, guard in rows:
+        print(f"{kind:<8} {resolution:>4} {ours * 1e3:>9.1f} {bare * 1e3:>9.1f} {ours / bare:>10.3f} "
+              f"{guard * 1e3:>9.2f} {guard / ours:>10.1%}")
 
 
 if __name__ == "__main__":

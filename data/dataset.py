@@ -25,13 +25,12 @@ from transformers import CLIPTokenizer
 
 from data.captions import shuffle_tags
 from data.images import load_for_bucket
-from data.latent_cache import LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
+from data.latent_cache import LATENT_CACHE_FOLDER, LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
 from data.pixels import to_tensor
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import Draw, batches_per_epoch, epoch_batches
+from data.workers import ignore_stop_signals
 from trainer.config import TrainConfig
-
-LATENT_CACHE_FOLDER = ".latent_cache"  # under data_root unless latent_cache_dir says otherwise
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -116,16 +115,19 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[Draw]]):
         return iter(batches)
 
 
-def latent_cache_dir(cfg: TrainConfig) -> Path:
-    return Path(cfg.latent_cache_dir) if cfg.latent_cache_dir else Path(cfg.data_root) / LATENT_CACHE_FOLDER
+def default_cache_dir(data_root: str | Path) -> Path:
+    """`<data_root>/.latent_cache`: where a caller that did not choose (`choose_cache_dir`) gets its cache."""
+    return Path(data_root) / LATENT_CACHE_FOLDER
 
 
-def prepare_latents(cfg: TrainConfig, scan: Scan, vae: torch.nn.Module) -> dict[tuple[int, bool], Path]:
-    """Fill the latent cache for every (image, flip) the run can draw; returns their cache entries.
+def prepare_latents(
+    cfg: TrainConfig, scan: Scan, vae: torch.nn.Module, cache_dir: Path
+) -> dict[tuple[int, bool], Path]:
+    """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw; returns their cache entries.
 
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """
-    cache = LatentCache(latent_cache_dir(cfg), vae_fingerprint(vae))
+    cache = LatentCache(cache_dir, vae_fingerprint(vae))
     flips = (False, True) if cfg.flip_p > 0 else (False,)
     keys = [(i, flip) for i in range(len(scan.items)) for flip in flips]
     variants = [Variant(scan.items[i].path, scan.items[i].bucket, flip) for i, flip in keys]
@@ -140,10 +142,13 @@ def build_dataloader(
     vae: torch.nn.Module | None = None,
     scan: Scan | None = None,
     num_processes: int = 1,
+    cache_dir: Path | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Scan data_root (unless `scan` is given), report it, fill the latent cache when cache_latents is on
-    (needs the frozen `vae`), and return the DataLoader of bucket batches described in this module's docstring:
-    global batches of `num_processes` x batch_size rows, for accelerate to split between the processes."""
+    """Scan data_root (unless `scan` is given), report it, fill the latent cache in `cache_dir` (None:
+    `<data_root>/.latent_cache`) when cache_latents is on (needs the frozen `vae`), and return the DataLoader of
+    bucket batches described in this module's docstring: global batches of `num_processes` x batch_size rows,
+    for accelerate to split between the processes. Its workers leave stop signals to this process
+    (data/workers.py)."""
     if scan is None:
         scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
         for line in scan.report():
@@ -152,7 +157,8 @@ def build_dataloader(
     if cfg.cache_latents:
         if vae is None:
             raise ValueError("cache_latents is on: build_dataloader needs the VAE to fill the cache")
-        latents, scaling_factor = prepare_latents(cfg, scan, vae), float(vae.config.scaling_factor)
+        cache_dir = default_cache_dir(cfg.data_root) if cache_dir is None else cache_dir
+        latents, scaling_factor = prepare_latents(cfg, scan, vae, cache_dir), float(vae.config.scaling_factor)
     dataset = TrainDataset(scan.items, tokenizer, cfg, latents, scaling_factor)
     return torch.utils.data.DataLoader(
         dataset,
@@ -162,6 +168,7 @@ def build_dataloader(
         persistent_workers=cfg.num_workers > 0,  # no worker start-up (and tokenizer copy) every epoch
         prefetch_factor=4 if cfg.num_workers > 0 else None,  # batches prepared ahead while the GPU works
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -176,18 +183,26 @@ class TrainingData:
 
 
 def build_training_data(
-    cfg: TrainConfig, tokenizer: CLIPTokenizer, vae: torch.nn.Module, num_processes: int = 1
+    cfg: TrainConfig,
+    tokenizer: CLIPTokenizer,
+    vae: torch.nn.Module,
+    num_processes: int = 1,
+    cache_dir: Path | None = None,
+    scan: Scan | None = None,
+    held_out: list[ImageItem] | None = None,
 ) -> TrainingData:
-    """Scan data_root, hold out the validation images, and build the training loader from the rest.
+    """The training loader and the encoded validation batches; prints the scan report of the training images.
 
-    Writes the latent cache when cache_latents is on: in a multi-process run, call it on the main process
-    first (train.py does), so the others find the cache full and only read it."""
+    `scan` and `held_out` are the training images and the validation images when the caller has them already
+    (train.py's preflight); else data_root is scanned and the validation images held out here. Writes the latent
+    cache in `cache_dir` (None: `<data_root>/.latent_cache`; `choose_cache_dir` picks it from the config) when
+    cache_latents is on: in a multi-process run, call it on the main process first (train.py does), so the
+    others find the cache full and only read it."""
     from data.validation import encode_validation_set, validation_items
 
-    scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
+    if scan is None:
+        scan, held_out = validation_items(cfg, scan_data_root(Path(cfg.data_root), cfg.resolution))
     for line in scan.report():
         print(line)
-    train_scan, held_out = validation_items(cfg, scan)
-    loader = build_dataloader(cfg, tokenizer, vae, scan=train_scan, num_processes=num_processes)
+    loader = build_dataloader(cfg, tokenizer, vae, scan=scan, num_processes=num_processes, cache_dir=cache_dir)
     return TrainingData(loader, encode_validation_set(held_out, tokenizer, vae, cfg.batch_size) if held_out else [])
-

@@ -3,6 +3,8 @@
 The validation loss is only comparable across steps if nothing about it changes but the weights: the same
 images, captions (no dropout or tag shuffles), latents (posterior means, no flips) and, in the trainer, the
 same noise and timesteps each time.
+
+Choosing the images imports no torch (the preflight and `--dry_run` use it); only encoding them does.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import replace
 from pathlib import Path
-
-import torch
-from transformers import CLIPTokenizer
+from typing import TYPE_CHECKING
 
 from data.images import load_for_bucket
-from data.pixels import to_tensor
 from data.scan import ImageItem, Scan
 from trainer.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPTokenizer
 
 
 def split_validation(scan: Scan, fraction: float, seed: int) -> tuple[Scan, list[ImageItem]]:
@@ -39,26 +42,29 @@ def split_validation(scan: Scan, fraction: float, seed: int) -> tuple[Scan, list
     return replace(scan, items=[i for i in scan.items if i not in held_out]), [i for i in scan.items if i in held_out]
 
 
-@torch.no_grad()
 def encode_validation_set(
     items: list[ImageItem], tokenizer: CLIPTokenizer, vae: torch.nn.Module, batch_size: int
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU."""
+    import torch
+
+    from data.encode import encode_posterior
+    from data.pixels import to_tensor
+
     by_bucket: dict = {}
     for item in items:
         by_bucket.setdefault(item.bucket, []).append(item)
-    device = next(vae.parameters()).device
     batches = []
     for bucket_items in by_bucket.values():
         for start in range(0, len(bucket_items), batch_size):
             chunk = bucket_items[start : start + batch_size]
-            pixels = torch.stack([to_tensor(load_for_bucket(i.path, i.bucket, False)) for i in chunk]).to(device)
-            latents = vae.encode(pixels.float()).latent_dist.mean * vae.config.scaling_factor
+            pixels = torch.stack([to_tensor(load_for_bucket(i.path, i.bucket, False)) for i in chunk])
+            latents = encode_posterior(vae, pixels)[0] * vae.config.scaling_factor  # float32, on the CPU
             input_ids = tokenizer(
                 [i.caption for i in chunk], padding="max_length", truncation=True,
                 max_length=tokenizer.model_max_length, return_tensors="pt",
             ).input_ids
-            batches.append({"latents": latents.cpu(), "input_ids": input_ids})
+            batches.append({"latents": latents, "input_ids": input_ids})
     return batches
 
 

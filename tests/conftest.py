@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,12 +42,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(family)` -> path of a tiny random diffusers model of that family, built once."""
     from trainer.tiny import save_tiny_model
 
-    built: dict[str, Path] = {}
+    built: dict[tuple[str, str], Path] = {}
 
-    def get(family: str = "sd1") -> Path:
-        if family not in built:
-            built[family] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}"), family)
-        return built[family]
+    def get(family: str = "sd1", dtype: str = "fp32") -> Path:
+        """`dtype` fp16 or bf16 stores every weight in that dtype, as most downloaded checkpoints do."""
+        if (family, dtype) not in built:
+            built[family, dtype] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}-{dtype}"), family,
+                                                   dtype=dtype)
+        return built[family, dtype]
 
     return get
 
@@ -68,3 +72,83 @@ def run_train(args: list[str], cwd: Path, timeout: float = 300, env: dict | None
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+class TrainProcess:
+    """A `python train.py` in a process group of its own (as docker, systemd or SLURM start one), its output
+    collected line by line as it comes, so a test can wait for a moment of the run and then signal it."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, preexec_fn=None):
+        self.popen = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True, preexec_fn=preexec_fn,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+                         for stream, lines in ((self.popen.stdout, self.out), (self.popen.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def wait_for(self, text: str, timeout: float = 240, stream: str = "out") -> str:
+        """The first output line holding `text`; fails with the output so far if the run ends or times out."""
+        lines = self.out if stream == "out" else self.err
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if text in line:
+                    return line
+            if self.popen.poll() is not None and not any(r.is_alive() for r in self._readers):
+                break
+            time.sleep(0.05)
+        self.popen.kill()
+        raise AssertionError(f"never printed {text!r}:\n{''.join(self.out)[-3000:]}\n{''.join(self.err)[-3000:]}")
+
+    def signal_group(self, signum: int) -> None:
+        """`signum` to every process of the run, workers included: what `kill -TERM -- -<pgid>` does."""
+        os.killpg(self.popen.pid, signum)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once the run has ended."""
+        try:
+            code = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, 9)
+            raise
+        for reader in self._readers:
+            reader.join(timeout=10)
+        return code, "".join(self.out), "".join(self.err)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """`small_disk(name, size)` -> a real tmpfs of `size` (e.g. "4m") mounted at tmp_path/name, so writes hit a
+    full disk for real; `read_only=True` remounts it read-only after `fill(path)` put files there. Needs root
+    on Linux; skipped with the reason elsewhere. Unmounted after the test."""
+    mounts: list[Path] = []
+
+    def mount(name: str, size: str, read_only: bool = False, fill=None) -> Path:
+        if sys.platform != "linux" or os.geteuid() != 0:
+            pytest.skip("a real small or read-only file system needs root on Linux (mount -t tmpfs)")
+        point = tmp_path / name
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounts.append(point)
+        if fill is not None:
+            fill(point)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    yield mount
+    for point in reversed(mounts):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

@@ -1,12 +1,15 @@
-"""A data folder as users really have them: nested, mixed formats and modes, odd captions, broken files.
+"""Data folders as users really have them: nested, mixed formats and modes, odd captions, broken files; and
+one full of links (a folder linked in, a link loop, second paths to folders and files).
 
-Built from code (not checked in) so every case is visible here. Sizes suit `resolution` 128, whose buckets
-are 128x128, 192x64, 64x192, 256x64 and 64x256.
+Built from code (not checked in) so every case is visible here. The messy folder's sizes suit `resolution`
+128, whose buckets are 128x128, 192x64, 64x192, 256x64 and 64x256.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -86,3 +89,33 @@ def make_messy_folder(root: Path) -> Path:
     (root / "notes.txt").write_text("not an image, not a caption of one", encoding="utf-8")
     Image.new("RGB", (64, 64)).save(root / ".hidden" / "ignored.png")  # hidden folders are skipped
     return root
+
+
+# make_linked_folder: the 4 real images and their captions, and the paths that lead to them a second time
+LINKED_IMAGES = {
+    "circle_000.png": "a photo of a red circle, round shape",
+    "square_000.png": "a drawing of a blue square, square shape",
+    "sub/circle_001.png": "a photo of a red circle, round shape",
+    "outside/square_001.png": "a drawing of a blue square, square shape",  # by the link to a folder outside
+}
+LINKED_LOOP = "sub/loop -> .. (already scanned as data_root itself)"
+LINKED_SECOND_FOLDER = "twice -> sub (already scanned as sub)"
+LINKED_DUPLICATES = 2  # sub/again.png (a link to circle_000.png) and square_000_hardlink.png (a hard link)
+
+
+def make_linked_folder(root: Path, shapes_dir: Path) -> Path:
+    """`root`/data: 4 shape images reached by 6 paths plus a loop; the real files and captions come from
+    `shapes_dir` (trainer/synthetic.py's 64px circles and squares). Returns the data folder."""
+    data, outside = root / "data", root / "elsewhere"
+    for folder in (data / "sub", outside):
+        folder.mkdir(parents=True)
+    for name, target in (("circle_000", data), ("square_000", data), ("circle_001", data / "sub"),
+                         ("square_001", outside)):
+        for suffix in (".png", ".txt"):
+            shutil.copy(shapes_dir / f"{name}{suffix}", target)
+    os.symlink("../elsewhere", data / "outside")  # a folder linked in: followed
+    os.symlink("..", data / "sub" / "loop")  # back to data_root: a loop
+    os.symlink("sub", data / "twice")  # a second path to a folder
+    os.symlink("../circle_000.png", data / "sub" / "again.png")  # a second path to a file
+    os.link(data / "square_000.png", data / "square_000_hardlink.png")  # a hard link: the same file again
+    return data

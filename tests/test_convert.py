@@ -448,6 +448,46 @@ def test_refuses_a_pickle_that_runs_code_and_runs_none_of_it(tmp_path, capsys):
     assert not marker.exists()
 
 
+def _damaged(orig: TinyOriginal, folder: Path, case: str) -> str:
+    """A damaged or disguised copy of `orig` in `folder`; returns its file name."""
+    if case == "pickle named .safetensors":
+        torch.save({"state_dict": orig.state}, folder / "m.safetensors")
+        return "m.safetensors"
+    name = {"truncated .safetensors": "m.safetensors", "truncated .ckpt": "m.ckpt",
+            "truncated legacy .ckpt": "legacy.ckpt"}[case]
+    if case == "truncated legacy .ckpt":  # torch's pre-1.6 format: a bare pickle stream, no zip directory
+        torch.save({"state_dict": orig.state}, folder / name, _use_new_zipfile_serialization=False)
+    else:
+        _write_original(orig, folder / name)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) * 2 // 3])
+    return name
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("pickle named .safetensors", ["m.safetensors is named .safetensors but is a torch pickle checkpoint (torch-zip)",
+                                   "rename it to m.ckpt", "weights_only=True"]),
+    ("truncated .safetensors", ["m.safetensors is truncated: it is", "but its safetensors header declares",
+                                "Download or copy the file again"]),
+    ("truncated .ckpt", ["m.ckpt is truncated or damaged: it starts as a torch zip checkpoint",
+                         "Download or copy the file again"]),
+    ("truncated legacy .ckpt", ["could not read legacy.ckpt as a torch checkpoint", "expected a complete file"]),
+])
+def test_refuses_a_damaged_or_disguised_checkpoint(originals, tmp_path, capsys, case, needles):
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    name = _damaged(originals["sd1"], tmp_path, case)
+    _expect_refusal(_args(name, "v1-inference.yaml"), tmp_path, capsys, *needles)
+
+
+def test_pickle_named_safetensors_from_a_real_subprocess_has_no_traceback(originals, tmp_path):
+    shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
+    name = _damaged(originals["sd1"], tmp_path, "pickle named .safetensors")
+    result = _run_cli(TO_DIFFUSERS, _args(name, "v1-inference.yaml", "--from_safetensors"), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and "is named .safetensors but is a torch pickle" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_refusal_from_a_real_subprocess_has_no_traceback(originals, tmp_path):
     _write_original(originals["sd2"], tmp_path / "m.ckpt")
     shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")

@@ -3,27 +3,37 @@ the dry run, and real `python train.py` runs on a messy folder of landscape and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import multiprocessing
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
 from data.captions import CaptionError, read_caption, read_multiply, shuffle_tags
 from data.dataset import TrainDataset, build_dataloader, build_training_data
+from data.encode import encode_posterior
 from data.images import load_for_bucket, load_rgb
+from data.latent_cache import (LatentCache, Variant, choose_cache_dir, entry_problem, fill_cache, latent_shape,
+                               load_posterior, vae_fingerprint)
 from data.scan import scan_data_root
 from data.schedule import batches_per_epoch, epoch_batches
 from tests.conftest import REPO_ROOT, run_train
-from tests.messy_data import BLUE, BROKEN, EXPECTED, RED, make_messy_folder
+from tests.messy_data import (BLUE, BROKEN, EXPECTED, LINKED_DUPLICATES, LINKED_IMAGES, LINKED_LOOP,
+                              LINKED_SECOND_FOLDER, RED, make_linked_folder, make_messy_folder)
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.tokenizer import clip_tokenizer
@@ -174,6 +184,26 @@ def test_messy_images_decode_right(messy: Path):
     assert cropped.size == (64, 192) and close(cropped.getpixel((32, 5)), RED)
 
 
+def test_scan_follows_links_reads_each_folder_once_and_counts_each_file_once(shapes_dir: Path, tmp_path: Path):
+    data = make_linked_folder(tmp_path, shapes_dir)
+    os.symlink("no_such_file.png", data / "broken_link.png")
+    os.mkfifo(data / "pipe.png")  # opening it would wait forever for a writer
+    (data / ".hidden").mkdir()
+    shutil.copy(shapes_dir / "square_002.png", data / ".hidden")
+    scan = scan_data_root(data, 64)  # with os.walk(followlinks=True) the loop multiplied every image
+    found = {str(i.path.relative_to(data)): i.caption for i in scan.items}
+    assert found == LINKED_IMAGES  # the file's own path (with its caption sidecar) is counted, not a link's
+    report = scan.report()
+    assert report[0] == f"Data: 4 images in {data}, 2 skipped."
+    assert f"  {LINKED_LOOP}" in report and f"  {LINKED_SECOND_FOLDER}" in report
+    assert any(line.startswith("Data: 2 folder path(s) lead to a folder already scanned") for line in report)
+    assert any(line.startswith(f"Data: {LINKED_DUPLICATES} more path(s) lead to images already found") and
+               "e.g. square_000_hardlink.png is square_000.png" in line for line in report), report
+    skipped = dict((str(p.relative_to(data)), reason) for p, reason in scan.skipped)
+    assert skipped == {"pipe.png": "not a regular file (a pipe, socket or device); remove it or move it away",
+                       "broken_link.png": "a broken link: it points to no_such_file.png, which does not exist"}
+
+
 def test_empty_and_all_broken_data_roots(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no images"):
@@ -273,8 +303,10 @@ def test_cached_latents_match_encoding_every_step(tiny_model, shapes_dir: Path, 
     """The cache stores the posterior, so a cached row is distributed exactly as a fresh VAE sample."""
     vae = tiny_vae(tiny_model)
     data = few_shapes(shapes_dir, tmp_path / "data", count=2)
-    cfg = config(data, resolution=64, batch_size=2, latent_cache_dir=str(tmp_path / "cache"), cond_dropout=0.0)
-    dataset = build_dataloader(cfg, clip_tokenizer(), vae).dataset
+    cfg = config(data, resolution=64, batch_size=2, cond_dropout=0.0)
+    dataset = build_dataloader(cfg, clip_tokenizer(), vae, cache_dir=tmp_path / "cache").dataset
+    assert len(list((tmp_path / "cache").glob("vae-*/*/*.safetensors"))) == 2
+    assert not (data / ".latent_cache").exists()
     draw = epoch_batches(dataset.items, 2, 0.0, cfg.seed, 0)[0][0]
     item = dataset.items[draw.index]
     from data.pixels import to_tensor
@@ -287,17 +319,178 @@ def test_cached_latents_match_encoding_every_step(tiny_model, shapes_dir: Path, 
     torch.testing.assert_close(samples.std(0), posterior.std[0] * scale, rtol=0.25, atol=1e-6)
 
 
+def damage(entry: Path, how: str) -> None:
+    """Break a cache entry the way disks, copies and other programs do."""
+    if how == "truncated":
+        entry.write_bytes(entry.read_bytes()[:-100])
+    elif how == "other keys":
+        save_file({"mean": torch.zeros(4, 8, 8), "var": torch.zeros(4, 8, 8)}, str(entry))
+    elif how == "other shape":
+        save_file({"mean": torch.zeros(4, 4, 4), "std": torch.zeros(4, 4, 4)}, str(entry))
+    elif how == "float16":
+        save_file({"mean": torch.zeros(4, 8, 8, dtype=torch.float16), "std": torch.zeros(4, 8, 8, dtype=torch.float16)},
+                  str(entry))
+    elif how == "not safetensors":
+        entry.write_bytes(b"<html>503 Service Unavailable</html>")
+    elif how == "a folder":
+        entry.unlink()
+        entry.mkdir()
+
+
+DAMAGE_REASONS = {  # how -> what entry_problem says, for the (4, 8, 8) latents of a 64x64 image
+    "truncated": "truncated: it is 2092 bytes, but its safetensors header declares 2192 (8 + 136 header + 2048 "
+                 "tensor data)",
+    "other keys": "holds ['mean', 'var'], expected exactly mean and std",
+    "other shape": "mean is F32 [4, 4, 4], expected F32 [4, 8, 8]",
+    "float16": "mean is F16 [4, 8, 8], expected F32 [4, 8, 8]",
+    "not safetensors": "not a safetensors file: it starts with b'<html>50', not a header length",
+    "a folder": "cannot be read (Is a directory)",
+}
+
+
+def test_damaged_cache_entries_are_encoded_again_with_one_notice(tiny_model, shapes_dir: Path, tmp_path: Path,
+                                                                 capsys):
+    data = few_shapes(shapes_dir, tmp_path / "data")
+    vae = tiny_vae(tiny_model)
+    cfg = config(data, resolution=64, batch_size=2, flip_p=0.5)
+    build_dataloader(cfg, clip_tokenizer(), vae, cache_dir=tmp_path / "cache")
+    entries = sorted((tmp_path / "cache").glob("vae-*/*/*.safetensors"))
+    assert len(entries) == 8 and all(entry_problem(e, (4, 8, 8)) is None for e in entries)
+    assert {e.stat().st_size for e in entries} == {2192}  # what DAMAGE_REASONS counts with
+    for entry, how in zip(entries, DAMAGE_REASONS):
+        damage(entry, how)
+        assert entry_problem(entry, (4, 8, 8)) == DAMAGE_REASONS[how]
+    calls = count_encoder_calls(vae)
+    capsys.readouterr()
+
+    loader = build_dataloader(cfg, clip_tokenizer(), vae, cache_dir=tmp_path / "cache")
+    out = capsys.readouterr().out
+    notices = [line for line in out.splitlines() if "damaged entr" in line]
+    assert len(notices) == 1, out
+    assert notices[0].startswith("Latent cache: 6 damaged entries will be encoded again, e.g. vae-")
+    assert any(f": {reason}. Nothing to do; if this recurs, check the disk that holds {tmp_path / 'cache'}." in
+               notices[0] for reason in DAMAGE_REASONS.values()), notices[0]
+    assert "Latent cache: 6 encoded, 2 reused" in out and sum(calls) == 6
+    assert all(entry_problem(e, (4, 8, 8)) is None for e in entries)
+    assert sum(len(batch["latents"]) for batch in loader) == 4  # and training reads them all
+
+
+def test_cache_dir_beside_the_data_else_a_fallback_when_data_root_is_read_only(small_disk, tmp_path: Path):
+    import hashlib
+
+    data, fallback_root = tmp_path / "data", tmp_path / "fallback"
+    data.mkdir()
+    assert choose_cache_dir(data, None, fallback_root) == (data / ".latent_cache", None)
+    assert choose_cache_dir(data, str(tmp_path / "mine"), fallback_root) == (tmp_path / "mine", None)
+    mounted = small_disk("photos", "1m", read_only=True, fill=lambda p: (p / "a.png").write_bytes(b"x"))
+    folder, notice = choose_cache_dir(mounted, None, fallback_root)
+    assert folder == fallback_root / f"photos-{hashlib.sha256(str(mounted.resolve()).encode()).hexdigest()[:8]}"
+    assert notice == (
+        f"Latent cache: the default latent cache folder {mounted / '.latent_cache'} cannot be written: Read-only "
+        f"file system (tested in {mounted}, the part that exists); choose a writable place or fix its permissions. "
+        f"Caching in {folder} instead; latent_cache_dir sets the place."
+    )
+    assert choose_cache_dir(mounted, str(mounted / "c"), fallback_root) == (mounted / "c", None)  # as given
+
+
+def new_children(before: set) -> list[multiprocessing.Process]:
+    return [p for p in multiprocessing.active_children() if p not in before]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_training_loader_workers_leave_stop_signals_to_the_main_process(shapes_dir: Path, signum: int):
+    """`kill -TERM -- -<pgid>` reaches the workers too; a worker that dies of it crashes the run before it saves."""
+    before = set(multiprocessing.active_children())
+    loader = build_dataloader(config(shapes_dir, resolution=64, batch_size=1, num_workers=2, cache_latents=False),
+                              clip_tokenizer())
+    batches = iter(loader)
+    got = [next(batches), next(batches)]  # one from each worker: both have run their worker_init_fn
+    workers = new_children(before)
+    assert len(workers) == 2
+    for worker in workers:
+        os.kill(worker.pid, signum)
+    got += list(batches)  # a killed worker raises here ("DataLoader worker ... killed by signal")
+    assert len(got) == len(loader) == 16
+    assert all(worker.is_alive() for worker in workers)  # persistent workers: alive for the next epoch
+
+
+def test_cache_fill_workers_leave_stop_signals_to_the_main_process(tiny_model, shapes_dir: Path, tmp_path: Path):
+    vae = tiny_vae(tiny_model)
+    before = set(multiprocessing.active_children())
+    signalled: list[int] = []
+
+    def stop_workers_at_second_batch(module, args, out) -> None:
+        encoded.append(1)
+        if len(encoded) == 2:  # batches 0 and 1 came from workers 0 and 1: both have run their worker_init_fn
+            for worker in new_children(before):
+                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGINT)
+                signalled.append(worker.pid)
+
+    encoded: list[int] = []
+    vae.encoder.register_forward_hook(stop_workers_at_second_batch)
+    variants = [Variant(i.path, i.bucket, flip) for i in scan_data_root(shapes_dir, 64).items for flip in (False, True)]
+    cache = LatentCache(tmp_path / "cache", vae_fingerprint(vae))
+    assert fill_cache(cache, variants, vae, batch_size=1, num_workers=2) == (32, 0)
+    assert len(signalled) == 2 and len(encoded) == 32
+    assert all(entry_problem(cache.entry(v), latent_shape(vae, v.bucket)) is None for v in variants)
+
+
+def random_pixels(count: int = 2, size: int = 64) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_vae_encodes_in_its_own_dtype_and_gives_float32(tiny_model, shapes_dir: Path, dtype: torch.dtype):
+    from data.validation import encode_validation_set
+
+    vae32, vae = tiny_vae(tiny_model), tiny_vae(tiny_model).to(dtype)
+    fed: list[torch.dtype] = []
+    vae.encoder.conv_in.register_forward_pre_hook(lambda module, args: fed.append(args[0].dtype))
+    mean, std = encode_posterior(vae, random_pixels())
+    assert fed == [dtype] and mean.dtype == std.dtype == torch.float32 and mean.shape == std.shape == (2, 4, 8, 8)
+    reference, _ = encode_posterior(vae32, random_pixels())
+    torch.testing.assert_close(mean, reference, atol=0.05 * float(reference.abs().max()), rtol=0)
+    assert vae_fingerprint(vae) != vae_fingerprint(vae32)  # fp16/bf16 latents differ: a cache folder of their own
+
+    items = scan_data_root(shapes_dir, 64).items[:2]
+    (batch,) = encode_validation_set(items, clip_tokenizer(), vae, batch_size=2)
+    assert fed[-1] == dtype and batch["latents"].dtype == torch.float32 and batch["latents"].shape == (2, 4, 8, 8)
+
+
+def test_fp16_overflow_is_encoded_again_in_float32_with_one_notice(tiny_model, tmp_path: Path, capsys):
+    vae = tiny_vae(tiny_model)
+    with torch.no_grad():  # one latent channel near 1.2e5: beyond fp16's largest value, 65504
+        vae.encoder.conv_out.bias[0] += 6e4
+        vae.quant_conv.weight[0, 0] = 2.0
+    half = vae.to(torch.float16)
+    with torch.no_grad():
+        assert not torch.isfinite(half.encode(random_pixels().half()).latent_dist.mean).all()  # it does overflow
+    expected = encode_posterior(copy.deepcopy(half).float(), random_pixels())
+    assert expected[0].abs().max() > 1e5
+    capsys.readouterr()
+    for _ in range(2):
+        mean, std = encode_posterior(half, random_pixels())
+        torch.testing.assert_close((mean, std), expected)
+    out = capsys.readouterr().out
+    assert out.count("VAE: in float16 it encoded a batch of 64x64 images to non-finite latents (overflow); such "
+                     "batches are encoded again in float32") == 1, out
+    assert next(half.parameters()).dtype == torch.float16  # the VAE itself is left as it was
+
+
 @pytest.mark.slow
 def test_training_loop_never_encodes_cached_latents(tiny_model, shapes_dir: Path, tmp_path: Path):
     from trainer.loop import train
     from trainer.models import load_models
+    from trainer.preflight import run_preflight
 
     models = load_models(str(tiny_model("sd1")))
     cfg = config(few_shapes(shapes_dir, tmp_path / "data"), resolution=64, batch_size=2, max_epochs=2,
                  logdir=str(tmp_path / "logs"), mixed_precision="no", gradient_checkpointing=False)
-    data = build_training_data(cfg, models.tokenizer, models.vae)
+    preflight = run_preflight(cfg, tmp_path / "run")
+    data = build_training_data(cfg, models.tokenizer, models.vae, cache_dir=preflight.cache_dir, scan=preflight.scan)
     calls = count_encoder_calls(models.vae)
-    train(cfg, models, data, tmp_path / "run")
+    train(cfg, models, data, tmp_path / "run", preflight, "no")
     assert calls == []  # two epochs, four steps, not one VAE encoder call
 
 

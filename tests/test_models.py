@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from common import files
 from tests.conftest import run_train
+from tests.test_faults_models import (
+    FILE_FAULTS,
+    FOLDER_FAULTS,
+    UNET_WEIGHTS,
+    bad_json,
+    broken_file,
+    broken_folder,
+    truncate,
+)
 from trainer import convert
 from trainer.errors import UserError
 from trainer.hub import (
@@ -29,9 +40,12 @@ from trainer.hub import (
     parse_repo_id,
     select_training_files,
 )
+from trainer.model_checks import ModelConfigs, architecture_problem, folder_damage, safetensors_problem
 from trainer.models import (
     SOURCE_RECORD,
+    ComponentDtypes,
     decide_prediction_type,
+    load_model_dir,
     load_models,
     probe_prediction_type,
     resolve_model_source,
@@ -473,7 +487,8 @@ def test_single_file_never_overwrites_an_entry_it_did_not_make_and_cleans_killed
     shutil.rmtree(tmp_path / "ckpt_cache" / "model")
 
     # a conversion killed mid-way left its hidden staging folder (its process, pid 2**22 + 1, is gone)
-    killed = tmp_path / "ckpt_cache" / f".model.converting-{2**22 + 1}"
+    host = files.owner_tag().rsplit("-", 1)[0]
+    killed = files.partial_path(tmp_path / "ckpt_cache" / "model", owner=f"{host}-{2**22 + 1}")
     (killed / "model" / "unet").mkdir(parents=True)
     source = resolve_model_source(str(checkpoint))
     assert source.kind == "single_file" and not killed.exists()
@@ -569,3 +584,211 @@ def test_the_manual_converters_output_loads_by_its_cache_name(single_files, tmp_
 
     assert models.info.source_kind == "cache" and models.info.source.startswith("ckpt_cache entry")
     assert (models.info.family, models.info.prediction_type) == ("sd2", "v_prediction")
+
+
+# ---------------------------------------------------------------------------- any stored dtype trains
+
+
+def dtypes_of(models) -> dict[str, set[torch.dtype]]:
+    return {name: {p.dtype for p in getattr(models, name).parameters()} for name in ("unet", "text_encoder", "vae")}
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_half_precision_folder_loads_as_fp32_masters(dtype, tiny_model):
+    folder = tiny_model("sd1", dtype)
+
+    models = load_models(str(folder))
+
+    assert dtypes_of(models) == {"unet": {torch.float32}, "text_encoder": {torch.float32}, "vae": {torch.float32}}
+    stored = load_file(str(folder / UNET_WEIGHTS))["conv_in.weight"]
+    assert stored.dtype != torch.float32 and torch.equal(models.unet.conv_in.weight, stored.float())
+
+
+def test_each_component_loads_in_the_dtype_asked_for(tiny_model):
+    dtypes = ComponentDtypes(vae=torch.bfloat16, text_encoder=torch.float16)
+
+    models = load_models(str(tiny_model("sd1", "fp16")), dtypes=dtypes)
+
+    assert dtypes_of(models) == {"unet": {torch.float32}, "text_encoder": {torch.float16}, "vae": {torch.bfloat16}}
+    assert ComponentDtypes() == ComponentDtypes(torch.float32, torch.float32, torch.float32)
+
+
+def test_an_fp16_single_file_is_converted_as_fp16_and_loads_as_fp32(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    export = convert.export_single_file(tiny_model("sd1", "fp16"), tmp_path / "models" / "half.safetensors")
+
+    models = load_models(str(export.checkpoint_path))
+
+    converted = load_file(str(tmp_path / "ckpt_cache" / "half" / UNET_WEIGHTS))
+    assert {t.dtype for t in converted.values()} == {torch.float16}  # the converter keeps the file's dtype
+    assert models.info.source_kind == "single_file"
+    assert dtypes_of(models) == {"unet": {torch.float32}, "text_encoder": {torch.float32}, "vae": {torch.float32}}
+
+
+def test_a_bf16_hub_model_loads_as_fp32(hub, tiny_model):
+    hub.add_repo("owner/tiny-bf16", tiny_model("sd1", "bf16"))
+
+    models = load_models("owner/tiny-bf16")
+
+    assert models.info.source_kind == "hub"
+    assert dtypes_of(models) == {"unet": {torch.float32}, "text_encoder": {torch.float32}, "vae": {torch.float32}}
+
+
+# ------------------------------------------------------------------ damaged and foreign model files
+
+
+@pytest.mark.parametrize("case", list(FOLDER_FAULTS))
+def test_a_broken_model_folder_is_refused_with_one_message(case, tiny_model, tmp_path):
+    model, named, says = broken_folder(case, tiny_model("sd1"), tmp_path / "model")
+
+    with pytest.raises(UserError) as err:
+        load_models(str(model))
+
+    assert str(named) in str(err.value) and says in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("case", ["sdxl unet", "cross-attention width", "UNet2DModel", "no cross-attention blocks",
+                                  "inpainting unet", "latent channels"])
+def test_the_architecture_is_refused_from_the_configs_before_any_weight(case, tiny_model, tmp_path):
+    model, named, says = broken_folder(case, tiny_model("sd1"), tmp_path / "model")
+    for weights in model.glob("*/*.safetensors"):  # no weights at all: only the configs can be read
+        weights.unlink()
+
+    with pytest.raises(UserError, match=re.escape(says)):
+        load_model_dir(model)
+
+
+def test_a_component_without_its_weights_file_says_what_it_found(tiny_model, tmp_path):
+    model = Path(shutil.copytree(tiny_model("sd1"), tmp_path / "model"))
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))  # a variant only
+
+    with pytest.raises(UserError, match=rf"{re.escape(str(model / 'vae'))} has no weights file; expected one of "
+                                        r"diffusion_pytorch_model.safetensors, .* found: config.json, "
+                                        r"diffusion_pytorch_model.fp16.safetensors\."):
+        load_models(str(model))
+
+
+def test_weights_that_do_not_fit_their_config_are_one_message(tiny_model, tmp_path):
+    model = Path(shutil.copytree(tiny_model("sd1"), tmp_path / "model"))
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "block_out_channels": [32, 64]}))
+
+    with pytest.raises(UserError, match=rf"could not load {re.escape(str(model / 'unet'))}: ValueError: .*conv_in"):
+        load_models(str(model))
+
+
+def test_a_scheduler_class_diffusers_lacks_is_named(tiny_model, tmp_path):
+    model = Path(shutil.copytree(tiny_model("sd1"), tmp_path / "model"))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "UNet2DModel"]}))
+
+    with pytest.raises(UserError, match=r"model_index.json names the scheduler class 'UNet2DModel', which diffusers"):
+        load_models(str(model))
+
+
+def test_the_architecture_checks_pass_every_sd_family_and_read_only_configs(tiny_model):
+    for family in ("sd1", "sd2", "sd2-v"):
+        folder = tiny_model(family)
+        configs = ModelConfigs(Path("m"), *(json.loads((folder / c / n).read_text()) for c, n in (
+            ("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+            ("scheduler", "scheduler_config.json"))))
+        assert architecture_problem(configs) is None, family
+        assert folder_damage(folder) is None, family
+    sd2 = configs
+    per_level = ModelConfigs(sd2.folder, {**sd2.unet, "cross_attention_dim": [64, 1024]}, sd2.vae, sd2.text_encoder,
+                             sd2.scheduler)
+    assert "has cross_attention_dim [1024, 64], but the text encoder" in architecture_problem(per_level)
+    nested = ModelConfigs(sd2.folder, {**sd2.unet, "transformer_layers_per_block": [[1, 1], [1, 10]]}, sd2.vae,
+                          sd2.text_encoder, sd2.scheduler)
+    assert "describes an SDXL UNet (transformer_layers_per_block [[1, 1], [1, 10]])" in architecture_problem(nested)
+
+
+def test_a_safetensors_file_is_judged_by_its_header(tmp_path):
+    whole = tmp_path / "whole.safetensors"
+    save_file({"a": torch.zeros(64), "b": torch.ones(2, 3)}, str(whole))
+    data = whole.read_bytes()
+    assert safetensors_problem(whole) is None
+
+    def variant(name: str, content: bytes) -> str:
+        (tmp_path / name).write_bytes(content)
+        return safetensors_problem(tmp_path / name) or ""
+
+    assert f"is truncated: it is {len(data) - 5} bytes, but its safetensors header declares {len(data)}" in \
+        variant("cut.safetensors", data[:-5])
+    assert "is longer than its header declares" in variant("long.safetensors", data + b"\0")
+    assert "less than the 8-byte header length" in variant("empty.safetensors", b"")
+    assert "the header alone should take" in variant("cut-header.safetensors", data[:20])
+    assert "is not a safetensors file" in variant("text.safetensors", b"hello, this is not a model")
+    assert "its header is not a json map of tensors" in variant("header.safetensors", data[:8] + b"{" + data[9:].replace(
+        b"data_offsets", b"data_offsetz"))
+
+
+@pytest.mark.parametrize("case", list(FILE_FAULTS))
+def test_a_broken_single_file_is_refused_before_anything_is_converted(case, single_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint, says = broken_file(case, single_files("sd1"), tmp_path / "models")
+
+    with pytest.raises(UserError) as err:
+        load_models(str(checkpoint))
+
+    assert str(checkpoint) in str(err.value) and says in str(err.value), str(err.value)
+    assert not (tmp_path / "ckpt_cache").exists()
+
+
+def test_an_inpainting_single_file_is_refused_before_it_is_converted(single_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = dict(load_file(str(single_files("sd1"))))
+    conv_in = convert.UNET_PREFIX + "input_blocks.0.0.weight"
+    state[conv_in] = torch.randn(state[conv_in].shape[0], 9, *state[conv_in].shape[2:])
+    save_file(state, str(tmp_path / "inpaint.safetensors"))
+    shutil.copyfile(convert.sidecar_yaml_path(single_files("sd1")), tmp_path / "inpaint.yaml")
+
+    with pytest.raises(UserError, match=r"inpaint.safetensors holds an inpainting UNet \(in_channels 9\)\. Training "
+                                        "inpainting models is not supported"):
+        load_models(str(tmp_path / "inpaint.safetensors"))
+    assert not (tmp_path / "ckpt_cache").exists()
+
+
+# ------------------------------------------------------------------------- damaged ckpt_cache entries
+
+
+def test_a_damaged_cache_entry_is_converted_again_from_its_source(single_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = place_single_file(single_files("sd1"), tmp_path / "models", "tiny.safetensors")
+    entry = tmp_path / "ckpt_cache" / "tiny"
+    resolve_model_source(str(checkpoint))
+    capsys.readouterr()
+
+    truncate(entry / UNET_WEIGHTS)  # by the file's path
+    resolve_model_source(str(checkpoint))
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
+    assert notices == [f"Model: converting {checkpoint} into ckpt_cache/tiny (the converted copy is damaged: "
+                       f"ckpt_cache/tiny/{UNET_WEIGHTS} is truncated: " + notices[0].split(" is truncated: ")[1]]
+    assert folder_damage(entry) is None
+
+    bad_json(entry / "model_index.json")  # by its cache name
+    models = load_models("tiny")
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
+    assert len(notices) == 1 and notices[0].startswith(
+        f"Model: converting {checkpoint.resolve()} into ckpt_cache/tiny again (the converted copy is damaged: "
+        "ckpt_cache/tiny/model_index.json is not valid json")
+    assert models.info.source_kind == "cache" and folder_damage(entry) is None
+    assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["tiny"]
+
+    bad_json(entry / "unet" / "config.json")
+    checkpoint.unlink()
+    with pytest.raises(UserError, match=r"config.json is not valid json .* its source .*tiny.safetensors no longer "
+                                        r"exists. Delete ckpt_cache/tiny and convert the model again"):
+        load_models("tiny")
+
+
+def test_a_damaged_cache_entry_without_a_source_says_what_to_do(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    entry = Path(shutil.copytree(tiny_model("sd1"), tmp_path / "ckpt_cache" / "mine"))  # as the manual converter
+    truncate(entry / "vae" / "diffusion_pytorch_model.safetensors")
+
+    for name in ("mine", str(entry)):
+        with pytest.raises(UserError, match=rf"vae/diffusion_pytorch_model.safetensors is truncated.*records no "
+                                            rf"source file \({SOURCE_RECORD}\).*Delete .*mine and convert"):
+            load_models(name)

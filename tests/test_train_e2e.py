@@ -109,5 +109,5 @@ def test_unknown_model_is_one_clear_message_and_writes_nothing(shapes_dir: Path,
 def test_empty_data_root_is_an_error(tiny_model, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", "empty", "--logdir", "logs"], cwd=tmp_path)
-    assert result.returncode == 1 and "holds no images" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "holds no images" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "logs").exists()

@@ -1,46 +1,65 @@
 """Everything a run writes: its folder, saved models (diffusers + single file), pruning, and training state.
 
-A save is `<save_dir>/<name>/` (a diffusers pipeline), `<save_dir>/<name>.safetensors` (original layout for
-A1111/ComfyUI, with a `.yaml` sidecar for SD2), and with `save_optimizer` also `<name>/training_state/`, from
-which `resume_state` continues the run exactly. Every folder appears atomically (written under a temporary name,
-then renamed), so a crash never leaves a save that looks whole.
+A save is `<save_dir>/<name>/` (a diffusers pipeline, with `training_state/` inside when it keeps one),
+`<save_dir>/<name>.safetensors` (the original layout for A1111/ComfyUI, with a `.yaml` sidecar for SD2), and with
+EMA the same again as `<name>-ema`. Saves fail safe:
+
+- a folder is written under a hidden partial name (common/files.py), training state included, and renamed into
+  place whole, so neither a reader nor `findlast` ever sees half of one;
+- a save never replaces another one: a name in use gets a suffix;
+- nothing is written when a weight is non-finite or too large for the save's dtype, or when the disk lacks the
+  room for the whole save;
+- a write that fails anyway (a full disk, a read-only mount, a file in the way) removes its partial output and
+  raises SaveError, which says what failed, where, and how to go on from the last complete save. Earlier saves
+  are never touched: pruning runs only after a save is complete, and only over complete periodic saves.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
-import os
-import shutil
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
 
-from trainer.config import TrainConfig, save_config
+from common.files import atomic_file, free_bytes, human_bytes, is_partial, remove, remove_stale_partials, write_text_atomically
+from trainer.config import TrainConfig, config_to_dict
 from trainer.errors import UserError
 from trainer.models import ModelInfo, SDModels
+from trainer.resume import STATE_DIR, STATE_FILE, TrainerState
 
-STATE_DIR = "training_state"
-STATE_FILE = "trainer_state.json"
-
-
-def run_dir_path(cfg: TrainConfig) -> Path:
-    """`<logdir>/<run_name>`, by default named after the project and the time now. In a multi-process run only
-    the main process's answer counts (train.py passes it to the others): the clocks may straddle a second."""
-    return Path(cfg.logdir) / (cfg.run_name or f"{cfg.project_name}_{datetime.now():%Y%m%d-%H%M%S}")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
 
-def create_run_dir(cfg: TrainConfig, info: ModelInfo, run_dir: Path | None = None) -> Path:
-    """`run_dir` (default: `run_dir_path(cfg)`) with the resolved config (`--config` loads it back) and the
-    model's description. The main process's job."""
-    run_dir = run_dir or run_dir_path(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "train.json")
-    (run_dir / "model_info.json").write_text(json.dumps(asdict(info), indent=2) + "\n", encoding="utf-8")
-    return run_dir
+class SaveError(UserError):
+    """A save could not be written; its partial output is gone and earlier saves are as they were."""
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def create_run_dir(cfg: TrainConfig, info: ModelInfo, run_dir: Path) -> Path:
+    """Make the run folder, never reusing one: a time-stamped name taken by another run started in the same
+    second gets a suffix (-2, -3, ...); a run_name in use was refused by the preflight, and still is here if
+    another run took it since. Writes the resolved config (`--config` loads it back) and the model's
+    description. The main process's job; returns the folder made."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    candidate, number = run_dir, 1
+    while True:
+        try:
+            candidate.mkdir()
+            break
+        except FileExistsError:
+            if cfg.run_name:
+                raise UserError(f"run folder {candidate} already exists (another run took it); choose another "
+                                "run_name, or leave run_name null for a time-stamped folder.") from None
+            number += 1
+            candidate = run_dir.with_name(f"{run_dir.name}-{number}")
+    write_text_atomically(candidate / "train.json", json.dumps(config_to_dict(cfg), indent=2) + "\n")
+    write_text_atomically(candidate / "model_info.json", json.dumps(asdict(info), indent=2) + "\n")
+    return candidate
 
 
 def save_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -48,142 +67,153 @@ def save_dir(cfg: TrainConfig, run_dir: Path) -> Path:
 
 
 def save_name(cfg: TrainConfig, epoch: int, step: int, prefix: str = "") -> str:
-    """`<prefix><project>-ep<epoch>-gs<step>`; prefix "last-" for the final save, "interrupted-" on Ctrl-C."""
+    """`<prefix><project>-ep<epoch>-gs<step>`; prefix "last-" for the final save, "interrupted-" on a stop."""
     return f"{prefix}{cfg.project_name}-ep{epoch:02d}-gs{step:05d}"
 
 
-def _replace_atomically(partial: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final) if final.is_dir() else final.unlink()
-    os.replace(partial, final)
+def free_save_path(directory: Path, name: str) -> Path:
+    """`directory/name`, or `name-2`, `name-3`, ... when any file of a save by that name exists (its folder, EMA
+    twin or single files): a save never replaces another one, e.g. of an earlier run sharing save_ckpt_dir."""
+    def taken(stem: str) -> bool:
+        return any((directory / f"{stem}{ema}{ext}").exists() for ema in ("", "-ema")
+                   for ext in ("", ".safetensors", ".yaml"))
+
+    stem, number = name, 1
+    while taken(stem):
+        number += 1
+        stem = f"{name}-{number}"
+    return directory / stem
 
 
-def save_model(
-    models: SDModels, unet, text_encoder, path: Path, *, half: bool = True, single_file: bool = True
-) -> Path:
-    """Write a complete diffusers pipeline folder (and a single-file export beside it); prints `Saved model:`.
-
-    `unet`/`text_encoder` are the trained (unwrapped) modules; `half` stores fp16 copies of every weight
-    without touching the modules being trained.
-    """
-    path = path.resolve()
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=text_encoder,
-        tokenizer=models.tokenizer,
-        unet=unet,
-        scheduler=models.sample_scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    if half:
-        _halve_weights(partial)
-    _replace_atomically(partial, path)
-    print(f"Saved model: {path}", flush=True)
-    if single_file:
-        from trainer.convert import export_single_file
-
-        result = export_single_file(path, path.with_name(path.name + ".safetensors"), half=half)
-        extra = f" (+ {result.sidecar_yaml.name})" if result.sidecar_yaml else ""
-        print(f"Saved single file: {result.checkpoint_path}{extra}", flush=True)
-    return path
+# ---------------------------------------------------------------- what a save holds
 
 
-def _halve_weights(folder: Path) -> None:
-    """Rewrite every float32 safetensors file under `folder` as float16 (the modules stay fp32)."""
-    from safetensors.torch import load_file, save_file
+def component_weights(models: SDModels, modules: dict[str, torch.nn.Module], trained: set[str],
+                      dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """Every component's tensors in the save's dtype, on the CPU. Trained modules come from memory (their fp32
+    masters); frozen ones from the model's own files when those hold them (frozen parts are held in the compute
+    precision, and a bf16 copy of an fp32 VAE must not be what the save keeps), else from memory."""
+    weights = {}
+    for name, module in modules.items():
+        state = module.state_dict()
+        stored = None if name in trained else stored_weights(Path(models.info.path), name)
+        if stored is not None:
+            state = {k: stored[k] if k in stored and stored[k].shape == v.shape else v for k, v in state.items()}
+        weights[name] = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+                         for k, v in state.items()}
+    return weights
 
-    for file in folder.rglob("*.safetensors"):
-        tensors = load_file(file)
-        halved = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
-        save_file(halved, file, metadata={"format": "pt"})
+
+def stored_weights(model_dir: Path, component: str) -> dict[str, torch.Tensor] | None:
+    """A component's tensors as its safetensors files hold them (memory-mapped), or None without such files."""
+    folder = model_dir / component
+    single = folder / f"{WEIGHT_FILES[component]}.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = folder / f"{WEIGHT_FILES[component]}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
+    return None
+
+
+def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Non-finite values in what a save would write (an fp32 weight past fp16's range is inf once cast)."""
+    problems = []
+    for component, tensors in weights.items():
+        bad = {k: int((~torch.isfinite(v)).sum()) for k, v in tensors.items() if v.is_floating_point()}
+        bad = {k: n for k, n in bad.items() if n}
+        if bad:
+            first = next(iter(bad))
+            problems.append(f"{component}: {sum(bad.values())} non-finite values in {len(bad)} tensors (e.g. {first})")
+    return problems
+
+
+def write_model_folder(folder: Path, models: SDModels, modules: dict[str, torch.nn.Module],
+                       weights: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """A complete diffusers pipeline folder: each tensor written once, in its save dtype."""
+    from trainer.sampling import sd_pipeline
+
+    for name, module in modules.items():
+        target = folder / name
+        target.mkdir()
+        if name == "text_encoder":  # a transformers model: its config records the dtype it is stored in
+            config = copy.deepcopy(module.config)
+            config.dtype, config.architectures = dtype, [type(module).__name__]
+            config.save_pretrained(target)
+        else:
+            module.save_config(target)
+        save_file(weights[name], str(target / f"{WEIGHT_FILES[name]}.safetensors"), metadata={"format": "pt"})
+    models.tokenizer.save_pretrained(folder / "tokenizer")
+    models.sample_scheduler.save_pretrained(folder / "scheduler")
+    sd_pipeline(models, modules["unet"], modules["text_encoder"]).save_config(folder)  # model_index.json
+
+
+def write_single_file(model_folder: Path, half: bool) -> str:
+    """The original-layout single file beside `model_folder` (and its yaml); returns what was written."""
+    from trainer.convert import export_single_file
+
+    result = export_single_file(model_folder, model_folder.with_name(model_folder.name + ".safetensors"), half=half)
+    return str(result.checkpoint_path) + (f" (+ {result.sidecar_yaml.name})" if result.sidecar_yaml else "")
+
+
+# ---------------------------------------------------------------- failing safely
+
+
+# How torch.save and safetensors word a failed write (they raise their own types, not OSError).
+WRITE_FAILURE_WORDS = ("write", "iostream", "no space", "errno", "file too large", "read-only", "permission")
+
+
+def io_failure(err: BaseException) -> str | None:
+    """What went wrong, when `err` (or an exception it was raised while handling: torch's zip writer fails again
+    as it closes) is the file system's doing: a full disk, a read-only mount, permissions, a file in the way.
+    None for anything else, which is a bug and must keep its traceback."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            where = f" ({seen.filename})" if seen.filename else ""
+            return f"{seen.strerror or seen}{where}"
+        text = str(seen).strip()
+        if type(seen).__name__ == "SafetensorError" or (
+                isinstance(seen, RuntimeError) and any(word in text.lower() for word in WRITE_FAILURE_WORDS)):
+            return text.splitlines()[0] if text else type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def room_problem(directory: Path, needed: int) -> str | None:
+    free = free_bytes(directory)
+    if free >= needed:
+        return None
+    return f"not enough free space in {directory}: the save needs about {human_bytes(needed)}, {human_bytes(free)} free"
 
 
 def prune_saves(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` periodic saves (never `last-` or `interrupted-` ones), each with its
-    `-ema` twin and single files; returns the folders deleted."""
+    """Delete all but the newest `keep` complete periodic saves (never `last-` or `interrupted-` ones, never a
+    partial), each with its `-ema` twin and single files; returns the folders deleted."""
     periodic = [
         p for p in directory.iterdir()
-        if p.is_dir() and (p / "model_index.json").is_file() and not p.name.endswith("-ema")
-        and not p.name.startswith(("last-", "interrupted-"))
+        if p.is_dir() and not is_partial(p) and not p.name.startswith(".") and (p / "model_index.json").is_file()
+        and not p.name.endswith("-ema") and not p.name.startswith(("last-", "interrupted-"))
     ]
     periodic.sort(key=lambda p: p.stat().st_mtime)
     deleted = periodic[: max(0, len(periodic) - keep)]
     for folder in deleted:
         for base in (folder, folder.with_name(folder.name + "-ema")):
-            shutil.rmtree(base, ignore_errors=True)
+            remove(base)
             for suffix in (".safetensors", ".yaml"):
                 base.with_name(base.name + suffix).unlink(missing_ok=True)
     return deleted
 
 
-# ---------------------------------------------------------------- training state (exact resume)
+def remove_stale_saves(logdir: Path, save_dir: Path) -> list[Path]:
+    """Partial saves that killed runs left behind (their writer is gone), in the save folder and in every run
+    folder's ckpts/ under logdir; returns them. Run at each start, by the main process."""
+    folders = {save_dir, *(p / "ckpts" for p in logdir.iterdir() if p.is_dir())} if logdir.is_dir() else {save_dir}
+    return [stale for folder in sorted(folders) for stale in remove_stale_partials(folder)]
 
 
-@dataclass
-class TrainerState:
-    """Where the loop stands, beside accelerate's own state (weights, optimizer, LR schedule, scaler, RNG)."""
+def write_trainer_state(state_dir: Path, state: TrainerState) -> None:
+    with atomic_file(state_dir / STATE_FILE) as partial:
+        partial.write_text(state.to_json(), encoding="utf-8")
 
-    global_step: int
-    epoch: int  # 1-based epoch in progress
-    batches_in_epoch: int  # global micro-batches of `epoch` already consumed (each process took its slice of each)
-    batch_samples: int = 0  # rows in one global micro-batch (batch_size x processes); 0: saved before it was kept
-
-
-def continue_position(saved: TrainerState, batch_samples: int) -> TrainerState:
-    """Where to go on in the epoch with global batches of `batch_samples` rows. Unchanged (an exact resume) when
-    the global batch is the same, whatever the process count (batch 4 on one process = batch 2 on two). With
-    another global batch the epoch is re-planned in batches of the new size (data/schedule.py), so the run goes
-    on after as many samples as were trained, rounded down to whole batches: close, not exact."""
-    position = saved.batches_in_epoch
-    if saved.batch_samples and saved.batch_samples != batch_samples:
-        position = saved.batches_in_epoch * saved.batch_samples // batch_samples
-    return dataclasses.replace(saved, batches_in_epoch=position, batch_samples=batch_samples)
-
-
-def save_training_state(accelerator, state: TrainerState, model_path: Path) -> Path:
-    """accelerate's state plus ours into `<model_path>/training_state`, atomically. Call on every process.
-
-    No noise generator is saved: every sample's noise comes from its row's seed (trainer/objective.py
-    `row_generators`), which the data schedule replays."""
-    final = model_path / STATE_DIR
-    partial = model_path / (STATE_DIR + ".partial")
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
-        _replace_atomically(partial, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def find_training_state(resume_state: str, logdir: Path, extra_dirs: list[Path]) -> Path:
-    """The training-state folder `resume_state` names: a folder (the save or its training_state/) or 'findlast'."""
-    if resume_state != "findlast":
-        given = Path(resume_state)
-        for candidate in (given, given / STATE_DIR):
-            if (candidate / STATE_FILE).is_file():
-                return candidate
-        raise UserError(
-            f"resume_state {resume_state!r} holds no {STATE_FILE}; point it at a save made with save_optimizer true "
-            f"(the save folder or its {STATE_DIR}/ sub-folder), or use 'findlast'."
-        )
-    found = [p.parent for d in [logdir, *extra_dirs] if d.is_dir() for p in d.rglob(f"{STATE_DIR}/{STATE_FILE}")]
-    if not found:
-        raise UserError(
-            f"resume_state findlast found no training state under {', '.join(str(d) for d in [logdir, *extra_dirs])}; "
-            "saves keep one only when save_optimizer is true."
-        )
-    return max(found, key=lambda p: (p / STATE_FILE).stat().st_mtime)
-
-
-def load_training_state(accelerator, state_dir: Path) -> TrainerState:
-    """Weights, optimizer, LR schedule and RNG back into the prepared objects; returns the saved position. With
-    more processes than at the save, the new ones find no RNG file of their own; accelerate then keeps their
-    seeded state, which changes nothing here: no training draw uses the global RNG."""
-    accelerator.load_state(str(state_dir))
-    return TrainerState(**json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8")))

@@ -439,8 +439,9 @@ def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
         bad("seed", "an integer >= 0, or -1 for a random seed")
     for key in ("project_name", "run_name"):
         name = getattr(cfg, key)
-        if name is not None and not _NAME_OK.match(name):
-            bad(key, "a folder name of letters, digits, '_', '-' and '.'")
+        # one folder name: no separators, and never "." or "..", which would write into logdir or its parent
+        if name is not None and (not _NAME_OK.match(name) or not name.strip(".")):
+            bad(key, "a single folder name of letters, digits, '_', '-' and '.' (not '.' or '..')")
     return problems
 
 

@@ -3,7 +3,8 @@
 This module owns both directions of the conversion and the detection around it:
 
 * reading a `.ckpt` (torch zip/pickle, `weights_only=True` only) or `.safetensors` file, memory-mapped,
-  judged by its content rather than its name or a flag;
+  judged by its content rather than its name or a flag; a file cut short (trainer/model_checks.py reads
+  its header) or a pickle named `.safetensors` is refused before any tensor is read;
 * telling SD1.x (OpenAI CLIP text encoder) from SD2.x (OpenCLIP), inpainting UNets (9 input channels), and
   v-prediction models (file metadata, a sidecar yaml, a `v_pred` key), and refusing a yaml or flag that
   contradicts the weights before anything is written;
@@ -30,7 +31,6 @@ import pickle
 import re
 import shutil
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Mapping
@@ -41,6 +41,10 @@ from typing import Any, Literal
 import torch
 import yaml
 from torch import Tensor
+
+from common.files import atomic_file, atomic_folder
+from common.safetensors_header import MAX_HEADER
+from trainer.model_checks import INPAINT_IN_CHANNELS, safetensors_problem, torch_zip_problem
 
 Family = Literal["sd1", "sd2"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -81,7 +85,6 @@ STOCK_CONFIGS: dict[tuple[Family, PredictionType], tuple[str, int]] = {
     ("sd2", "epsilon"): ("v2-inference.yaml", 512),
     ("sd2", "v_prediction"): ("v2-inference-v.yaml", 768),
 }
-INPAINT_IN_CHANNELS = 9  # 4 noisy latents + 4 masked-image latents + 1 mask
 PREDICTION_ALIASES: dict[str, PredictionType] = {
     "epsilon": "epsilon",
     "eps": "epsilon",
@@ -138,14 +141,17 @@ def _scheduler_class(scheduler_type: str) -> type:
 
 def sniff_format(path: Path) -> FileFormat:
     """What the file really is, from its first bytes (names and flags can lie)."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise ConversionError(f"could not read {path}: {e.strerror or e}; check its permissions") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len <= size - 8 and head[8:9] == b"{":
+        # a header longer than the file is a cut-off safetensors file, which _check_whole reports as such
+        if 0 < header_len <= MAX_HEADER and head[8:9] == b"{":
             return "safetensors"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "torch-pickle"
@@ -184,14 +190,10 @@ def load_checkpoint(path: Path, from_safetensors: bool | None = None) -> LoadedC
         notes.append(f"{path.name} is a safetensors file although --from_safetensors was not given; "
                      "loaded it as safetensors")
 
+    _check_whole(path, file_format)
     if is_safetensors:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        # load_file memory-maps: each tensor's bytes are read once, when the conversion writes them
-        return LoadedCheckpoint(load_file(str(path)), file_format, metadata, notes)
+        metadata, state = _load_safetensors(path)
+        return LoadedCheckpoint(state, file_format, metadata, notes)
 
     obj = _torch_load_weights_only(path, mmap=file_format == "torch-zip")
     global_step = obj.get("global_step") if isinstance(obj, dict) else None
@@ -204,6 +206,36 @@ def load_checkpoint(path: Path, from_safetensors: bool | None = None) -> LoadedC
     if not state:
         raise ConversionError(f"{path} contains no tensors; expected a Stable Diffusion state dict")
     return LoadedCheckpoint(state, file_format, {}, notes, global_step if isinstance(global_step, int) else None)
+
+
+def _check_whole(path: Path, file_format: FileFormat) -> None:
+    """Refuse a pickle that calls itself .safetensors, and a file cut short, before reading any tensor."""
+    if path.suffix.lower() == ".safetensors" and file_format != "safetensors":
+        raise ConversionError(
+            f"{path} is named .safetensors but is a torch pickle checkpoint ({file_format}), not a safetensors "
+            "file. A pickle can run code when loaded, which the .safetensors name promises this file cannot, so "
+            "it is not loaded under that name. Get the real .safetensors file or, if you trust where this one "
+            f"came from, rename it to {path.stem}.ckpt (a .ckpt is loaded with weights_only=True)."
+        )
+    if file_format == "safetensors":
+        problem = safetensors_problem(path)
+    else:
+        problem = torch_zip_problem(path) if file_format == "torch-zip" else None
+    if problem is not None:
+        raise ConversionError(f"{problem} Download or copy the file again.")
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        # load_file memory-maps: each tensor's bytes are read once, when the conversion writes them
+        return metadata, load_file(str(path))
+    except SafetensorError as e:  # a header that is whole but wrong (an unknown dtype, overlapping tensors)
+        raise ConversionError(f"could not read {path} as safetensors ({e}); download or copy the file again") from None
 
 
 def _torch_load_weights_only(path: Path, mmap: bool) -> Any:
@@ -219,7 +251,12 @@ def _torch_load_weights_only(path: Path, mmap: bool) -> Any:
             "version of this model, or re-save its state_dict with a tool you trust."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise ConversionError(f"could not read {path} as a torch checkpoint ({e}); is the file complete?") from None
+        raise ConversionError(f"could not read {path} as a torch checkpoint ({_first_line(e)}); expected a complete "
+                              "file: download or copy it again") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def load_original_config(path: Path) -> dict[str, Any]:
@@ -885,8 +922,7 @@ def convert_checkpoint_file(
         plan.notes.append(dropped)
 
     dump_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dump_path.name}.partial-", dir=dump_path.parent))
-    try:
+    with atomic_folder(dump_path) as tmp:  # appears whole at dump_path, or not at all
         dtype = torch.float16 if half else None
         _write_weights(tmp / "unet" / "diffusion_pytorch_model.safetensors", unet, dtype)
         expected["unet"].save_config(tmp / "unet")
@@ -909,10 +945,6 @@ def convert_checkpoint_file(
             scheduler_config(plan.original_config, plan.prediction_type))
         scheduler.save_pretrained(tmp / "scheduler")
         _write_model_index(tmp, type(scheduler).__name__, inpainting=detected.in_channels == INPAINT_IN_CHANNELS)
-        os.rename(tmp, dump_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ConversionResult(
         dump_path=dump_path, family=plan.family, prediction_type=plan.prediction_type,
         image_size=plan.image_size, upcast_attention=plan.upcast_attention,
@@ -1046,19 +1078,15 @@ def export_single_file(model_path: str | os.PathLike, checkpoint_path: str | os.
 
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = sidecar_yaml_path(checkpoint_path)
-    tmp_ckpt = checkpoint_path.with_name(f".{checkpoint_path.name}.partial")
-    try:
+    with atomic_file(checkpoint_path) as weights:  # the file and its yaml appear whole, or not at all
         # the file states its own prediction type, as modelspec does
-        _write_weights(tmp_ckpt, state, torch.float16 if half else None,
+        _write_weights(weights, state, torch.float16 if half else None,
                        {"modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon"})
         if write_sidecar:
-            if stock_name and is_stock:
-                shutil.copyfile(REPO_ROOT / stock_name, sidecar)  # the verbatim shipped yaml, comments and all
-            else:
-                sidecar.write_text(yaml.safe_dump(ldm_yaml, sort_keys=False))
-        os.replace(tmp_ckpt, checkpoint_path)
-    except BaseException:
-        tmp_ckpt.unlink(missing_ok=True)
-        raise
+            with atomic_file(sidecar) as partial_yaml:
+                if stock_name and is_stock:
+                    shutil.copyfile(REPO_ROOT / stock_name, partial_yaml)  # the shipped yaml, comments and all
+                else:
+                    partial_yaml.write_text(yaml.safe_dump(ldm_yaml, sort_keys=False))
     return ExportResult(checkpoint_path, sidecar if write_sidecar else None, family, prediction, len(state))
 

@@ -1,6 +1,19 @@
-"""The one exception type that reaches the user as a message instead of a traceback."""
+"""The exception types that reach the user as a message instead of a traceback."""
 
 
 class UserError(Exception):
-    """A problem the user can fix (a missing model, an unusable data folder). The text says what was found,
-    what was expected and what to do; train.py prints it and exits 1."""
+    """A problem the user can fix (a missing model, an unusable data folder, a full disk). The text says what was
+    found, what was expected and what to do; train.py prints it and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ProblemsError(UserError):
+    """Every problem found before anything ran (the preflight), reported together like config errors (exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str], heading: str = "before training started"):
+        self.problems = problems
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        super().__init__(f"{count} found {heading}:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -145,7 +145,7 @@ def select_training_files(repo_files: list[str], subfolder: str | None, repo: Re
                    if name.endswith(CONFIG_SUFFIXES) and not name.endswith(".index.json")]
         if component in ("tokenizer", "scheduler"):
             continue
-        weights = _pick_weights(files)
+        weights = pick_weights(files)
         if not weights:
             found = ", ".join(sorted(files)) or "nothing"
             problems.append(f"{component}/ has no {' or '.join(WEIGHT_FORMATS)} weights without a variant "
@@ -160,7 +160,7 @@ def select_training_files(repo_files: list[str], subfolder: str | None, repo: Re
     return [prefix + p for p in chosen]
 
 
-def _pick_weights(files: list[str]) -> list[str]:
+def pick_weights(files: list[str]) -> list[str]:
     """One format's weights: `<stem><suffix>`, or its index `<stem><suffix>.index.json` with the shards."""
     names = set(files)
     for suffix in WEIGHT_FORMATS:

@@ -5,35 +5,39 @@ Resolution follows explicit rules, in order, each with its own error; nothing is
   2. a name in ckpt_cache/ ("my_model" -> ckpt_cache/my_model; "ckpt_cache/my_model" works too);
   3. an existing .ckpt/.safetensors file -> converted once into ckpt_cache/<file stem> (trainer/convert.py),
      with a record of the source (path, size, mtime) so a later run reuses it and a changed file converts again;
+     a damaged entry (trainer/model_checks.py) whose source file still exists is converted again, by either name;
   4. a Hugging Face repo id, owner/name[@revision] -> the files training needs, via trainer/hub.py;
   5. otherwise one error listing what was looked for.
 ckpt_cache/ has one writer (this module) and entries appear whole: built under a hidden name, then renamed.
-The training loop only ever sees `SDModels`, never a file format.
+Loading refuses a damaged or foreign folder before any weight is read (trainer/model_checks.py), then loads each
+component straight in the dtype asked for (fp32 by default, whatever the files store). The training loop only
+ever sees `SDModels`, never a file format.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from common import files
 from trainer import convert
 from trainer.errors import UserError
 from trainer.hub import SINGLE_FILE_SUFFIXES, download_model, parse_repo_id
+from trainer.model_checks import INPAINT_IN_CHANNELS, ModelConfigs, check_model_folder, folder_damage, read_json
 
 CKPT_CACHE = Path("ckpt_cache")
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SOURCE_RECORD = "converted_from.json"  # inside a ckpt_cache entry made from a single file
 ORIGINAL_CONFIGS = {  # (family, prediction_type) -> the original inference yaml of that family
     ("sd1", "epsilon"): "v1-inference.yaml",
@@ -73,6 +77,16 @@ class ModelInfo:
             f"native resolution {self.native_resolution}, upcast attention {'on' if self.upcast_attention else 'off'}, "
             f"original config {self.original_config}"
         )
+
+
+@dataclass(frozen=True)
+class ComponentDtypes:
+    """The dtype each model component is loaded in. fp32 by default, so trained weights are fp32 masters
+    whatever the files store; frozen parts may take the compute dtype."""
+
+    unet: torch.dtype = torch.float32
+    text_encoder: torch.dtype = torch.float32
+    vae: torch.dtype = torch.float32
 
 
 @dataclass
@@ -128,10 +142,11 @@ def resolve_model_source(
             "the sub-folder's own path as resume_ckpt."
         )
     if is_diffusers_folder(given):  # rule 1
-        kind: SourceKind = "cache" if _is_inside(given, cache_dir) else "folder"
-        return ModelSource(kind, given, f"diffusers folder {given.resolve()}")
+        if _is_inside(given, cache_dir):
+            return intact_cache_entry(given, f"diffusers folder {given.resolve()}")
+        return ModelSource("folder", given, f"diffusers folder {given.resolve()}")
     if is_diffusers_folder(cached):  # rule 2
-        return ModelSource("cache", cached, f"ckpt_cache entry {cached.resolve()}")
+        return intact_cache_entry(cached, f"ckpt_cache entry {cached.resolve()}")
     if given.is_file() and given.suffix.lower() in SINGLE_FILE_SUFFIXES:  # rule 3
         return prepare_single_file(given, cache_dir, prediction_type)
     if repo is not None and not given.exists():  # rule 4
@@ -202,7 +217,7 @@ def read_source_record(entry: Path) -> SourceRecord | None:
     record = entry / SOURCE_RECORD
     if not record.is_file():
         return None
-    data = _read_json(record)
+    data = read_json(record)
     try:
         return SourceRecord(data["path"], int(data["size"]), int(data["mtime_ns"]),
                             data.get("prediction_type_override"), tuple(data.get("evidence", ())))
@@ -215,7 +230,7 @@ def prepare_single_file(checkpoint: Path, cache_dir: Path, override: PredictionT
     same override, converted (again) otherwise."""
     entry = cache_dir / checkpoint.stem
     wanted = SourceRecord.of(checkpoint, override)
-    _remove_stale_partials(cache_dir, checkpoint.stem)
+    files.remove_stale_partials(cache_dir)
     reason = "first use"
     if entry.exists():
         old = read_source_record(entry) if entry.is_dir() else None
@@ -230,11 +245,12 @@ def prepare_single_file(checkpoint: Path, cache_dir: Path, override: PredictionT
                 f"{entry} was converted from another file, {old.path}, with the same name as {checkpoint.resolve()}."
                 f" Rename one of the files, or remove {entry} to convert this one."
             )
-        if old.same_source(wanted):
+        damage = folder_damage(entry)
+        if old.same_source(wanted) and damage is None:
             print(f"Model: reusing {entry}, converted earlier from {checkpoint} (unchanged since)", flush=True)
             return ModelSource("single_file", entry, f"{checkpoint.resolve()}, converted in {entry.resolve()}",
                                old.evidence)
-        reason = old.changes_from(wanted)
+        reason = old.changes_from(wanted) if damage is None else f"the converted copy is damaged: {damage}"
     print(f"Model: converting {checkpoint} into {entry} ({reason})", flush=True)
     evidence = convert_into_cache(checkpoint, entry, wanted)
     for line in evidence:
@@ -242,56 +258,57 @@ def prepare_single_file(checkpoint: Path, cache_dir: Path, override: PredictionT
     return ModelSource("single_file", entry, f"{checkpoint.resolve()}, converted in {entry.resolve()}", evidence)
 
 
+def intact_cache_entry(entry: Path, description: str) -> ModelSource:
+    """A ckpt_cache entry named directly, converted again from its recorded source file if it is damaged."""
+    damage = folder_damage(entry)
+    if damage is None:
+        return ModelSource("cache", entry, description)
+    record = read_source_record(entry)
+    source = Path(record.path) if record else None
+    if source is None or not source.is_file():
+        origin = (f"its source {source} no longer exists" if source else
+                  f"it records no source file ({SOURCE_RECORD}), so it cannot be converted again by itself")
+        raise UserError(
+            f"{damage} {entry} is a ckpt_cache entry and {origin}. Delete {entry} and convert the model again: "
+            "pass its .ckpt/.safetensors file as resume_ckpt (or run utils/convert_original_stable_diffusion_to_"
+            "diffusers.py)."
+        )
+    print(f"Model: converting {source} into {entry} again (the converted copy is damaged: {damage})", flush=True)
+    evidence = convert_into_cache(source, entry, SourceRecord.of(source, record.prediction_type_override))
+    return ModelSource("cache", entry, f"{description}, converted again from {source}", evidence)
+
+
 def convert_into_cache(checkpoint: Path, entry: Path, record: SourceRecord) -> tuple[str, ...]:
-    """Convert `checkpoint` and put it at `entry` whole: built in a hidden folder beside it with its source
-    record, then renamed in (an older entry is renamed away first and removed after)."""
-    staging = entry.parent / f".{entry.name}.converting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """Convert `checkpoint` and put it at `entry` whole: the file is read and checked first, then converted in a
+    hidden folder beside the entry (common/files.py's partial name) with its source record, then renamed in
+    (an older entry is renamed away first and removed after)."""
+    staging = files.partial_path(entry)
     try:
         try:
             ckpt = convert.load_checkpoint(checkpoint)
             sidecar = convert.sidecar_yaml_path(checkpoint)
             detected = convert.detect_model(ckpt, sidecar if sidecar.is_file() else None)
+            if detected.in_channels == INPAINT_IN_CHANNELS:  # refused at load anyway: say so before converting
+                raise UserError(f"{checkpoint} holds an inpainting UNet (in_channels {INPAINT_IN_CHANNELS}). "
+                                "Training inpainting models is not supported; use the text-to-image version.")
             chosen, ours = decide_prediction_type(ckpt, detected, checkpoint, record.prediction_type_override)
             del ckpt  # the converter reads the file again, memory-mapped
             result = convert.convert_checkpoint_file(
                 checkpoint, staging / "model", prediction_type=chosen, scheduler_type="ddim")
         except convert.ConversionError as err:
             raise UserError(f"could not convert {checkpoint}: {err}") from None
-        inpainting = result.in_channels == convert.INPAINT_IN_CHANNELS
-        unet_kind = "an inpainting UNet" if inpainting else "a text-to-image UNet"
-        evidence = (*ours, *result.evidence, f"in_channels {result.in_channels}: {unet_kind}", *result.notes)
+        evidence = (*ours, *result.evidence, f"in_channels {result.in_channels}: a text-to-image UNet",
+                    *result.notes)
         done = dataclasses.replace(record, evidence=evidence)
         (result.dump_path / SOURCE_RECORD).write_text(json.dumps(dataclasses.asdict(done), indent=2) + "\n")
-        replaced = entry.parent / f".{entry.name}.replaced-{os.getpid()}"
+        replaced = files.partial_path(entry.with_name(entry.name + ".replaced"))
         if entry.exists():
             entry.rename(replaced)
         result.dump_path.rename(entry)
-        shutil.rmtree(replaced, ignore_errors=True)
+        files.remove(replaced)
         return evidence
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _remove_stale_partials(cache_dir: Path, name: str) -> None:
-    """Hidden folders a killed conversion of `name` left behind (its process is gone)."""
-    if not cache_dir.is_dir():
-        return
-    for partial in cache_dir.glob(f".{name}.*-*"):
-        match = re.fullmatch(rf"\.{re.escape(name)}\.(converting|replaced)-(\d+)", partial.name)
-        if match and not _process_alive(int(match.group(2))):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        files.remove(staging)
 
 
 def decide_prediction_type(
@@ -364,33 +381,44 @@ def probe_prediction_type(ckpt: convert.LoadedCheckpoint, original_config: dict)
 # ------------------------------------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> dict:
+def _sample_scheduler(configs: ModelConfigs, prediction_type: PredictionType | None) -> SchedulerMixin:
+    """The scheduler class model_index.json names (DDIM, PNDM, ...) with the folder's settings; the config's
+    `prediction_type`, when set, replaces the folder's (some published SD2 fine-tunes ship a wrong one)."""
+    scheduler_class = getattr(diffusers, configs.scheduler_class, None)
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, SchedulerMixin)):
+        raise UserError(f"{configs.folder / 'model_index.json'} names the scheduler class {configs.scheduler_class!r}"
+                        f", which diffusers {diffusers.__version__} lacks; expected one such as DDIMScheduler.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"could not read {path}: {err}. The model folder looks damaged; convert or download it again.")
+        scheduler = scheduler_class.from_config(configs.scheduler)
+    except (ValueError, NotImplementedError) as err:  # e.g. an unknown beta_schedule
+        raise UserError(f"{configs.file('scheduler')} has settings {configs.scheduler_class} cannot use "
+                        f"({_first_line(err)}); expected an SD1.x/2.x scheduler config. Fix or replace it.") from None
+    folder_says = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type is not None and prediction_type != folder_says:
+        print(f"Model: prediction_type {prediction_type} from the config replaces {folder_says} of "
+              f"{configs.folder}/scheduler", flush=True)
+        scheduler = scheduler_class.from_config(scheduler.config, prediction_type=prediction_type)
+    return scheduler
 
 
-def _load_sample_scheduler(model_dir: Path) -> SchedulerMixin:
-    """The scheduler class named in model_index.json (DDIM, PNDM, ...), with the folder's settings."""
-    index = model_dir / "model_index.json"
-    class_name = _read_json(index)["scheduler"][1] if index.is_file() else "DDIMScheduler"
-    scheduler_class = getattr(diffusers, class_name, None)
-    if scheduler_class is None:
-        raise UserError(f"{index} names scheduler class {class_name!r}, which diffusers {diffusers.__version__} lacks.")
-    return scheduler_class.from_pretrained(model_dir, subfolder="scheduler")
+def _load_component(from_pretrained: Callable[..., Any], model_dir: Path, component: str, **kwargs: Any) -> Any:
+    """One component's from_pretrained. What it raises on a file the checks before could not judge (weights
+    that do not fit their config, a missing shard) becomes one message."""
+    try:
+        return from_pretrained(model_dir, subfolder=component, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise UserError(
+            f"could not load {model_dir / component}: {type(err).__name__}: {_first_line(err)}. Expected files "
+            "that fit its config; the folder is damaged or mixes files of different models: copy, download or "
+            "convert the model again."
+        ) from None
 
 
 def describe_model(model_dir: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: SchedulerMixin) -> ModelInfo:
     # SD2's UNet uses linear projections in its transformer blocks; SD1's use 1x1 convs. This holds for every
     # SD2 fine-tune, and for our tiny models, where widths (768 vs 1024) would not tell.
     family: Family = "sd2" if unet.config.use_linear_projection else "sd1"
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise UserError(
-            f"{model_dir}/scheduler says prediction_type {prediction_type!r}; SD1/SD2 training supports "
-            "'epsilon' and 'v_prediction'."
-        )
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")  # checked before loading
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return ModelInfo(
         path=str(model_dir.resolve()),
@@ -402,28 +430,23 @@ def describe_model(model_dir: Path, unet: UNet2DConditionModel, vae: Autoencoder
     )
 
 
-def load_model_dir(model_dir: Path, prediction_type: PredictionType | None = None) -> SDModels:
-    """Load every component of a diffusers SD folder in fp32 (the trainer casts for mixed precision).
+def load_model_dir(
+    model_dir: Path, prediction_type: PredictionType | None = None, *, dtypes: ComponentDtypes | None = None
+) -> SDModels:
+    """Check a diffusers SD folder (trainer/model_checks.py: refused before any weight is read), then load each
+    component straight in its dtype of `dtypes`, fp32 by default, whatever dtype the files store.
 
-    `prediction_type` overrides what the folder's scheduler says (some published SD2 fine-tunes ship a wrong
-    scheduler config); the model is then trained and saved with it.
+    `prediction_type` overrides what the folder's scheduler says; the model is then trained and saved with it.
     """
-    missing = [c for c in COMPONENTS if not (model_dir / c).is_dir()]
-    if missing:
-        raise UserError(
-            f"{model_dir} lacks the sub-folder(s) {', '.join(missing)}; a Stable Diffusion diffusers folder has "
-            f"{', '.join(COMPONENTS)}. Convert or download the model again."
-        )
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
-    sample_scheduler = _load_sample_scheduler(model_dir)
-    folder_says = sample_scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type is not None and prediction_type != folder_says:
-        print(f"Model: prediction_type {prediction_type} from the config replaces {folder_says} of "
-              f"{model_dir}/scheduler", flush=True)
-        sample_scheduler = type(sample_scheduler).from_config(sample_scheduler.config, prediction_type=prediction_type)
+    dtypes = dtypes or ComponentDtypes()
+    configs = check_model_folder(model_dir, prediction_type)
+    sample_scheduler = _sample_scheduler(configs, prediction_type)
+    unet = _load_component(UNet2DConditionModel.from_pretrained, model_dir, "unet", torch_dtype=dtypes.unet)
+    vae = _load_component(AutoencoderKL.from_pretrained, model_dir, "vae", torch_dtype=dtypes.vae)
+    # transformers 5 calls it `dtype`; its default, "auto", would keep the dtype the file stores
+    text_encoder = _load_component(CLIPTextModel.from_pretrained, model_dir, "text_encoder",
+                                   dtype=dtypes.text_encoder)
+    tokenizer = _load_component(CLIPTokenizer.from_pretrained, model_dir, "tokenizer")
     # Training always uses DDPM's forward process with the model's own betas and prediction type.
     noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config)
     info = describe_model(model_dir, unet, vae, sample_scheduler)
@@ -431,12 +454,17 @@ def load_model_dir(model_dir: Path, prediction_type: PredictionType | None = Non
 
 
 def load_models(
-    resume_ckpt: str, *, hf_repo_subfolder: str | None = None, prediction_type: PredictionType | None = None
+    resume_ckpt: str,
+    *,
+    hf_repo_subfolder: str | None = None,
+    prediction_type: PredictionType | None = None,
+    dtypes: ComponentDtypes | None = None,
 ) -> SDModels:
-    """Resolve `resume_ckpt` (see the module docstring), load it, and record where it came from."""
+    """Resolve `resume_ckpt` (see the module docstring), load it in `dtypes` (fp32 by default), and record where
+    it came from."""
     source = resolve_model_source(resume_ckpt, hf_repo_subfolder=hf_repo_subfolder, prediction_type=prediction_type)
     print(f"Model source: {source.description}", flush=True)
-    models = load_model_dir(source.model_dir, prediction_type)
+    models = load_model_dir(source.model_dir, prediction_type, dtypes=dtypes)
     models.info = dataclasses.replace(
         models.info, source_kind=source.kind, source=source.description, evidence=source.evidence)
     return models

@@ -7,7 +7,7 @@ is a named helper with the formula it implements and where it comes from.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -240,12 +240,16 @@ def validation_loss(
     device: torch.device,
     repeats: int = 4,
     seed: int = 0,
-) -> float:
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> float | None:
     """Mean plain-MSE loss over fixed batches with the same noise and timesteps on every call (a fresh
-    generator of `seed`), `repeats` draws per image, so only the weights change between calls."""
+    generator of `seed`), `repeats` draws per image, so only the weights change between calls. None when
+    `stop_requested()` turned true part way (a stop does not wait for a long validation set)."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for batch in batches:
+        if stop_requested():
+            return None
         latents = batch["latents"].to(device)
         states = encode_prompts(text_encoder, batch["input_ids"].to(device))
         for _ in range(repeats):

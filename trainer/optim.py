@@ -13,11 +13,12 @@ import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from trainer.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where optimizers are built: the preflight reads plans without it
+    import torch
 
 OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
 _SETTING_KEYS = ("optimizer", "lr", "lr_scheduler", "lr_decay_steps", "lr_warmup_steps", "betas", "epsilon", "weight_decay")
@@ -142,6 +143,8 @@ def _group(params: list[torch.nn.Parameter], settings: OptimizerSettings, name: 
 
 def _adamw8bit_class():
     """bitsandbytes' 8-bit AdamW, or None with the reason when it cannot run here."""
+    import torch
+
     try:
         import bitsandbytes as bnb
 
@@ -162,6 +165,8 @@ def build_optimizer(
     groups = [_group([p for p in unet.parameters() if p.requires_grad], plan.unet, "unet")]
     if text_encoder is not None:
         groups.append(_group([p for p in text_encoder.parameters() if p.requires_grad], plan.text_encoder, "text_encoder"))
+    import torch
+
     name = plan.unet.optimizer
     if name == "adamw8bit":
         optimizer_class = _adamw8bit_class()

@@ -1,14 +1,12 @@
-"""Sample images during training: prompts from a .txt or .json file, fixed seeds, PNG grids and tensorboard.
+"""Sample images during training from the prompts of trainer/prompts.py: fixed seeds, PNG grids, tensorboard.
 
-.txt: one prompt per line. .json: a list of samples, or EveryDream2's {"samples": [...], "seed", "cfgs",
-"num_inference_steps"}; each sample is a prompt string or {"prompt", "negative_prompt", "seed", "cfg",
-"size": [w, h], "steps"}.
+Sampling never changes the training state, and a stop request (Ctrl-C, SIGTERM) ends it within one
+denoising step, so a stop during a long prompt list still saves promptly.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,47 +14,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from trainer.errors import UserError
 from trainer.models import SDModels
+from trainer.prompts import SamplePrompt
 
 
-@dataclass(frozen=True)
-class SamplePrompt:
-    prompt: str
-    negative_prompt: str = ""
-    seed: int = 555
-    cfg: float = 7.0
-    size: tuple[int, int] | None = None  # (width, height); None: the training resolution
-    steps: int = 30
-
-
-def read_sample_prompts(path: Path) -> list[SamplePrompt]:
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() != ".json":
-        return [SamplePrompt(line.strip()) for line in text.splitlines() if line.strip()]
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"sample_prompts {path} is not valid json ({err.msg} at line {err.lineno}).")
-    defaults = {}
-    if isinstance(data, dict):
-        defaults = {"seed": data.get("seed", 555), "steps": data.get("num_inference_steps", 30)}
-        if data.get("cfgs"):
-            defaults["cfg"] = float(data["cfgs"][0])
-        data = data.get("samples", [])
-    prompts = []
-    for item in data:
-        if isinstance(item, str):
-            prompts.append(SamplePrompt(item, **defaults))
-            continue
-        if not isinstance(item, dict) or "prompt" not in item:
-            raise UserError(f"sample_prompts {path}: each sample needs a \"prompt\"; found {item!r}.")
-        values = {**defaults, **{k: item[k] for k in ("negative_prompt", "seed", "cfg", "steps") if k in item}}
-        if values.get("seed", 0) < 0:  # ED2's -1 means random; a sample series needs a fixed one
-            values["seed"] = 555
-        size = tuple(item["size"]) if item.get("size") else None
-        prompts.append(SamplePrompt(item["prompt"], size=size, **values))
-    return prompts
+def sd_pipeline(models: SDModels, unet, text_encoder) -> StableDiffusionPipeline:
+    """The diffusers pipeline of `models` with these (trained, unwrapped) UNet and text encoder: what samples
+    are drawn with and what a save's model_index.json describes."""
+    return StableDiffusionPipeline(
+        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
+        scheduler=models.sample_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
 
 
 def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
@@ -71,26 +39,38 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
 
 @torch.no_grad()
 def generate_samples(
-    models: SDModels, unet, text_encoder, prompts: list[SamplePrompt], resolution: int, device: torch.device
+    models: SDModels, unet, text_encoder, prompts: list[SamplePrompt], resolution: int, device: torch.device,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[Image.Image]:
-    """Images for `prompts` from the current weights (unwrapped modules), without changing training state."""
-    pipeline = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
-        scheduler=models.sample_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    """Images for `prompts` from the current weights (unwrapped modules), without changing training state.
+    Returns the images made before `stop_requested()` turned true (all of them when it never does)."""
+    pipeline = sd_pipeline(models, unet, text_encoder)
     pipeline.set_progress_bar_config(disable=True)
+
+    def interrupt_on_stop(pipe, step, timestep, callback_kwargs):
+        pipe._interrupt = stop_requested()  # diffusers' own early exit from the denoising loop
+        return callback_kwargs
+
     was_training = [m.training for m in (unet, text_encoder)]
     unet.eval(), text_encoder.eval()
+    # The trained UNet is fp32 while frozen parts may be held in fp16/bf16: autocast makes them meet.
+    dtypes = {p.dtype for module in (unet, text_encoder, models.vae) for p in module.parameters()}
+    low = next((d for d in (torch.float16, torch.bfloat16) if d in dtypes), None)
     images = []
     try:
         for sample in prompts:
+            if stop_requested():
+                break
             width, height = sample.size or (resolution, resolution)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
                 result = pipeline(
                     sample.prompt, negative_prompt=sample.negative_prompt or None, width=width, height=height,
                     num_inference_steps=sample.steps, guidance_scale=sample.cfg,
                     generator=torch.Generator(device).manual_seed(sample.seed), output_type="np",
+                    callback_on_step_end=interrupt_on_stop,
                 )
+            if stop_requested():
+                break
             images.append(Image.fromarray((np.clip(result.images[0], 0, 1) * 255).round().astype(np.uint8)))
     finally:
         for module, mode in zip((unet, text_encoder), was_training):

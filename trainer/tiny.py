@@ -135,8 +135,15 @@ def make_tiny_pipeline(family: TinyFamily = "sd1", seed: int = 0) -> StableDiffu
     )
 
 
-def save_tiny_model(out_dir: Path, family: TinyFamily = "sd1", seed: int = 0) -> Path:
-    """Write a tiny random model of `family` as a diffusers folder; returns the folder."""
+STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_tiny_model(out_dir: Path, family: TinyFamily = "sd1", seed: int = 0, dtype: str = "fp32") -> Path:
+    """Write a tiny random model of `family` as a diffusers folder, every weight stored in `dtype` (fp32, or
+    fp16/bf16 as most downloaded checkpoints are); returns the folder."""
     out_dir = Path(out_dir)
-    make_tiny_pipeline(family, seed).save_pretrained(out_dir, safe_serialization=True)
+    pipeline = make_tiny_pipeline(family, seed)
+    for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
+        module.to(STORED_DTYPES[dtype])
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
     return out_dir

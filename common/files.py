@@ -1,0 +1,155 @@
+"""Files and folders that appear whole or not at all, and the checks that a place can take them.
+
+Every writer of the project goes through here. A write goes to a hidden sibling, `.<name>.partial-<host>-<pid>`,
+and one rename puts it in place: a reader sees the old state or the new one, never half of one. Any failure on
+the way (a full disk, a read-only mount, a second Ctrl-C) removes the partial before the error goes on, and
+`remove_stale_partials` removes those that a killed process left behind (its pid is gone on this host).
+
+This module imports nothing of the project: data/, trainer/ and the converter all stand on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<host>[\w.]+)-(?P<pid>\d+)$")
+
+
+def owner_tag() -> str:
+    """This process as a partial's owner: `<host>-<pid>`."""
+    return f"{_HOST}-{os.getpid()}"
+
+
+def partial_path(final: Path, owner: str | None = None) -> Path:
+    """The hidden sibling a write of `final` goes to. `owner` (an `owner_tag()`, default this process's) names
+    the process that owns the write: in a multi-process save, the main one's, so every process of the run
+    writes its part into the same folder."""
+    return final.with_name(f".{final.name}.partial-{owner or owner_tag()}")
+
+
+def is_partial(path: Path) -> bool:
+    return _PARTIAL.match(path.name) is not None
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree; a missing one is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def atomic_folder(final: Path, *, owner: str | None = None) -> Iterator[Path]:
+    """Yield an empty partial folder to fill; on success it is renamed to `final`, on any error removed.
+
+    `final` must not exist: a save never replaces another one (choose the name before)."""
+    final = Path(final)
+    if final.exists():
+        raise FileExistsError(errno.EEXIST, "refusing to replace an existing folder", str(final))
+    partial = partial_path(final, owner)
+    remove(partial)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+        os.rename(partial, final)
+    except BaseException:
+        remove(partial)
+        raise
+
+
+@contextmanager
+def atomic_file(final: Path) -> Iterator[Path]:
+    """Yield a partial path to write; on success it replaces `final` in one step, on any error it is removed."""
+    final = Path(final)
+    partial = partial_path(final)
+    try:
+        yield partial
+        os.replace(partial, final)
+    except BaseException:
+        remove(partial)
+        raise
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    with atomic_file(path) as partial:
+        partial.write_bytes(data)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove the partials in `folder` whose writer, a process on this host, is gone; returns them."""
+    if not folder.is_dir():
+        return []
+    stale = []
+    for entry in folder.iterdir():
+        match = _PARTIAL.match(entry.name)
+        if match and match["host"] == _HOST and not process_alive(int(match["pid"])):
+            remove(entry)
+            stale.append(entry)
+    return stale
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the closest of its parents that exists (what a mkdir of `path` would start from)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def place_problem(folder: Path, role: str) -> str | None:
+    """Why `folder` (its `role`, as the user knows it, e.g. "save_ckpt_dir") cannot be created and written to,
+    or None. Creates nothing that stays: it writes and deletes one temporary file in the nearest existing folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        return f"{role} {folder} is a file, not a folder; remove it or choose another path."
+    base = nearest_existing(folder)
+    if not base.is_dir():
+        return f"{role} {folder} cannot be created: {base} is a file; remove it or choose another path."
+    try:
+        with tempfile.TemporaryFile(dir=base, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        where = "" if base == Path(os.path.abspath(folder)) else f" (tested in {base}, the part that exists)"
+        return (f"{role} {folder} cannot be written: {err.strerror or err}{where}; choose a writable place or "
+                "fix its permissions.")
+    return None
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes for a non-root user on the file system that `folder` is (or would be created) on."""
+    return shutil.disk_usage(nearest_existing(folder)).free
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError

@@ -1,0 +1,114 @@
+"""What a run writes, on real folders and file systems: run folders that never collide, saves that never replace
+one another, pruning that never touches a partial or final save, write failures told apart from bugs."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import math
+
+import pytest
+import torch
+
+from common.files import atomic_folder, partial_path
+from trainer.checkpoints import (
+    component_weights,
+    create_run_dir,
+    free_save_path,
+    io_failure,
+    prune_saves,
+    weight_problems,
+    write_model_folder,
+)
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.models import load_models
+
+
+def test_two_runs_planned_in_the_same_second_get_two_folders(tmp_path, tiny_model):
+    info = load_models(str(tiny_model("sd1"))).info
+    cfg = dataclasses.replace(TrainConfig(), logdir=str(tmp_path))
+    planned = tmp_path / "myproj_20260101-120000"  # what run_dir_path gives two runs started in one second
+    first, second = create_run_dir(cfg, info, planned), create_run_dir(cfg, info, planned)
+    assert (first, second) == (planned, tmp_path / "myproj_20260101-120000-2")
+    assert (second / "train.json").is_file() and (second / "model_info.json").is_file()
+
+    named = dataclasses.replace(cfg, run_name="mine")
+    create_run_dir(named, info, tmp_path / "mine")
+    with pytest.raises(UserError, match="run folder .*mine already exists"):
+        create_run_dir(named, info, tmp_path / "mine")
+
+
+def test_a_save_name_in_use_gets_a_suffix(tmp_path):
+    assert free_save_path(tmp_path, "last-p-ep01-gs00001") == tmp_path / "last-p-ep01-gs00001"
+    (tmp_path / "last-p-ep01-gs00001.safetensors").write_text("a single file of an earlier run")
+    assert free_save_path(tmp_path, "last-p-ep01-gs00001") == tmp_path / "last-p-ep01-gs00001-2"
+    (tmp_path / "last-p-ep01-gs00001-2-ema").mkdir()
+    assert free_save_path(tmp_path, "last-p-ep01-gs00001") == tmp_path / "last-p-ep01-gs00001-3"
+
+
+def test_pruning_keeps_partial_final_and_interrupted_saves(tmp_path):
+    def save(name: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text("{}")
+        (tmp_path / f"{name}.safetensors").write_text("w")
+
+    for name in ("p-ep01-gs00001", "p-ep02-gs00002", "last-p-ep03-gs00003", "interrupted-p-ep03-gs00004"):
+        save(name)
+    save(partial_path(tmp_path / "p-ep04-gs00005").name)  # a save being written: not complete, not counted
+    deleted = prune_saves(tmp_path, keep=1)
+    assert [p.name for p in deleted] == ["p-ep01-gs00001"]
+    assert not (tmp_path / "p-ep01-gs00001.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
+        ["p-ep02-gs00002", "last-p-ep03-gs00003", "interrupted-p-ep03-gs00004",
+         partial_path(tmp_path / "p-ep04-gs00005").name])
+
+
+def test_write_failures_are_told_apart_from_bugs():
+    assert io_failure(OSError(errno.ENOSPC, "No space left on device", "/x/unet.safetensors")) == \
+        "No space left on device (/x/unet.safetensors)"
+    try:  # torch.save's way: its zip writer fails again while closing, on top of the iostream error
+        try:
+            raise RuntimeError("basic_ios::clear: iostream error")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25357056 vs 25356948")
+    except RuntimeError as err:
+        assert io_failure(err) == "basic_ios::clear: iostream error"
+    assert io_failure(TypeError("save() got an unexpected keyword")) is None
+    assert io_failure(RuntimeError("shape mismatch")) is None
+
+
+def test_what_a_save_would_write_is_checked_in_its_dtype(tiny_model):
+    models = load_models(str(tiny_model("sd1")))
+    with torch.no_grad():
+        models.unet.conv_in.weight[0, 0, 0, 0] = 70_000.0  # fine in fp32, inf in an fp16 save
+    modules = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    assert weight_problems(component_weights(models, modules, {"unet", "text_encoder"}, torch.float32)) == []
+    (problem,) = weight_problems(component_weights(models, modules, {"unet", "text_encoder"}, torch.float16))
+    assert problem == "unet: 1 non-finite values in 1 tensors (e.g. conv_in.weight)"
+    with torch.no_grad():
+        models.vae.encoder.conv_in.weight.fill_(math.nan)  # a frozen part is saved from the model's own files
+    assert weight_problems(component_weights(models, {"vae": models.vae}, set(), torch.float16)) == []
+
+
+def test_frozen_parts_are_saved_as_stored_whatever_precision_they_are_held_in(tiny_model, tmp_path):
+    from trainer.models import ComponentDtypes
+
+    models = load_models(str(tiny_model("sd1")), dtypes=ComponentDtypes(vae=torch.bfloat16))
+    weights = component_weights(models, {"vae": models.vae}, set(), torch.float32)
+    from safetensors.torch import load_file
+
+    stored = load_file(tiny_model("sd1") / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(weights["vae"][k], stored[k]) for k in stored)  # not the bf16-rounded copy
+
+
+def test_a_model_folder_written_to_a_full_disk_leaves_nothing(tiny_model, small_disk):
+    models = load_models(str(tiny_model("sd1")))
+    modules = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    weights = component_weights(models, modules, {"unet", "text_encoder"}, torch.float16)
+    disk = small_disk("disk", "4m")  # a tiny model's fp16 folder takes ~15 MB
+    with pytest.raises(Exception) as caught:
+        with atomic_folder(disk / "save") as partial:
+            write_model_folder(partial, models, modules, weights, torch.float16)
+    assert "No space left on device" in io_failure(caught.value)
+    assert list(disk.iterdir()) == []

@@ -1,0 +1,330 @@
+"""Faults a real training job meets, injected into real `python train.py` processes: full and failing disks,
+stop signals to the whole process group, diverging learning rates, reused names, changed resume settings, data
+vanishing mid-run. Each test checks the exit status, the one message, and what is on disk afterwards: earlier
+saves byte-identical, no partial output, no non-finite value in any save. docs/RELIABILITY.md lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.files import owner_tag
+from tests.conftest import TrainProcess, run_train
+from trainer import footprint
+
+pytestmark = pytest.mark.slow
+
+BASE = ["--resolution", "64", "--batch_size", "2", "--mixed_precision", "no", "--gradient_checkpointing", "false",
+        "--lr", "1e-4", "--logdir", "logs"]
+
+
+def args(model: Path, data: Path, *more: str) -> list[str]:
+    return ["--resume_ckpt", str(model), "--data_root", str(data), *BASE, *more]
+
+
+def saved_paths(output: str) -> list[Path]:
+    return [Path(line.split("Saved model: ", 1)[1].strip()) for line in output.splitlines() if "Saved model: " in line]
+
+
+def one_message(stderr: str) -> str:
+    """The one `train.py: ...` message (its first line) of a run that ended on a problem, and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    messages = [line for line in stderr.splitlines() if line.startswith("train.py: ")]
+    assert len(messages) == 1, stderr[-3000:]
+    return messages[0]
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the hash of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def partials(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if ".partial" in p.name]
+
+
+def assert_all_finite(folder: Path) -> None:
+    for file in folder.rglob("*.safetensors"):
+        for key, tensor in load_file(file).items():
+            assert torch.isfinite(tensor).all(), f"{file}: {key}"
+
+
+def tiny_save_bytes(model: Path) -> int:
+    """What the trainer estimates one default save (fp16 folder + single file) of `model` needs."""
+    counts = footprint.component_numels_in_folder(model)
+    return footprint.save_bytes(footprint.model_size(counts, True), half=True, single_file=True, ema=False,
+                                training_state=False, optimizer="adamw")
+
+
+# ---------------------------------------------------------------- found before any model loads
+
+
+def test_problems_in_places_and_files_are_all_reported_before_any_model_loads(tiny_model, shapes_dir, tmp_path):
+    (tmp_path / "logs" / "taken").mkdir(parents=True)
+    (tmp_path / "not_a_folder").write_text("x")
+    (tmp_path / "prompts.json").write_text(json.dumps({"samples": [{"prompt": "a", "size": [100, 100]}]}))
+    result = run_train(args(tiny_model("sd1"), shapes_dir, "--run_name", "taken", "--save_ckpt_dir", "not_a_folder",
+                            "--sample_prompts", "prompts.json"), cwd=tmp_path)
+    assert result.returncode == 2
+    message = one_message(result.stderr)
+    assert message == "train.py: 3 problems found before training started:"
+    assert "run_name 'taken'" in result.stderr and "not_a_folder is a file" in result.stderr
+    assert "sample 1 size: got [100, 100]" in result.stderr
+    assert "Model source" not in result.stdout  # no model was loaded
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["taken"]
+    assert not (shapes_dir / ".latent_cache").exists() or "encoded" not in result.stdout
+
+
+def test_run_names_cannot_leave_logdir(tmp_path):
+    (tmp_path / "train.json").write_text('{"resume_ckpt": "x"}')
+    before = fingerprint(tmp_path)
+    result = run_train(["--run_name", "..", "--data_root", "."], cwd=tmp_path)
+    assert result.returncode == 2 and "run_name: got '..'" in result.stderr
+    assert "a single folder name" in result.stderr
+    assert fingerprint(tmp_path) == before
+
+
+# ---------------------------------------------------------------- saves fail safe
+
+
+def test_a_full_disk_refuses_the_next_save_and_keeps_the_earlier_one(tiny_model, shapes_dir, tmp_path, small_disk):
+    model = tiny_model("sd1")
+    needed = tiny_save_bytes(model)
+    disk = small_disk("disk", f"{(needed + 2**20) // 1024}k")  # room for one save, not two
+    run = TrainProcess(args(model, shapes_dir, "--save_ckpt_dir", str(disk), "--save_every_n_epochs", "1",
+                            "--max_epochs", "3"), cwd=tmp_path)
+    first = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
+    run.wait_for("Saved single file: ")
+    before = fingerprint(disk)
+    code, out, err = run.finish()
+
+    assert code == 1
+    message = one_message(err)
+    assert message.startswith("train.py: could not save the model at step 16 as ")
+    assert "not enough free space" in message and "Nothing of this save was left behind" in message
+    assert f"start again from the last save with --resume_ckpt {first}" in message
+    assert fingerprint(disk) == before and not partials(disk)
+
+
+def test_a_save_failing_mid_write_leaves_nothing_and_says_how_to_go_on(tiny_model, shapes_dir, tmp_path):
+    def limit_file_size():  # writes past 30 MB fail (EFBIG): the training state's 50 MB optimizer.bin does
+        resource.setrlimit(resource.RLIMIT_FSIZE, (30 * 2**20, 30 * 2**20))
+
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--save_every_n_epochs", "1", "--max_epochs", "50",
+                            "--run_name", "r"), cwd=tmp_path, preexec_fn=limit_file_size)
+    first = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
+    run.wait_for("Saved single file: ")
+    ckpts = tmp_path / "logs" / "r" / "ckpts"
+    before = fingerprint(ckpts)
+    run.signal_group(signal.SIGTERM)  # the interrupted save holds a training state
+    code, out, err = run.finish()
+
+    assert code == 1
+    message = one_message(err)
+    # torch.save words EFBIG as an iostream error; the message adds the free space to go by
+    assert message.startswith("train.py: could not save the model at step ") and "iostream error" in message
+    assert "free there" in message
+    assert f"--resume_ckpt {first}" in message
+    assert fingerprint(ckpts) == before and not partials(tmp_path / "logs")
+
+
+def test_sampling_that_fails_costs_nothing(tiny_model, shapes_dir, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "4", "--sample_steps", "2",
+                            "--sample_prompts", "prompts.txt", "--run_name", "r"), cwd=tmp_path)
+    run.wait_for("Run folder: ")
+    (tmp_path / "logs" / "r" / "samples").write_text("a file where the samples folder goes")
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    assert out.count("Warning: sampling at step") == 2  # at step 2, and at the end after the final save
+    (final,) = saved_paths(out)
+    assert final.name == "last-myproj-ep01-gs00004" and (final / "model_index.json").is_file()
+    assert out.index("Saved model:") < out.index("Warning: sampling at step 4")
+
+
+# ---------------------------------------------------------------- stops
+
+
+def test_sigterm_to_the_process_group_saves_and_resumes(tiny_model, shapes_dir, tmp_path):
+    """What docker stop, systemd, SLURM and Kubernetes do: SIGTERM to every process, DataLoader workers too."""
+    common = args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--num_workers", "2")
+    run = TrainProcess(common, cwd=tmp_path)
+    run.wait_for("First step done")
+    time.sleep(1)
+    run.signal_group(signal.SIGTERM)
+    code, out, err = run.finish()
+
+    assert code == 143, err[-3000:]
+    assert "SIGTERM: stopping after this step" in err and "DataLoader worker" not in err
+    (saved,) = saved_paths(out)
+    assert saved.name.startswith("interrupted-myproj-ep") and (saved / "training_state" / "trainer_state.json").is_file()
+    assert f"Continue with --resume_state {saved}" in out
+    resumed = run_train([*common[:-4], "--max_epochs", "1", "--max_steps", "20", "--resume_state", str(saved)],
+                        cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {saved / 'training_state'}" in resumed.stdout
+
+
+def test_a_stop_during_sampling_ends_it_and_saves(tiny_model, shapes_dir, tmp_path):
+    (tmp_path / "prompts.json").write_text(json.dumps({"samples": [{"prompt": f"a red circle {i}", "steps": 50}
+                                                                   for i in range(40)]}))
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--sample_steps", "2",
+                            "--sample_prompts", "prompts.json", "--run_name", "r"), cwd=tmp_path)
+    run.wait_for("First step done")
+    time.sleep(2)  # step 2 is done and its 40 samples have begun
+    run.signal_group(signal.SIGTERM)
+    code, out, err = run.finish()
+
+    assert code == 143, err[-3000:]
+    (saved,) = saved_paths(out)
+    assert saved.name == "interrupted-myproj-ep01-gs00002"  # the stop came in the samples of step 2
+    samples = tmp_path / "logs" / "r" / "samples"
+    assert len(list(samples.glob("gs00002-[0-9]*.png")) if samples.exists() else []) < 40
+
+
+def test_a_second_ctrl_c_aborts_and_leaves_no_partial(tiny_model, shapes_dir, tmp_path):
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--save_optimizer"), cwd=tmp_path)
+    run.wait_for("First step done")
+    run.signal_group(signal.SIGINT)
+    run.wait_for("SIGINT: stopping", stream="err")  # two signals at once would arrive as one
+    run.signal_group(signal.SIGINT)
+    code, out, err = run.finish()
+
+    assert code == 130
+    assert one_message(err).startswith("train.py: aborted by a second Ctrl-C at step ")
+    assert "Saved model" not in out and not partials(tmp_path / "logs")
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_a_diverging_step_is_named_and_never_saved(tiny_model, shapes_dir, tmp_path):
+    result = run_train(args(tiny_model("sd1"), shapes_dir, "--lr", "1e6", "--max_steps", "1"), cwd=tmp_path)
+    assert result.returncode == 1
+    message = one_message(result.stderr)
+    assert message.startswith("train.py: training diverged at step 1: ")
+    assert "This run has no save; the base model is unchanged" in message and "lower lr (now unet 1e+06" in message
+    assert "Saved model" not in result.stdout and not list((tmp_path / "logs").rglob("*.safetensors"))
+
+
+def test_max_saves_never_prunes_a_good_save_for_a_broken_one(tiny_model, shapes_dir, tmp_path):
+    shared = ["--save_ckpt_dir", "saves", "--save_every_n_epochs", "1", "--max_saves", "1", "--max_epochs", "3"]
+    good = run_train(args(tiny_model("sd1"), shapes_dir, *shared), cwd=tmp_path)
+    assert good.returncode == 0, good.stderr[-3000:]
+    before = fingerprint(tmp_path / "saves")
+    single_files = [name for name in before if "/" not in name and name.endswith(".safetensors")]
+    assert len(single_files) == 2  # the last periodic save and the final one
+
+    broken = run_train(args(tiny_model("sd1"), shapes_dir, *shared, "--lr", "1e6"), cwd=tmp_path)
+    assert broken.returncode == 1 and "training diverged at step 1" in one_message(broken.stderr)
+    assert fingerprint(tmp_path / "saves") == before
+    assert_all_finite(tmp_path / "saves")
+
+
+# ---------------------------------------------------------------- names
+
+
+def test_runs_sharing_a_save_folder_never_replace_each_others_saves(tiny_model, shapes_dir, tmp_path):
+    common = args(tiny_model("sd1"), shapes_dir, "--max_steps", "1", "--save_ckpt_dir", "saves")
+    first = run_train(common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = fingerprint(tmp_path / "saves")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = owner_tag().rsplit("-", 1)[0]
+    stale = tmp_path / "saves" / f".killed.partial-{host}-{int(dead.stdout)}"  # a killed save of this host
+    foreign = tmp_path / "saves" / f".other.partial-elsewhere-{int(dead.stdout)}"  # another host's: not ours to judge
+    stale.mkdir(), foreign.mkdir()
+
+    second = run_train(common, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [p.name for p in saved_paths(second.stdout)] == ["last-myproj-ep01-gs00001-2"]
+    assert {k: v for k, v in fingerprint(tmp_path / "saves").items() if k in before} == before
+    assert len(list((tmp_path / "logs").iterdir())) == 2  # two run folders, though maybe started in one second
+    assert not stale.exists() and foreign.exists()
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.fixture(scope="module")
+def saved_state(tiny_model, shapes_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(a work folder, the save of an SD1 run stopped at step 3 with its training state)."""
+    work = tmp_path_factory.mktemp("resume")
+    result = run_train(args(tiny_model("sd1"), shapes_dir, "--max_steps", "3", "--save_optimizer",
+                            "--run_name", "first"), cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (save,) = saved_paths(result.stdout)
+    return work, save
+
+
+def test_a_state_resumed_onto_another_model_family_is_refused_before_the_cache(saved_state, tiny_model, shapes_dir):
+    work, save = saved_state
+    result = run_train(args(tiny_model("sd2"), shapes_dir, "--resume_state", str(save), "--max_steps", "6",
+                            "--latent_cache_dir", "other_cache"), cwd=work)
+    assert result.returncode == 1
+    message = one_message(result.stderr)
+    assert "cannot continue this run: model family SD1 then, SD2 now" in message
+    assert not (work / "other_cache").exists() and sorted(p.name for p in (work / "logs").iterdir()) == ["first"]
+
+
+def test_a_changed_optimizer_is_refused_and_changed_rates_and_batch_are_honoured(saved_state, tiny_model, shapes_dir):
+    work, save = saved_state
+    refused = run_train(args(tiny_model("sd1"), shapes_dir, "--resume_state", str(save), "--max_steps", "6",
+                             "--optimizer", "lion"), cwd=work)
+    assert refused.returncode == 2 and "optimizer: adamw then, lion now" in refused.stderr
+    nothing_left = run_train(args(tiny_model("sd1"), shapes_dir, "--resume_state", str(save), "--max_steps", "3"),
+                             cwd=work)
+    assert nothing_left.returncode == 2 and "nothing is left to train" in nothing_left.stderr
+
+    honoured = run_train(args(tiny_model("sd1"), shapes_dir, "--resume_state", str(save), "--max_steps", "5",
+                              "--lr", "3e-4", "--batch_size", "4", "--log_step", "1", "--run_name", "second"), cwd=work)
+    assert honoured.returncode == 0, honoured.stderr[-3000:]
+    (notice,) = [line for line in honoured.stdout.splitlines() if "with changes, honoured" in line]
+    assert "lr (unet) 0.0001 -> 0.0003" in notice and "global batch 2 -> 4" in notice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(work / "logs" / "second" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("lr/unet")] == [(4, pytest.approx(3e-4)), (5, pytest.approx(3e-4))]
+
+
+# ---------------------------------------------------------------- places and data
+
+
+def test_a_read_only_data_root_caches_its_latents_in_logdir(tiny_model, shapes_dir, tmp_path, small_disk):
+    data = small_disk("data", "4m", read_only=True, fill=lambda d: shutil.copytree(shapes_dir, d, dirs_exist_ok=True))
+    result = run_train(args(tiny_model("sd1"), data, "--max_steps", "1"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (notice,) = [line for line in result.stdout.splitlines() if "Caching in" in line]
+    assert "Read-only file system" in notice and str(Path("logs") / "latent_cache") in notice
+    assert list((tmp_path / "logs" / "latent_cache").rglob("*.safetensors"))
+
+
+def test_data_vanishing_mid_run_still_saves_what_was_trained(tiny_model, shapes_dir, tmp_path):
+    """A bug or an environment fault deep in a run (here its latent cache deleted under it) must not cost the
+    steps already trained: they are saved with their training state before the error is reported."""
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--latent_cache_dir", "cache"),
+                       cwd=tmp_path)
+    run.wait_for("First step done")
+    shutil.rmtree(tmp_path / "cache")
+    code, out, err = run.finish()
+
+    assert code == 1
+    assert "No such file or directory" in one_message(err)
+    (saved,) = saved_paths(out)
+    assert saved.name.startswith("interrupted-") and (saved / "training_state" / "trainer_state.json").is_file()
+    assert f"the weights trained so far were saved first: {saved}" in err
+    assert_all_finite(saved)

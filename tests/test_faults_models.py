@@ -1,0 +1,246 @@
+"""Damaged and foreign model files meet a real `python train.py`: one message, exit 1, nothing written; and models
+stored in fp16/bf16 train.
+
+The catalogue below builds each fault from the tiny real models (a file cut short, json that does not parse, a
+real tiny SDXL-like, unconditional, inpainting or mismatched component saved by diffusers itself); the fast
+tier (tests/test_models.py) loads the same faults in this process.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+
+from tests.conftest import run_train
+from trainer import convert
+from trainer.tiny import tiny_unet, tiny_vae
+
+SMALL_RUN = ["--resolution", "64", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "no",
+             "--gradient_checkpointing", "false", "--num_workers", "0", "--logdir", "logs"]
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ the faults
+
+
+def truncate(path: Path, keep: float = 0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def bad_json(path: Path) -> Path:
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])  # as a copy cut short leaves it
+    return path
+
+
+def replace_unet(model: Path, unet: torch.nn.Module) -> Path:
+    shutil.rmtree(model / "unet")
+    unet.save_pretrained(model / "unet")
+    return model / "unet" / "config.json"
+
+
+def unet_like_tiny(**changes) -> UNet2DConditionModel:
+    """The tiny SD1 UNet with `changes` to its config, built (random weights) by diffusers."""
+    # without the private keys: `_use_default_values` would put the defaults back over `changes`
+    config = {k: v for k, v in tiny_unet("sd1").config.items() if not k.startswith("_")}
+    return UNet2DConditionModel.from_config({**config, **changes})
+
+
+def sdxl_like_unet(model: Path) -> Path:
+    # SDXL's signature: size-and-time embeddings, 2048-wide cross-attention, deeper transformer blocks
+    return replace_unet(model, unet_like_tiny(
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=2048, transformer_layers_per_block=[1, 2], down_block_types=["DownBlock2D",
+        "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], attention_head_dim=[1, 2]))
+
+
+def unconditional_unet(model: Path) -> Path:
+    return replace_unet(model, UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                           layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                           up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=32))
+
+
+def no_cross_attention_unet(model: Path) -> Path:
+    return replace_unet(model, unet_like_tiny(down_block_types=["DownBlock2D", "DownBlock2D"], mid_block_type=
+                                              "UNetMidBlock2D", up_block_types=["UpBlock2D", "UpBlock2D"]))
+
+
+def vae_with_16_latent_channels(model: Path) -> Path:
+    """An SD3-like VAE beside an SD1 UNet."""
+    shutil.rmtree(model / "vae")
+    config = {k: v for k, v in tiny_vae().config.items() if not k.startswith("_")}
+    AutoencoderKL.from_config({**config, "latent_channels": 16}).save_pretrained(model / "vae")
+    return model / "unet" / "config.json"
+
+
+# case -> (break a copy of the tiny SD1 folder in place and return the file the message must name, words it says)
+FOLDER_FAULTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated unet weights": (lambda m: truncate(m / UNET_WEIGHTS), "is truncated"),
+    "truncated text encoder weights": (lambda m: truncate(m / "text_encoder" / "model.safetensors", 0.9),
+                                       "is truncated"),
+    "bad unet config.json": (lambda m: bad_json(m / "unet" / "config.json"), "is not valid json"),
+    "bad model_index.json": (lambda m: bad_json(m / "model_index.json"), "is not valid json"),
+    "bad scheduler_config.json": (lambda m: bad_json(m / "scheduler" / "scheduler_config.json"), "is not valid json"),
+    "sdxl unet": (sdxl_like_unet, "describes an SDXL UNet"),
+    "cross-attention width": (lambda m: replace_unet(m, unet_like_tiny(cross_attention_dim=768)),
+                              "has cross_attention_dim 768, but the text encoder"),
+    "UNet2DModel": (unconditional_unet, "describes a UNet2DModel (blocks"),
+    "no cross-attention blocks": (no_cross_attention_unet, "describes a UNet without cross-attention blocks"),
+    "inpainting unet": (lambda m: replace_unet(m, unet_like_tiny(in_channels=9)),
+                        "Training inpainting models is not supported"),
+    "latent channels": (vae_with_16_latent_channels, "makes latents of latent_channels 16"),
+}
+
+
+def pickle_named_safetensors(single: Path, folder: Path) -> Path:
+    target = folder / "model.safetensors"
+    torch.save({"state_dict": load_file(str(single))}, target)
+    return target
+
+
+def truncated_single_file(single: Path, folder: Path) -> Path:
+    target = folder / "model.safetensors"
+    shutil.copyfile(single, target)
+    return truncate(target)
+
+
+def truncated_ckpt(single: Path, folder: Path) -> Path:
+    target = folder / "model.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, target)
+    return truncate(target)
+
+
+# case -> (write a broken single file into a folder from a good tiny one; returns it, words the message says)
+FILE_FAULTS: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "pickle named .safetensors": (pickle_named_safetensors, "is named .safetensors but is a torch pickle"),
+    "truncated .safetensors": (truncated_single_file, "is truncated"),
+    "truncated .ckpt": (truncated_ckpt, "is truncated or damaged"),
+}
+
+
+def broken_folder(case: str, tiny: Path, where: Path) -> tuple[Path, Path, str]:
+    """A copy of `tiny` at `where` with the fault `case`: (the model folder, the file named, what is said)."""
+    shutil.copytree(tiny, where)
+    make, says = FOLDER_FAULTS[case]
+    return where, make(where), says
+
+
+def broken_file(case: str, single: Path, folder: Path) -> tuple[Path, str]:
+    """The single-file fault `case` written into `folder` from the good file `single` (and its yaml)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    make, says = FILE_FAULTS[case]
+    target = make(single, folder)
+    shutil.copyfile(convert.sidecar_yaml_path(single), convert.sidecar_yaml_path(target))
+    return target, says
+
+
+# ----------------------------------------------------------------------------------------- slow tier
+
+
+@pytest.fixture(scope="module")
+def tiny_single_file(tiny_model, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("single")
+    return convert.export_single_file(tiny_model("sd1"), folder / "tiny.safetensors").checkpoint_path
+
+
+def own_data(shapes_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the image set, so a test sees what its own run wrote there."""
+    return Path(shutil.copytree(shapes_dir, tmp_path / "data", ignore=shutil.ignore_patterns(".latent_cache")))
+
+
+def assert_refused(result, named: Path, says: str, cwd: Path, data: Path) -> None:
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    messages = [line for line in result.stderr.splitlines() if line.startswith("train.py: ")]
+    assert len(messages) == 1, result.stderr[-3000:]
+    assert str(named) in messages[0] and says in messages[0], messages[0]
+    assert not (cwd / "logs").exists() and not (data / ".latent_cache").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FOLDER_FAULTS))
+def test_train_refuses_a_broken_model_folder(case, tiny_model, shapes_dir, tmp_path):
+    model, named, says = broken_folder(case, tiny_model("sd1"), tmp_path / "model")
+    data, cwd = own_data(shapes_dir, tmp_path), tmp_path / "run"
+    cwd.mkdir()
+
+    result = run_train(["--resume_ckpt", str(model), "--data_root", str(data), *SMALL_RUN], cwd)
+
+    assert_refused(result, named, says, cwd, data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FILE_FAULTS))
+def test_train_refuses_a_broken_single_file(case, tiny_single_file, shapes_dir, tmp_path):
+    checkpoint, says = broken_file(case, tiny_single_file, tmp_path / "models")
+    data, cwd = own_data(shapes_dir, tmp_path), tmp_path / "run"
+    cwd.mkdir()
+
+    result = run_train(["--resume_ckpt", str(checkpoint), "--data_root", str(data), *SMALL_RUN], cwd)
+
+    assert_refused(result, checkpoint, says, cwd, data)
+    assert not (cwd / "ckpt_cache").exists()  # refused before a conversion began
+
+
+# ------------------------------------------------------------------------------ any stored dtype trains
+
+
+def saved_unet_differs(stdout: str, base: Path) -> bool:
+    (saved,) = [Path(line.split("Saved model: ", 1)[1].strip()) for line in stdout.splitlines()
+                if "Saved model: " in line]
+    after, before = load_file(str(saved / UNET_WEIGHTS)), load_file(str(base / UNET_WEIGHTS))
+    assert after.keys() == before.keys()
+    return any(not torch.equal(after[k].float(), before[k].float()) for k in after)
+
+
+TRAIN_FULL = [*SMALL_RUN, "--cache_latents", "false", "--save_single_file", "false", "--save_full_precision",
+              "--lr", "1e-4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_half_precision_folder_trains(dtype, tiny_model, shapes_dir, tmp_path):
+    base = tiny_model("sd1", dtype)
+    assert load_file(str(base / UNET_WEIGHTS))["conv_in.weight"].dtype != torch.float32
+
+    result = run_train(["--resume_ckpt", str(base), "--data_root", str(shapes_dir), *TRAIN_FULL], tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert saved_unet_differs(result.stdout, base)
+
+
+@pytest.mark.slow
+def test_an_fp16_single_file_trains(tiny_model, shapes_dir, tmp_path):
+    base = tiny_model("sd1", "fp16")
+    checkpoint = convert.export_single_file(base, tmp_path / "models" / "tiny16.safetensors").checkpoint_path
+    run = tmp_path / "run"
+    run.mkdir()
+
+    result = run_train(["--resume_ckpt", str(checkpoint), "--data_root", str(shapes_dir), *TRAIN_FULL], run)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    converted = load_file(str(run / "ckpt_cache" / "tiny16" / UNET_WEIGHTS))
+    assert converted["conv_in.weight"].dtype == torch.float16  # the converter keeps the file's dtype
+    assert saved_unet_differs(result.stdout, base)
+
+
+@pytest.mark.slow
+def test_a_bf16_hub_model_trains(hub_server, tiny_model, shapes_dir, tmp_path):
+    hub = hub_server()
+    base = tiny_model("sd1", "bf16")
+    hub.add_repo("owner/tiny-bf16", base)
+
+    result = run_train(["--resume_ckpt", "owner/tiny-bf16", "--data_root", str(shapes_dir), *TRAIN_FULL], tmp_path,
+                       env=hub.client_env(tmp_path / "hf_home"))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Model source: Hugging Face repo owner/tiny-bf16" in result.stdout
+    assert saved_unet_differs(result.stdout, base)

@@ -1,0 +1,128 @@
+"""The preflight, on real folders, files and file systems: every problem found before any model loads, together."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from trainer.config import TrainConfig
+from trainer.errors import ProblemsError
+from trainer.preflight import run_preflight
+from trainer.resume import STATE_DIR, STATE_FILE, TrainerState, TrainingSetup
+
+
+def config(tmp_path: Path, shapes_dir: Path, model: Path, **changes) -> TrainConfig:
+    settings = dict(resume_ckpt=str(model), data_root=str(shapes_dir), resolution=64, batch_size=2,
+                    logdir=str(tmp_path / "logs"))
+    return dataclasses.replace(TrainConfig(), **{**settings, **changes})
+
+
+def problems(cfg: TrainConfig, run_name: str = "run") -> list[str]:
+    with pytest.raises(ProblemsError) as caught:
+        run_preflight(cfg, Path(cfg.logdir) / (cfg.run_name or run_name))
+    return caught.value.problems
+
+
+def test_a_sound_config_passes_and_plans_the_run(tmp_path, shapes_dir, tiny_model):
+    cfg = config(tmp_path, shapes_dir, tiny_model("sd1"), validation_split=0.25, max_epochs=3)
+    found = run_preflight(cfg, tmp_path / "logs" / "run")
+    assert len(found.scan.items) == 12 and len(found.validation) == 4
+    assert (found.steps_per_epoch, found.total_steps) == (6, 18)
+    assert found.save_dir == tmp_path / "logs" / "run" / "ckpts"
+    assert found.cache_dir == shapes_dir / ".latent_cache"
+    assert not (tmp_path / "logs").exists()  # nothing was written
+
+
+def test_every_problem_together_before_any_model(tmp_path, shapes_dir):
+    (tmp_path / "logs" / "taken").mkdir(parents=True)
+    (tmp_path / "a_file").write_text("x")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": "x", "size": [100, 100]}]))
+    optimizer = tmp_path / "optimizer.json"
+    optimizer.write_text(json.dumps({"base": {"optimizer": "sgd"}}))
+    cfg = config(tmp_path, shapes_dir, tmp_path / "no_model_needed", run_name="taken",
+                 save_ckpt_dir=str(tmp_path / "a_file"), sample_prompts=str(prompts),
+                 optimizer_config=str(optimizer), wandb=True, attn_type="xformers")
+    found = problems(cfg)
+    assert len(found) == 6, found
+    text = "\n".join(found)
+    for expected in ("run_name 'taken'", "a new run never writes into another run's folder",
+                     "save_ckpt_dir", "is a file, not a folder", "sample 1 size: got [100, 100]",
+                     "optimizer 'sgd' is unknown", "wandb", "xformers"):
+        assert expected in text
+
+
+def test_read_only_and_full_disks(tmp_path, shapes_dir, tiny_model, small_disk):
+    read_only = small_disk("ro", "1m", read_only=True)
+    cfg = config(tmp_path, shapes_dir, tiny_model("sd1"), save_ckpt_dir=str(read_only / "ckpts"))
+    (problem,) = problems(cfg)
+    assert "save_ckpt_dir" in problem and "Read-only file system" in problem
+
+    full = small_disk("full", "2m")
+    cfg = config(tmp_path, shapes_dir, tiny_model("sd1"), save_ckpt_dir=str(full / "ckpts"))
+    (problem,) = problems(cfg)
+    assert problem.startswith(f"not enough free space for one save in {full / 'ckpts'}")
+    assert "needs about" in problem and "MiB, and 2.0 MiB is free" in problem
+
+
+def test_read_only_data_root_caches_latents_in_a_writable_place(tmp_path, shapes_dir, tiny_model, small_disk):
+    data = small_disk("data", "4m", read_only=True, fill=lambda d: shutil.copytree(shapes_dir, d, dirs_exist_ok=True))
+    cfg = config(tmp_path, data, tiny_model("sd1"))
+    found = run_preflight(cfg, tmp_path / "logs" / "run")
+    assert found.cache_dir.parent == tmp_path / "logs" / "latent_cache"
+    (notice,) = found.notices
+    assert str(found.cache_dir) in notice and "Read-only file system" in notice
+
+
+def write_state(save: Path, **setup_changes) -> Path:
+    """A training state's trainer_state.json and the files accelerate writes, as a save of
+    test_config's settings would hold them."""
+    state_dir = save / STATE_DIR
+    state_dir.mkdir(parents=True)
+    setup = TrainingSetup(family="sd1", architecture="x", trained=("unet", "text_encoder"),
+                          freezing={"freeze_embeddings": False, "freeze_front_n_layers": None,
+                                    "freeze_final_layer_norm": False},
+                          optimizer="adamw", ema=False, lr={"unet": 1.5e-6, "text_encoder": 1.5e-6},
+                          lr_scheduler="constant", lr_warmup_steps=None, total_steps=180, grad_accum=1)
+    setup = dataclasses.replace(setup, **setup_changes)
+    state = TrainerState(global_step=6, epoch=2, batches_in_epoch=0, batch_samples=2, setup=setup)
+    (state_dir / STATE_FILE).write_text(state.to_json())
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        (state_dir / name).write_bytes(b"x")
+    return state_dir
+
+
+def test_resume_state_must_be_complete_and_fit(tmp_path, shapes_dir, tiny_model):
+    model = tiny_model("sd1")
+    state_dir = write_state(tmp_path / "logs" / "old" / "ckpts" / "save", optimizer="lion")
+    (state_dir / "optimizer.bin").unlink()
+    cfg = config(tmp_path, shapes_dir, model, resume_state="findlast")
+    (problem,) = problems(cfg)
+    assert f"resume_state {state_dir} is incomplete: it lacks optimizer.bin" in problem
+
+    (state_dir / "optimizer.bin").write_bytes(b"x")
+    (problem,) = problems(cfg)
+    assert "cannot continue this run: optimizer: lion then, adamw now" in problem
+    assert f"--resume_ckpt {state_dir.parent}" in problem
+
+    (problem,) = problems(dataclasses.replace(cfg, optimizer="lion", disable_textenc_training=True))
+    assert "trained: unet+text_encoder then, unet now" in problem
+
+    (problem,) = problems(dataclasses.replace(cfg, optimizer="lion", max_steps=6))
+    assert "is at step 6, and this config's run ends at step 6" in problem and "nothing is left to train" in problem
+
+
+def test_honoured_changes_are_said_in_one_line(tmp_path, shapes_dir, tiny_model):
+    write_state(tmp_path / "logs" / "old" / "ckpts" / "save")
+    cfg = config(tmp_path, shapes_dir, tiny_model("sd1"), resume_state="findlast", lr=3e-6,
+                 lr_scheduler="cosine", batch_size=4)
+    found = run_preflight(cfg, tmp_path / "logs" / "run")
+    (notice,) = [n for n in found.notices if n.startswith("resuming")]
+    for expected in ("lr (unet) 1.5e-06 -> 3e-06", "lr (text_encoder) 1.5e-06 -> 3e-06",
+                     "lr_scheduler constant -> cosine", "total_steps 180 -> 120", "global batch 2 -> 4"):
+        assert expected in notice
+    assert found.resume.saved.global_step == 6

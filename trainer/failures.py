@@ -1,0 +1,57 @@
+"""What the user is told about an exception that no check turned into a message: the environment's faults
+(a full or read-only disk, out of memory) in one line with the fix, and anything else as what it is, a bug in
+this program, with its traceback and how to report it."""
+
+from __future__ import annotations
+
+import errno
+import sys
+import traceback
+
+ISSUES_URL = "the project's issue tracker"
+DISK_ERRORS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "the disk reported an input/output error",
+}
+
+
+def environment_message(err: BaseException) -> str | None:
+    """One line for a fault of the machine rather than of this program, or None."""
+    if isinstance(err, FileNotFoundError):  # raised again from a DataLoader worker, it has no errno
+        return (f"a file the run was using is gone: {_detail(err)}. Was it deleted, or its disk unmounted, during "
+                "the run? Make it available again, then run again (or continue from the save said above).")
+    if isinstance(err, OSError):
+        reason = DISK_ERRORS.get(err.errno, "a file operation failed")
+        return (f"{reason}: {_detail(err)}. Free space or fix the permissions there, or point logdir, save_ckpt_dir "
+                "or latent_cache_dir at another disk; then run again.")
+    if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
+        device = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
+        return (f"out of {device} memory ({_detail(err)}). Lower batch_size or resolution, turn "
+                "gradient_checkpointing on, use optimizer adamw8bit, or freeze the text encoder "
+                "(disable_textenc_training).")
+    return None
+
+
+def _detail(err: BaseException) -> str:
+    """The error's own words: for one raised again from a DataLoader worker, the original's last line."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def report_unexpected(err: BaseException) -> int:
+    """Print `err` for the user; returns the exit status (1)."""
+    message = environment_message(err)
+    if message is not None:
+        print(f"train.py: {message}", file=sys.stderr)
+        return 1
+    traceback.print_exception(err)
+    print(f"train.py: this is a bug in the trainer ({type(err).__name__} above): an input or environment problem "
+          f"would have been reported in one line. Please report it at {ISSUES_URL}, with the command, your "
+          "train.json and the output above.", file=sys.stderr)
+    return 1

@@ -1,0 +1,274 @@
+"""The preflight: every file and place the config names is checked right after the config loads, before any
+model loads, and every problem is reported together (exit 2), as config errors are. `--dry_run` runs it too.
+
+It checks that
+- data_root (and validation_data_root) hold usable images, and a validation split leaves images to train on;
+- the run folder, the save folder and the latent-cache folder can be created and written, and none is a file;
+  a run_name already in use is refused (a new run never writes into another run's folder); a read-only
+  data_root gets its latent cache in a writable place, said in a notice;
+- the save folder's disk has room for one save, when the model's size can be read from its files;
+- sample_prompts and optimizer_config are valid, and wandb/xformers are installed when asked for;
+- resume_state exists, is complete, fits this run, and has steps left to train.
+
+What it learned (the scan, the places, the step counts, the training state to resume) is handed on, so nothing
+is scanned or resolved twice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from common.files import free_bytes, human_bytes, place_problem
+from data.latent_cache import choose_cache_dir
+from data.scan import ImageItem, Scan, scan_data_root
+from data.schedule import batches_per_epoch
+from data.validation import validation_items
+from trainer import footprint
+from trainer.config import TrainConfig
+from trainer.errors import ProblemsError, UserError
+from trainer.optim import OptimizerPlan, plan_optimizers
+from trainer.prompts import SamplePrompt, read_sample_prompts
+from trainer.resume import (
+    TrainerState,
+    TrainingSetup,
+    architecture_hash,
+    find_training_state,
+    fixed_differences,
+    honoured_changes,
+    missing_state_files,
+    read_trainer_state,
+    refusal,
+)
+
+CKPT_CACHE = Path("ckpt_cache")
+OPTIONAL_PACKAGES = {  # config key -> (package, how to get it)
+    "wandb": ("wandb", "pip install wandb (then wandb login), or set wandb false; tensorboard logs either way"),
+    "attn_type": ("xformers", "pip install xformers matching your torch build, or set attn_type sdp (as fast on "
+                              "torch 2)"),
+}
+
+
+@dataclass
+class ResumePlan:
+    state_dir: Path
+    saved: TrainerState
+
+
+@dataclass
+class Preflight:
+    """What the preflight found, for the run to use."""
+
+    scan: Scan  # the training images (validation images held out)
+    validation: list[ImageItem]
+    run_dir: Path  # planned; made once the model has loaded
+    save_dir: Path
+    cache_dir: Path | None  # None: cache_latents is off
+    steps_per_epoch: int
+    total_steps: int
+    optimizer: OptimizerPlan
+    prompts: list[SamplePrompt]
+    resume: ResumePlan | None
+    notices: list[str] = field(default_factory=list)
+
+
+def run_dir_path(cfg: TrainConfig) -> Path:
+    """`<logdir>/<run_name>`, by default named after the project and the time now. In a multi-process run only
+    the main process's answer counts (train.py passes it to the others): the clocks may straddle a second."""
+    return Path(cfg.logdir) / (cfg.run_name or f"{cfg.project_name}_{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def count_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(optimizer steps per epoch, steps in the whole run) for `batches` global micro-batches per epoch."""
+    per_epoch = math.ceil(batches / cfg.grad_accum)
+    total = per_epoch * cfg.max_epochs
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Preflight:
+    """Every check of this module's docstring; raises ProblemsError listing every problem found."""
+    problems: list[str] = []
+    notices: list[str] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except UserError as err:
+            problems.append(str(err))
+            return None
+
+    scan = attempt(scan_data_root, Path(cfg.data_root), cfg.resolution)
+    split = attempt(validation_items, cfg, scan) if scan else None
+    train_scan, validation = split or (scan, [])
+    save_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
+    unplaceable = place_problems(cfg, run_dir, save_dir)
+    problems += unplaceable
+    cache_dir = None
+    if cfg.cache_latents:
+        cache_dir, notice = choose_cache_dir(Path(cfg.data_root), cfg.latent_cache_dir, Path(cfg.logdir) / "latent_cache")
+        notices += [notice] if notice else []
+        problem = place_problem(cache_dir, "latent_cache_dir") if cfg.latent_cache_dir else None
+        problems += [problem] if problem else []
+    plan = attempt(plan_optimizers, cfg, notices)
+    prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else []
+    problems += missing_packages(cfg)
+    steps_per_epoch, total_steps = (count_steps(batches_per_epoch(train_scan.items, cfg.batch_size * num_processes),
+                                                cfg) if train_scan else (0, 0))
+    if plan is not None and not unplaceable:
+        problems += room_problems(cfg, save_dir, plan)
+    resume = attempt(plan_resume, cfg, plan, total_steps, cfg.batch_size * num_processes, notices) \
+        if cfg.resume_state and plan and train_scan else None
+    if problems:
+        raise ProblemsError(problems)
+    return Preflight(train_scan, validation, run_dir, save_dir, cache_dir, steps_per_epoch, total_steps, plan,
+                     prompts or [], resume, notices)
+
+
+def place_problems(cfg: TrainConfig, run_dir: Path, save_dir: Path) -> list[str]:
+    problems = []
+    if cfg.run_name and run_dir.exists():
+        problems.append(f"run_name {cfg.run_name!r}: {run_dir} already exists, and a new run never writes into "
+                        "another run's folder. Choose another run_name, or leave it null for a time-stamped one "
+                        "(to continue that run, add --resume_state findlast).")
+    for folder, role in ((run_dir, "the run folder (logdir/run_name)"), (save_dir, "save_ckpt_dir")):
+        if role == "save_ckpt_dir" and not cfg.save_ckpt_dir:
+            continue
+        problem = place_problem(folder, role)
+        problems += [problem] if problem else []
+    return problems
+
+
+def missing_packages(cfg: TrainConfig) -> list[str]:
+    asked = {"wandb": cfg.wandb, "attn_type": cfg.attn_type == "xformers"}
+    return [f"{key}: asks for the {package} package, which is not installed; {fix}."
+            for key, (package, fix) in OPTIONAL_PACKAGES.items()
+            if asked[key] and importlib.util.find_spec(package) is None]
+
+
+# ---------------------------------------------------------------- free space
+
+
+def known_model_size(cfg: TrainConfig) -> footprint.ModelSize | None:
+    """The base model's parameter counts, read from its files' headers when it is on disk; None otherwise (a Hub
+    id, a .ckpt, a damaged file): the room is then checked once the model has loaded (or refused)."""
+    given = Path(cfg.resume_ckpt).expanduser()
+    try:
+        counts = next((footprint.component_numels_in_folder(folder) for folder in (given, CKPT_CACHE / given)
+                       if folder.is_dir() and (folder / "unet").is_dir()), None)
+        if counts is None and given.is_file():
+            counts = footprint.component_numels_in_single_file(given)
+        return footprint.model_size(counts, not cfg.disable_textenc_training) if counts else None
+    except (OSError, ValueError, KeyError):  # unreadable headers: the model load names the damage
+        return None
+
+
+def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
+                  size: footprint.ModelSize | None = None) -> list[str]:
+    """Whether the disk where saves go has room for one save of the model (of `size`, or as read from its files)."""
+    size = size or known_model_size(cfg)
+    if size is None:
+        return []
+    needed = footprint.save_bytes(size, half=not cfg.save_full_precision, single_file=cfg.save_single_file,
+                                  ema=cfg.ema_decay_rate is not None, training_state=cfg.save_optimizer,
+                                  optimizer=plan.unet.optimizer)
+    free = free_bytes(save_dir)
+    if free >= needed:
+        return []
+    return [f"not enough free space for one save in {save_dir}: a save of this model ({size.total / 1e6:.1f}M "
+            f"parameters{', fp16' if not cfg.save_full_precision else ', fp32'}"
+            f"{', plus its single file' if cfg.save_single_file else ''}{', EMA copy' if cfg.ema_decay_rate else ''}"
+            f"{', training state' if cfg.save_optimizer else ''}) needs about {human_bytes(needed)}, and "
+            f"{human_bytes(free)} is free. Free some space, or set save_ckpt_dir to a disk with room."]
+
+
+# ---------------------------------------------------------------- resume
+
+
+def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, family: str = "",
+                  architecture: str = "") -> TrainingSetup:
+    from dataclasses import asdict
+
+    trained = ("unet",) if cfg.disable_textenc_training else ("unet", "text_encoder")
+    lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
+    return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.unet.optimizer,
+                         cfg.ema_decay_rate is not None, lr, plan.lr_scheduler, plan.lr_warmup_steps, total_steps,
+                         cfg.grad_accum)
+
+
+def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,
+                notices: list[str]) -> ResumePlan:
+    """The training state to continue, checked for completeness and fit; what changed is said in one line."""
+    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+    state_dir = find_training_state(cfg.resume_state, search)
+    saved = read_trainer_state(state_dir)
+    missing = missing_state_files(state_dir, saved.setup)
+    if missing:
+        raise UserError(f"resume_state {state_dir} is incomplete: it lacks {', '.join(missing)}. Resume from another "
+                        f"save, or start a new run from this save's weights with --resume_ckpt {state_dir.parent}.")
+    current = current_setup(cfg, plan, total_steps)
+    if saved.setup is not None:
+        differences = fixed_differences(saved.setup, {k: getattr(current, k) for k in TrainingSetup.FIXED})
+        if differences:
+            raise refusal(state_dir, differences, " Set them back to continue exactly.")
+        changes = honoured_changes(saved.setup, current, saved.batch_samples, batch_samples)
+        if changes:
+            notices.append(f"resuming {state_dir} with changes, honoured: {'; '.join(changes)}.")
+    if saved.global_step >= total_steps:
+        raise UserError(f"resume_state {state_dir} is at step {saved.global_step}, and this config's run ends at step "
+                        f"{total_steps} (max_epochs {cfg.max_epochs}, max_steps {cfg.max_steps or 'none'}, batch "
+                        f"{batch_samples} per step): nothing is left to train. Raise max_epochs or max_steps.")
+    return ResumePlan(state_dir, saved)
+
+
+def check_model_fits(cfg: TrainConfig, preflight: Preflight, models) -> None:
+    """What could only be checked once the model has loaded, checked before the latent cache or the run folder
+    is made: the training state to resume fits its architecture, and one save of it fits on the disk."""
+    check_resume_fits_model(preflight.resume, models.info.family, architecture_hash(models.unet, models.text_encoder))
+    if known_model_size(cfg) is None:
+        counts = {name: sum(p.numel() for p in getattr(models, name).parameters())
+                  for name in ("unet", "text_encoder", "vae")}
+        problems = room_problems(cfg, preflight.save_dir, preflight.optimizer,
+                                 footprint.model_size(counts, not cfg.disable_textenc_training))
+        if problems:
+            raise ProblemsError(problems, heading="once the model had loaded")
+
+
+def check_resume_fits_model(resume: ResumePlan | None, family: str, architecture: str) -> None:
+    """A state only loads into the architecture it was trained with."""
+    setup = resume.saved.setup if resume else None
+    if setup is None:
+        return
+    if (setup.family, setup.architecture) != (family, architecture):
+        what = (f"model family {setup.family.upper()} then, {family.upper()} now" if setup.family != family
+                else "the model's layers differ in name or shape from those it was trained with")
+        raise refusal(resume.state_dir, [what], " Resume with the base model it was trained from.")
+
+
+# ---------------------------------------------------------------- the dry run
+
+
+def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -> list[str]:
+    """What `--dry_run` prints: the data plan and where the run would write."""
+    from data.schedule import epoch_items
+
+    lines = preflight.scan.report()
+    per_bucket = epoch_items(preflight.scan.items, cfg.seed, 0)
+    batch = cfg.batch_size * num_processes
+    batches = {bucket: math.ceil(len(rows) / batch) for bucket, rows in sorted(per_bucket.items())}
+    samples = sum(len(rows) for rows in per_bucket.values())
+    lines.append("Data: per epoch, images (with repeats) / batches per bucket: "
+                 + ", ".join(f"{b} {len(per_bucket[b])}/{n}" for b, n in batches.items()))
+    lines.append(
+        f"Dry run: {samples} images per epoch in {sum(batches.values())} batches of {batch}, "
+        f"{preflight.steps_per_epoch} steps/epoch (grad_accum {cfg.grad_accum}), {preflight.total_steps} steps in all "
+        f"(max_epochs {cfg.max_epochs}, max_steps {cfg.max_steps or 'none'}), on {num_processes} process(es)."
+    )
+    lines.append(f"Dry run: the run folder would be {preflight.run_dir}, saves in {preflight.save_dir}"
+                 + (f", the latent cache in {preflight.cache_dir}" if preflight.cache_dir else "") + ".")
+    if preflight.resume:
+        lines.append(f"Dry run: would resume from {preflight.resume.state_dir} at step "
+                     f"{preflight.resume.saved.global_step}.")
+    return lines

@@ -1,0 +1,284 @@
+"""Saving during a run: check, write, report. Every process calls `save` at the same moment.
+
+1. The divergence guard is read: broken weights are never written (DivergedError names the step).
+2. The save gets a name no other save has, and the disk is checked for room for all of it.
+3. The main process writes the model folder into a hidden partial folder; with a training state every process
+   adds its part; the main process renames it into place, then writes the EMA twin and the single files.
+4. A write that fails on any process removes the partial output on the main process and raises SaveError on
+   every process, saying what failed, where, and how to go on from the last complete save.
+5. Only a complete save prunes older ones (max_saves).
+
+`rescue` saves what an unexpected error left, when it can, before the error is reported.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from accelerate.utils import DistributedType, broadcast_object_list
+
+from common.files import atomic_folder, free_bytes, human_bytes, partial_path, remove
+from trainer import footprint
+from trainer.checkpoints import (
+    SaveError,
+    component_weights,
+    free_save_path,
+    io_failure,
+    prune_saves,
+    room_problem,
+    save_name,
+    weight_problems,
+    write_model_folder,
+    write_single_file,
+    write_trainer_state,
+)
+from trainer.errors import UserError
+from trainer.guard import Breakage, DivergedError
+from trainer.resume import STATE_DIR, TrainerState
+from trainer.setup import Run, ema_weights
+
+
+def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str = "", with_state: bool = False) -> Path:
+    """A model save named after `epoch` (default: the state's), plus an EMA twin and, with save_optimizer or
+    `with_state`, the training state `state` to resume from. Returns the save's folder."""
+    cfg, accelerator = run.cfg, run.accelerator
+    check_weights(run)
+    check_in_sync(run, state.global_step)
+    with_state = with_state or cfg.save_optimizer
+    name = save_name(cfg, epoch or state.epoch, state.global_step, prefix)
+    (path,) = broadcast_object_list([free_save_path(run.save_dir, name).resolve() if accelerator.is_main_process
+                                     else None])
+    agree(run, lambda: _check_room(run, path, with_state), path, step=state.global_step)
+    unet, text_encoder = run.unwrapped()
+    modules = {"unet": unet, "vae": run.models.vae, "text_encoder": text_encoder}
+    dtype = torch.float32 if cfg.save_full_precision else torch.float16
+    partial = partial_path(path, run.owner)
+    agree(run, lambda: _write_model(run, partial, modules, dtype), path, step=state.global_step, partial=partial)
+    if with_state:
+        agree(run, lambda: _save_training_state(run, partial), path, step=state.global_step, partial=partial,
+              every_process=True)
+        agree(run, lambda: _finish(partial, path, state, run), path, step=state.global_step, partial=partial)
+        run.last_state = path / STATE_DIR
+    else:
+        agree(run, lambda: _finish(partial, path, None, run), path, step=state.global_step, partial=partial)
+    run.last_save = path
+    run.log(f"Saved model: {path}")
+    if run.emas:
+        twin = path.with_name(path.name + "-ema")
+        with ema_weights(run):
+            agree(run, lambda: _write_whole(run, twin, modules, dtype), twin, step=state.global_step)
+        run.log(f"Saved model: {twin}")
+    if cfg.save_single_file:
+        for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
+            agree(run, lambda: _single_file(run, folder), folder, step=state.global_step, complete=True)
+    if cfg.max_saves and not prefix and accelerator.is_main_process:
+        _prune(run, path.parent)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
+    unet, text_encoder = run.unwrapped()
+    trained = sum(p.numel() for m in run.trained for p in m.parameters() if p.requires_grad)
+    total = sum(p.numel() for m in (unet, text_encoder, run.models.vae) for p in m.parameters())
+    size = footprint.ModelSize(trained=trained, frozen=total - trained)
+    needed = footprint.save_bytes(size, half=not run.cfg.save_full_precision, single_file=run.cfg.save_single_file,
+                                  ema=bool(run.emas), training_state=with_state, optimizer=run.setup.optimizer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return room_problem(path.parent, needed)
+
+
+def _write_model(run: Run, partial: Path, modules: dict, dtype: torch.dtype) -> str | None:
+    weights = component_weights(run.models, modules, _trained_names(run), dtype)
+    problem = _bad_weights(weights)
+    if problem:
+        return problem
+    remove(partial)
+    partial.mkdir(parents=True)
+    write_model_folder(partial, run.models, modules, weights, dtype)
+    return None
+
+
+def _write_whole(run: Run, path: Path, modules: dict, dtype: torch.dtype) -> str | None:
+    weights = component_weights(run.models, modules, _trained_names(run), dtype)
+    problem = _bad_weights(weights)
+    if problem:
+        return problem
+    with atomic_folder(path, owner=run.owner) as partial:
+        write_model_folder(partial, run.models, modules, weights, dtype)
+    return None
+
+
+def _save_training_state(run: Run, partial: Path) -> None:
+    run.accelerator.save_state(str(partial / STATE_DIR))
+
+
+def _finish(partial: Path, path: Path, state: TrainerState | None, run: Run) -> None:
+    """The training state's own file, then the one rename that makes the save whole."""
+    if state is not None:
+        write_trainer_state(partial / STATE_DIR, _with_setup(state, run))
+    partial.rename(path)
+
+
+def _with_setup(state: TrainerState, run: Run) -> TrainerState:
+    from dataclasses import replace
+
+    return replace(state, setup=run.setup)
+
+
+def _trained_names(run: Run) -> set[str]:
+    return {"unet"} | (set() if run.cfg.disable_textenc_training else {"text_encoder"})
+
+
+def _bad_weights(weights: dict) -> str | None:
+    """The guard has checked the trained weights every step; this checks exactly what is about to be written,
+    frozen parts and the fp16 cast included."""
+    problems = weight_problems(weights)
+    if not problems:
+        return None
+    return (f"the weights to save are not all finite in the save's dtype ({'; '.join(problems)}); lower lr, or "
+            "set save_full_precision if a weight legitimately exceeds fp16's range (65504)")
+
+
+def _single_file(run: Run, folder: Path) -> None:
+    try:
+        written = write_single_file(folder, half=not run.cfg.save_full_precision)
+    except Exception as err:
+        failure = io_failure(err)
+        if failure is None:
+            raise
+        return (f"the model folder {folder} is saved and complete, but its single file could not be written: "
+                f"{failure}. Nothing of that file was left behind. Export it later with python utils/convert_"
+                f"diffusers_to_original_stable_diffusion.py --model_path {folder} --checkpoint_path "
+                f"{folder}.safetensors")
+    run.log(f"Saved single file: {written}")
+    return None
+
+
+def _prune(run: Run, directory: Path) -> None:
+    try:
+        for old in prune_saves(directory, run.cfg.max_saves):
+            run.log(f"Pruned old save {old.name} (max_saves {run.cfg.max_saves}).")
+    except OSError as err:  # the new save is complete; an old one left over costs only space
+        run.warn(f"could not prune old saves in {directory} ({err.strerror}); they are kept.")
+
+
+def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, partial: Path | None = None,
+          every_process: bool = False, complete: bool = False) -> None:
+    """Run `work` (on the main process, or on `every_process`), then have every process learn whether it worked
+    everywhere. `work` fails by returning a text or raising a file-system error; then `partial` is removed and
+    SaveError is raised on every process. Any other exception is a bug and keeps its traceback. `complete`:
+    `path` itself is whole already, and the failure is of an addition to it (its single file)."""
+    accelerator = run.accelerator
+    failure = None
+    if every_process or accelerator.is_main_process:
+        try:
+            failure = work()
+        except Exception as err:
+            failure = io_failure(err)
+            if failure is None:
+                if partial is not None:
+                    remove(partial)
+                raise
+    if accelerator.num_processes > 1:
+        failure = next((f for f in _gather_objects(failure) if f), None)
+    if failure is None:
+        return
+    if partial is not None and accelerator.is_main_process:
+        remove(partial)
+    if complete:
+        raise SaveError(f"{failure}.{_go_on(run)}")
+    raise SaveError(f"could not save the model at step {step} as {path}: {failure} ({_free_space(path)}). Nothing "
+                    f"of this save was left behind, and earlier saves are untouched.{_go_on(run)}")
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{human_bytes(free_bytes(path.parent))} free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _gather_objects(value):
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def _go_on(run: Run) -> str:
+    hint = " Free space or fix the folder, then "
+    if run.last_state:
+        return hint + f"continue with --resume_state {run.last_state}."
+    if run.last_save:
+        return hint + f"start again from the last save with --resume_ckpt {run.last_save} (save_optimizer true " \
+                      "keeps a training state to continue exactly)."
+    return hint + "run again: this run had no complete save yet."
+
+
+def _last_good(run: Run) -> str:
+    if run.last_save:
+        return f"The last good save is {run.last_save}."
+    return "This run has no save; the base model is unchanged."
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_weights(run: Run) -> None:
+    """Stop with the guard's verdict when a step broke the weights (reads the device)."""
+    broken = run.guard.breakage(run.accelerator)
+    if broken is not None:
+        raise DivergedError(diverged_message(run, broken))
+
+
+def diverged_message(run: Run, broken: Breakage) -> str:
+    cfg = run.cfg
+    lrs = ", ".join(f"{g.get('name', 'group')} {g['initial_lr']:g}" for g in run.optimizer.param_groups)
+    fixes = [f"lower lr (now {lrs})"]
+    if not cfg.clip_grad_norm:
+        fixes.append("set clip_grad_norm, e.g. 1.0")
+    if run.accelerator.mixed_precision == "fp16":
+        fixes.append("use mixed_precision bf16 (fp16 overflows more easily)")
+    return (f"training diverged at step {broken.step}: {broken.describe(run.guard.limit)}. Training stopped, and "
+            f"nothing trained from step {broken.step} on was saved. {_last_good(run)} Likely fix: "
+            + "; ".join(fixes) + ".")
+
+
+def check_in_sync(run: Run, step: int) -> None:
+    """Every DDP process must hold the same weights: DDP averages the gradients and each process takes the same
+    step. A difference means a process trained on something else; stop before saving one process's weights.
+    (Only plain DDP: under FSDP/DeepSpeed each process holds a shard, not a copy.)"""
+    accelerator = run.accelerator
+    if accelerator.distributed_type not in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        return
+    params = [p.detach() for module in run.trained for p in module.parameters()]
+    checksum = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).sum(0)
+    every = accelerator.gather(checksum.reshape(1, 2))
+    if not torch.equal(every, checksum.reshape(1, 2).expand_as(every)):
+        raise UserError(f"at step {step} the {accelerator.num_processes} processes hold different weights "
+                        f"(checksums {every.tolist()}); nothing was saved. This is a bug: please report it with "
+                        "your accelerate config.")
+    run.log(f"Weights agree on all {accelerator.num_processes} processes at step {step} "
+            f"(checksum {checksum[0].item():.6f}).")
+
+
+def rescue(run: Run, state: TrainerState, start_step: int) -> None:
+    """After an unexpected error (a bug, out of memory): save the weights trained so far as an interrupted save
+    with its training state, if anything was trained, the weights are sound, and one process runs (a lone
+    process cannot save alongside others that are stuck elsewhere). Never raises: the error itself is what
+    gets reported."""
+    if run.accelerator.num_processes > 1 or state.global_step <= start_step:
+        return
+    try:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        path = save(run, state, prefix="interrupted-", with_state=True)
+        print(f"The error below stopped training at step {state.global_step}; the weights trained so far were saved "
+              f"first: {path} (continue with --resume_state {path}).", file=sys.stderr, flush=True)
+    except Exception as err:  # the original error matters more than this one
+        print(f"The error below stopped training at step {state.global_step}, and the weights could not be saved "
+              f"either ({type(err).__name__}: {err}).", file=sys.stderr, flush=True)
+

@@ -1,0 +1,233 @@
+"""Setting a run up: the accelerator, which parts train, the optimizer and its LR schedule, EMA, the divergence
+guard, and where a resumed run starts. Everything the loop and its helpers share is in one `Run`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from common.files import owner_tag
+from data.dataset import TrainingData
+from trainer.config import TrainConfig
+from trainer.errors import UserError
+from trainer.guard import WeightGuard
+from trainer.models import SDModels
+from trainer.objective import Objective, zero_terminal_snr_schedulers
+from trainer.optim import build_lr_scheduler, build_optimizer, freeze_text_encoder_parts
+from trainer.preflight import Preflight, count_steps, current_setup
+from trainer.prompts import SamplePrompt
+from trainer.resume import (
+    TrainerState,
+    TrainingSetup,
+    architecture_hash,
+    configured_hyperparameters,
+    continue_position,
+    load_training_state,
+    restore_configured_hyperparameters,
+)
+from trainer.stops import StopRequest
+
+
+@dataclass
+class Run:
+    """What the loop and its helpers share: config, accelerator, prepared modules and optimizer, places."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    models: SDModels
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    trained: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    loader: torch.utils.data.DataLoader
+    data: TrainingData
+    objective: Objective
+    total_steps: int
+    run_dir: Path
+    save_dir: Path
+    guard: WeightGuard
+    setup: TrainingSetup  # recorded with every training state, checked on resume
+    owner: str  # the main process's owner tag: every process writes a save's parts into one partial folder
+    prompts: list[SamplePrompt] = field(default_factory=list)
+    validation: list = field(default_factory=list)  # fixed validation batches
+    emas: list = field(default_factory=list)  # (EMAModel, module) pairs
+    stop: StopRequest = field(default_factory=StopRequest)
+    last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
+    last_state: Path | None = None  # the newest complete training state
+    log_file_failed: bool = False
+
+    def log(self, message: str) -> None:
+        """Print on the main process and append to <run>/train.log. A log that cannot be written (a full disk)
+        is said once and then left alone: logging never stops a run."""
+        if not self.accelerator.is_main_process:
+            return
+        tqdm.write(message)
+        if self.log_file_failed:
+            return
+        try:
+            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        except OSError as err:
+            self.log_file_failed = True
+            print(f"Warning: cannot write {self.run_dir / 'train.log'} ({err.strerror}); the log goes on here only.",
+                  file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        self.log(f"Warning: {message}")
+
+    def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        unwrap = self.accelerator.unwrap_model
+        return unwrap(self.unet, keep_torch_compile=False), unwrap(self.text_encoder, keep_torch_compile=False)
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log_step == 0 or step == self.total_steps
+
+
+def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path) -> Accelerator:
+    trackers = ["tensorboard"] + (["wandb"] if cfg.wandb else [])
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.grad_accum,
+        log_with=trackers,
+        project_dir=str(run_dir),
+        # The sampler yields global batches (batch_size x processes, data/dataset.py) and split_batches gives
+        # each process its slice, so N processes train exactly what one process with N x the batch would; it
+        # also makes accelerate step the LR schedule once per optimizer step whatever the process count.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
+        # clip_skip >= 2 leaves the text encoder's last layers out of the graph; DDP must be told to expect that
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.clip_skip > 1)],
+    )
+
+
+def freeze(module: torch.nn.Module) -> None:
+    module.requires_grad_(False)
+    module.eval()
+
+
+def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> None:
+    """Frozen parts without gradients on the device (in the dtype they were loaded in: the compute precision),
+    trained parts in train mode, kernels and checkpointing as configured."""
+    freeze(models.vae)
+    models.vae.to(device)
+    models.unet.train()
+    if cfg.disable_textenc_training:
+        freeze(models.text_encoder)
+        models.text_encoder.to(device)
+    else:
+        models.text_encoder.train()
+        freeze_text_encoder_parts(models.text_encoder, freezing)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if not cfg.disable_textenc_training:
+            models.text_encoder.activation_checkpointing_enable()
+    if cfg.attn_type == "xformers":
+        try:
+            models.unet.enable_xformers_memory_efficient_attention()
+        except (ImportError, ValueError, RuntimeError, NotImplementedError) as err:  # installed, but cannot run here
+            raise UserError(f"attn_type xformers could not be enabled ({err}); use attn_type sdp.") from None
+    if torch.cuda.is_available():  # TF32 matmuls: ~free speed on Ampere+, precision well within fp16's
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.torch_compile:
+        models.unet = torch.compile(models.unet)
+
+
+def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
+    """diffusers' EMAModel for each trained module; decay per update (with diffusers' built-in warmup)."""
+    if cfg.ema_decay_rate is None:
+        return []
+    from diffusers.training_utils import EMAModel
+
+    unet, text_encoder = run.unwrapped()
+    modules = [unet] + ([] if cfg.disable_textenc_training else [text_encoder])
+    emas = []
+    for module in modules:
+        ema = EMAModel(module.parameters(), decay=cfg.ema_decay_rate)
+        ema.to(device if cfg.ema_device == "gpu" else torch.device("cpu"))
+        run.accelerator.register_for_checkpointing(ema)
+        emas.append((ema, module))
+    return emas
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run):
+    """Temporarily swap the EMA weights into the modules (to save or sample them)."""
+    for ema, module in run.emas:
+        ema.store(module.parameters())
+        ema.copy_to(module.parameters())
+    try:
+        yield
+    finally:
+        for ema, module in run.emas:
+            ema.restore(module.parameters())
+
+
+def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path, preflight: Preflight,
+                precision: str) -> Run:
+    """Accelerator, frozen/trained modules, optimizer, LR schedule, EMA and the guard, all prepared."""
+    accelerator = make_accelerator(cfg, precision, run_dir)
+    set_seed(cfg.seed)
+    plan = preflight.optimizer
+    set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    if cfg.enable_zero_terminal_snr:
+        if models.info.prediction_type != "v_prediction":
+            raise UserError("enable_zero_terminal_snr needs a v-prediction model (like SD2.1-768); at zero SNR an "
+                            "epsilon model's target equals its input. Use a v-prediction base model or turn it off.")
+        models.noise_scheduler, models.sample_scheduler = zero_terminal_snr_schedulers(
+            models.noise_scheduler, models.sample_scheduler)
+    train_text_encoder = not cfg.disable_textenc_training
+    optimizer = build_optimizer(plan, models.unet, models.text_encoder if train_text_encoder else None)
+    total_steps = count_steps(len(data.loader), cfg)[1]
+    lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps)
+    to_prepare = [models.unet] + ([models.text_encoder] if train_text_encoder else [])
+    *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*to_prepare, optimizer, data.loader, lr_scheduler)
+    (owner,) = broadcast_object_list([owner_tag()])  # the main process's, on every process
+    run = Run(
+        cfg, accelerator, models, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
+        trained=trained, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, data=data,
+        objective=Objective.from_config(cfg), total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
+        guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
+                          half_saves=not cfg.save_full_precision, device=accelerator.device),
+        setup=current_setup(cfg, plan, total_steps, models.info.family,
+                            architecture_hash(models.unet, models.text_encoder)),
+        owner=owner, prompts=preflight.prompts, validation=data.validation,
+    )
+    run.emas = make_emas(cfg, run, accelerator.device)
+    accelerator.init_trackers("tensorboard")
+    run.log(
+        f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
+        f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
+        f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device {accelerator.device}, "
+        f"precision {accelerator.mixed_precision}, optimizer {plan.unet.optimizer}, "
+        f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}."
+    )
+    return run
+
+
+def start_state(run: Run, preflight: Preflight) -> TrainerState:
+    """Where training starts: at the beginning, or where the training state the preflight chose left off (its
+    weights, optimizer, LR schedule and RNG loaded into the prepared objects, with this run's learning rates
+    and schedule, which the preflight said it honours)."""
+    batch_samples = run.cfg.batch_size * run.accelerator.num_processes
+    if preflight.resume is None:
+        return TrainerState(global_step=0, epoch=1, batches_in_epoch=0, batch_samples=batch_samples)
+    configured = configured_hyperparameters(run.optimizer)
+    state_dir = preflight.resume.state_dir
+    saved = load_training_state(run.accelerator, state_dir)
+    restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
+    state = continue_position(saved, batch_samples)
+    run.last_save, run.last_state = state_dir.parent, state_dir
+    run.log(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
+            f"{state.batches_in_epoch} batches into it.")
+    return state

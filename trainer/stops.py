@@ -1,0 +1,59 @@
+"""Stop requests: SIGINT (Ctrl-C) and SIGTERM (what docker, systemd, SLURM and Kubernetes send) ask the training
+loop to stop after the current optimizer step and save an interrupted model with its training state. A second
+Ctrl-C aborts at once; a second SIGTERM changes nothing (the stop is already under way).
+
+Sent to the whole process group, the signals reach the DataLoader workers too; those ignore them (data/dataset.py)
+and leave the stop to the main process, which shuts them down as it ends. Sampling and validation look at the
+request between denoising steps and batches, so a stop never waits for a long prompt list.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from trainer.errors import UserError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Aborted(UserError):
+    """A second Ctrl-C: the run ends now, without the interrupted save."""
+
+    exit_code = 128 + signal.SIGINT
+
+
+class StopRequest:
+    """Installed for the training loop's lifetime (`with StopRequest() as stop:`); `stop.requested` turns true
+    at the first signal."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for "ended by this signal": 130 after Ctrl-C, 143 after SIGTERM."""
+        return 128 + (self.signum or signal.SIGINT)
+
+    def __enter__(self) -> StopRequest:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
+              "training state (press Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
