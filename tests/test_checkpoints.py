@@ -70,8 +70,8 @@ def test_write_failures_are_told_apart_from_bugs():
     try:  # torch.save's way: its zip writer fails again while closing, on top of the iostream error
         try:
             raise RuntimeError("basic_ios::clear: iostream error")
-        except RuntimeError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25357056 vs 25356948")
+        except RuntimeError:  # raised while handling the first, chained to it implicitly as torch's is
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25357056")  # noqa: B904
     except RuntimeError as err:
         assert io_failure(err) == "basic_ios::clear: iostream error"
     assert io_failure(TypeError("save() got an unexpected keyword")) is None

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.encode import encode_posterior
 from data.images import load_for_bucket, load_rgb
 from data.latent_cache import (LatentCache, Variant, choose_cache_dir, entry_problem, fill_cache, latent_shape,
-                               load_posterior, vae_fingerprint)
+                               vae_fingerprint)
 from data.scan import scan_data_root
 from data.schedule import batches_per_epoch, epoch_batches
 from tests.conftest import REPO_ROOT, run_train

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_train
 from trainer import convert
-from trainer.tiny import tiny_unet, tiny_vae
+from trainer.tiny import STORED_DTYPES, tiny_unet, tiny_vae
 
 SMALL_RUN = ["--resolution", "64", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "no",
              "--gradient_checkpointing", "false", "--num_workers", "0", "--logdir", "logs"]
@@ -218,29 +218,53 @@ def test_a_half_precision_folder_trains(dtype, tiny_model, shapes_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_an_fp16_single_file_trains(tiny_model, shapes_dir, tmp_path):
-    base = tiny_model("sd1", "fp16")
-    checkpoint = convert.export_single_file(base, tmp_path / "models" / "tiny16.safetensors").checkpoint_path
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_half_precision_single_file_trains(dtype, tiny_model, shapes_dir, tmp_path):
+    base = tiny_model("sd1", dtype)
+    checkpoint = convert.export_single_file(base, tmp_path / "models" / f"tiny-{dtype}.safetensors").checkpoint_path
     run = tmp_path / "run"
     run.mkdir()
 
     result = run_train(["--resume_ckpt", str(checkpoint), "--data_root", str(shapes_dir), *TRAIN_FULL], run)
 
     assert result.returncode == 0, result.stderr[-3000:]
-    converted = load_file(str(run / "ckpt_cache" / "tiny16" / UNET_WEIGHTS))
-    assert converted["conv_in.weight"].dtype == torch.float16  # the converter keeps the file's dtype
+    converted = load_file(str(run / "ckpt_cache" / f"tiny-{dtype}" / UNET_WEIGHTS))
+    assert converted["conv_in.weight"].dtype == STORED_DTYPES[dtype]  # the converter keeps the file's dtype
     assert saved_unet_differs(result.stdout, base)
 
 
 @pytest.mark.slow
-def test_a_bf16_hub_model_trains(hub_server, tiny_model, shapes_dir, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_half_precision_hub_model_trains(dtype, hub_server, tiny_model, shapes_dir, tmp_path):
     hub = hub_server()
-    base = tiny_model("sd1", "bf16")
-    hub.add_repo("owner/tiny-bf16", base)
+    base = tiny_model("sd1", dtype)
+    hub.add_repo(f"owner/tiny-{dtype}", base)
 
-    result = run_train(["--resume_ckpt", "owner/tiny-bf16", "--data_root", str(shapes_dir), *TRAIN_FULL], tmp_path,
-                       env=hub.client_env(tmp_path / "hf_home"))
+    result = run_train(["--resume_ckpt", f"owner/tiny-{dtype}", "--data_root", str(shapes_dir), *TRAIN_FULL],
+                       tmp_path, env=hub.client_env(tmp_path / "hf_home"))
 
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Model source: Hugging Face repo owner/tiny-bf16" in result.stdout
+    assert f"Model source: Hugging Face repo owner/tiny-{dtype}" in result.stdout
+    assert saved_unet_differs(result.stdout, base)
+
+
+@pytest.mark.slow
+def test_frozen_parts_held_in_bf16_train_sample_validate_and_save_as_stored(tiny_model, shapes_dir, tmp_path):
+    """bf16 mixed precision holds the frozen VAE and text encoder in bf16 (on a CPU too): the loop encodes pixels
+    with it (no latent cache), validation and samples run with it, and the save keeps the files' own fp32
+    values for the frozen parts, not their bf16 copies."""
+    base = tiny_model("sd1")
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    result = run_train(["--resume_ckpt", str(base), "--data_root", str(shapes_dir), *TRAIN_FULL,
+                        "--mixed_precision", "bf16", "--disable_textenc_training", "--validation_split", "0.25",
+                        "--sample_prompts", "prompts.txt"], tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision bf16" in result.stdout and "Validation loss at step 2" in result.stdout
+    assert "Samples at step 2" in result.stdout and "Warning" not in result.stdout
+    (saved,) = [Path(line.split("Saved model: ", 1)[1].strip()) for line in result.stdout.splitlines()
+                if "Saved model: " in line]
+    for weights in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        stored, kept = load_file(str(base / weights)), load_file(str(saved / weights))
+        assert kept.keys() == stored.keys() and all(torch.equal(kept[k], stored[k]) for k in stored), weights
     assert saved_unet_differs(result.stdout, base)

@@ -28,7 +28,7 @@ from common.files import atomic_file, free_bytes, human_bytes, is_partial, remov
 from trainer.config import TrainConfig, config_to_dict
 from trainer.errors import UserError
 from trainer.models import ModelInfo, SDModels
-from trainer.resume import STATE_DIR, STATE_FILE, TrainerState
+from trainer.resume import STATE_FILE, TrainerState
 
 WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 

@@ -110,6 +110,8 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
             validate(run, state.global_step)
         if cfg.save_every_n_epochs and finished % cfg.save_every_n_epochs == 0 and finished < cfg.max_epochs:
             save(run, state, epoch=finished)
+        if agreed_stop(run):  # a stop that came during the epoch's validation or save
+            return
 
 
 def finish(run: Run, state: TrainerState) -> Path:
@@ -206,9 +208,11 @@ def validate(run: Run, step: int) -> None:
 
 def sample(run: Run, step: int) -> None:
     """Sample images from the current weights (and the EMA's). A failure is reported and the run goes on."""
-    if not run.prompts or not run.accelerator.is_main_process:
+    if not run.prompts:
         return
-    check_weights(run)
+    check_weights(run)  # on every process: with several, it is a collective
+    if not run.accelerator.is_main_process:
+        return
     try:
         _sample(run, step)
     except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -189,8 +189,6 @@ def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
 
 def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, family: str = "",
                   architecture: str = "") -> TrainingSetup:
-    from dataclasses import asdict
-
     trained = ("unet",) if cfg.disable_textenc_training else ("unet", "text_encoder")
     lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
     return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.unet.optimizer,

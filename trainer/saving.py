@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,7 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
         run.log(f"Saved model: {twin}")
     if cfg.save_single_file:
         for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
-            agree(run, lambda: _single_file(run, folder), folder, step=state.global_step, complete=True)
+            agree(run, lambda folder=folder: _single_file(run, folder), folder, step=state.global_step, complete=True)
     if cfg.max_saves and not prefix and accelerator.is_main_process:
         _prune(run, path.parent)
     accelerator.wait_for_everyone()
@@ -124,9 +125,7 @@ def _finish(partial: Path, path: Path, state: TrainerState | None, run: Run) -> 
 
 
 def _with_setup(state: TrainerState, run: Run) -> TrainerState:
-    from dataclasses import replace
-
-    return replace(state, setup=run.setup)
+    return dataclasses.replace(state, setup=run.setup)
 
 
 def _trained_names(run: Run) -> set[str]:
