@@ -173,8 +173,8 @@ def test_sigterm_to_the_process_group_saves_and_resumes(tiny_model, shapes_dir, 
     (saved,) = saved_paths(out)
     assert saved.name.startswith("interrupted-myproj-ep") and (saved / "training_state" / "trainer_state.json").is_file()
     assert f"Continue with --resume_state {saved}" in out
-    resumed = run_train([*common[:-4], "--max_epochs", "1", "--max_steps", "20", "--resume_state", str(saved)],
-                        cwd=tmp_path)
+    step = int(saved.name.rsplit("-gs", 1)[1])
+    resumed = run_train([*common, "--max_steps", str(step + 2), "--resume_state", str(saved)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {saved / 'training_state'}" in resumed.stdout
 
