@@ -11,9 +11,12 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from trainer.config import TrainConfig, load_config_or_exit
+from common.console import configure as configure_console
+from common.console import say
+from data.errors import DataError
+from trainer.config import ConfigError, TrainConfig, load_config
+from trainer.config_docs import help_text
 from trainer.errors import UserError
 
 
@@ -30,25 +33,24 @@ def dry_run(cfg: TrainConfig) -> int:
     """The preflight and the data plan only: no model is loaded and diffusers is never imported."""
     from trainer.preflight import plan_lines, run_dir_path, run_preflight
 
-    cfg = pick_seed(cfg, print)
+    cfg = pick_seed(cfg, say)
     preflight = run_preflight(cfg, run_dir_path(cfg))
-    for line in [*preflight.notices, *plan_lines(cfg, preflight)]:
-        print(line)
-    print("Preflight: every check passed.")
+    for line in [*preflight.notices, *plan_lines(cfg, preflight), "Preflight: every check passed."]:
+        say(line)
     return 0
 
 
 def train_run(cfg: TrainConfig, started: float) -> int:
     # Heavy imports only once the config is known to be good, so --help and config errors answer at once.
-    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
     from data.dataset import build_training_data
-    from trainer.checkpoints import create_run_dir, remove_stale_saves
+    from data.options import DataOptions
+    from trainer.checkpoints import open_run_folder
     from trainer.loop import train
-    from trainer.models import ComponentDtypes, load_models
-    from trainer.precision import frozen_dtype, training_precision
+    from trainer.models import load_models
+    from trainer.precision import component_dtypes, training_precision
     from trainer.preflight import check_model_fits, run_dir_path, run_preflight
 
     # One process, or one per device under `accelerate launch` (docs/DISTRIBUTED.md). What a process would pick
@@ -56,47 +58,51 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     # folders (a model converted or downloaded into ckpt_cache/, the latent cache, the run folder) the main
     # process writes first, and the others then only read it.
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # read as Accelerator reads it
-    cfg, run_dir = broadcast_object_list([pick_seed(cfg, processes.print), run_dir_path(cfg)])
+    configure_console(main=processes.is_main_process)
+    cfg, run_dir = broadcast_object_list([pick_seed(cfg, say), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model
-    precision, warning = training_precision(cfg.mixed_precision, torch.cuda.is_available())
-    for line in preflight.notices + ([f"Warning: {warning}"] if warning else []):
-        processes.print(line)
-    frozen = frozen_dtype(precision)  # trained weights are fp32 masters; frozen parts compute in this dtype
-    dtypes = ComponentDtypes(unet=torch.float32, vae=frozen,
-                             text_encoder=frozen if cfg.disable_textenc_training else torch.float32)
+    precision = training_precision(cfg.mixed_precision)
     with processes.main_process_first():
         models = load_models(cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder,
-                             prediction_type=cfg.prediction_type, dtypes=dtypes)
-        processes.print(f"Model: {models.info.describe()}")
+                             prediction_type=cfg.prediction_type, dtypes=component_dtypes(cfg, precision))
+        say(f"Model: {models.info.describe()}")
         check_model_fits(cfg, preflight, models)  # a resumed state's architecture, the room for a save
         # fills the latent cache if on; batches of batch_size x processes, split between the processes
-        data = build_training_data(cfg, models.tokenizer, models.vae, processes.num_processes,
+        data = build_training_data(DataOptions.from_config(cfg), models.tokenizer, models.vae, processes.num_processes,
                                    cache_dir=preflight.cache_dir, scan=preflight.scan, held_out=preflight.validation)
         if processes.is_main_process:
-            run_dir = create_run_dir(cfg, models.info, run_dir)
-            for stale in remove_stale_saves(Path(cfg.logdir), preflight.save_dir):
-                print(f"Removed {stale}, a partial save a killed run left behind.")
-            print(f"Run folder: {run_dir.resolve()}")
+            run_dir = open_run_folder(cfg, models.info, run_dir, preflight.save_dir)
     (run_dir,) = broadcast_object_list([run_dir])
     return train(cfg, models, data, run_dir, preflight, precision, started).exit_code
 
 
 def main(argv: list[str]) -> int:
     started = time.monotonic()
-    cfg = load_config_or_exit(argv).config  # every config problem at once, exit 2; imports no torch
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return 0
+    try:
+        loaded = load_config(argv)  # every config problem at once; imports no torch
+    except ConfigError as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
+    for notice in loaded.notices:
+        say(f"Config: {notice}")
+    cfg = loaded.config
     try:
         return dry_run(cfg) if cfg.dry_run else train_run(cfg, started)
-    except UserError as err:  # an input or environment problem, said in one message
+    except (UserError, DataError) as err:  # an input or environment problem, said in one message
         print(f"train.py: {err}", file=sys.stderr)
-        return err.exit_code
+        return getattr(err, "exit_code", 1)
     except KeyboardInterrupt:  # during training a Ctrl-C stops and saves; this is before training started
         print("train.py: stopped by Ctrl-C before training started; nothing was trained, so nothing needed saving.",
               file=sys.stderr)
         return 130
     except Exception as err:
-        from trainer.failures import report_unexpected
+        from trainer.failures import describe_unexpected
 
-        return report_unexpected(err)
+        print(describe_unexpected(err), file=sys.stderr)
+        return 1
     finally:
         if "data.workers" in sys.modules:  # DataLoader workers ran: none may outlive the program
             sys.modules["data.workers"].end_worker_processes()

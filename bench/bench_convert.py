@@ -24,7 +24,17 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from trainer import convert  # noqa: E402
+from convert.configs import (  # noqa: E402
+    scheduler_config,
+    text_encoder_config,
+    unet_config_from_ldm,
+    vae_config_from_ldm,
+)
+from convert.read import load_original_config  # noqa: E402
+from convert.to_diffusers import meta_model  # noqa: E402
+from convert.to_original import diffusers_to_original  # noqa: E402
+from convert.tokenizer import clip_tokenizer  # noqa: E402
+from convert.write import write_model_index  # noqa: E402
 
 NO_NETWORK = """import socket
 def _refuse(*a, **k):
@@ -40,19 +50,18 @@ def make_sd15_checkpoint(path: Path, config_dir: Path) -> int:
     diffusers config folder `from_single_file` needs (configs only, no weights). Returns its byte size."""
     from safetensors.torch import save_file
 
-    original = convert.load_original_config(REPO_ROOT / "v1-inference.yaml")
-    unet_cfg = convert.unet_config_from_ldm(original, 512, False, None)
-    vae_cfg = convert.vae_config_from_ldm(original, 512)
-    detected = convert.Detected("sd1", 4, 768, 768, 12, [])
-    text_cfg = convert.text_encoder_config(detected)
-    models = {name: convert._meta_model(name, cfg)
+    original = load_original_config(REPO_ROOT / "v1-inference.yaml")
+    unet_cfg = unet_config_from_ldm(original, 512, False, None)
+    vae_cfg = vae_config_from_ldm(original, 512)
+    text_cfg = text_encoder_config("sd1", 768, 12)
+    models = {name: meta_model(name, cfg)
               for name, cfg in (("unet", unet_cfg), ("vae", vae_cfg), ("text_encoder", text_cfg))}
     gen = torch.Generator().manual_seed(0)
 
     def random_like(state):
         return {k: (torch.randn(v.shape, generator=gen) * 0.02).half() for k, v in state.items()}
 
-    state = convert.diffusers_to_original(
+    state = diffusers_to_original(
         random_like(models["unet"].state_dict()), unet_cfg, random_like(models["vae"].state_dict()), vae_cfg,
         random_like(models["text_encoder"].state_dict()), "sd1")
     save_file(state, str(path))
@@ -66,11 +75,9 @@ def make_sd15_checkpoint(path: Path, config_dir: Path) -> int:
     text_config.save_pretrained(config_dir / "text_encoder")
     from diffusers import PNDMScheduler
 
-    from trainer.tokenizer import clip_tokenizer
-
     clip_tokenizer().save_pretrained(config_dir / "tokenizer")
-    PNDMScheduler.from_config(convert.scheduler_config(original, "epsilon")).save_pretrained(config_dir / "scheduler")
-    convert._write_model_index(config_dir, "PNDMScheduler", inpainting=False)
+    PNDMScheduler.from_config(scheduler_config(original, "epsilon")).save_pretrained(config_dir / "scheduler")
+    write_model_index(config_dir, "PNDMScheduler", inpainting=False)
     return path.stat().st_size
 
 

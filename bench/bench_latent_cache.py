@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from data.dataset import build_dataloader, build_training_data  # noqa: E402
+from data.options import DataOptions  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
@@ -34,8 +35,8 @@ def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, flo
     preflight = run_preflight(cfg, run_dir)
     models = load_models(str(model_dir))
     start = time.perf_counter()
-    data = build_training_data(cfg, models.tokenizer, models.vae, cache_dir=preflight.cache_dir, scan=preflight.scan,
-                               held_out=preflight.validation)
+    data = build_training_data(DataOptions.from_config(cfg), models.tokenizer, models.vae,
+                               cache_dir=preflight.cache_dir, scan=preflight.scan, held_out=preflight.validation)
     loader = data.loader
     loader_s = time.perf_counter() - start
     stamps: list[float] = []
@@ -70,7 +71,7 @@ def data_path_per_epoch(cfg: TrainConfig, model_dir: Path) -> float:
     from trainer.loop import encode_images
 
     models = load_models(str(model_dir))
-    loader = build_dataloader(cfg, models.tokenizer, models.vae)
+    loader = build_dataloader(DataOptions.from_config(cfg), models.tokenizer, models.vae)
     generator = torch.Generator().manual_seed(0)
     times = []
     for _ in range(2):

@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402
 
 from data.dataset import build_training_data  # noqa: E402
+from data.options import DataOptions  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.guard import WeightGuard  # noqa: E402
 from trainer.loop import train  # noqa: E402
@@ -83,8 +84,8 @@ def time_ours(model_dir: Path, data_root: Path, work: Path, args, resolution: in
     run_dir = work / "run"
     preflight = run_preflight(cfg, run_dir)
     models = load_models(str(model_dir))
-    data = build_training_data(cfg, models.tokenizer, models.vae, cache_dir=preflight.cache_dir, scan=preflight.scan,
-                               held_out=preflight.validation)
+    data = build_training_data(DataOptions.from_config(cfg), models.tokenizer, models.vae,
+                               cache_dir=preflight.cache_dir, scan=preflight.scan, held_out=preflight.validation)
     stamps: list[float] = []
     models.unet.register_forward_pre_hook(lambda module, inputs: stamps.append(time.perf_counter()))
     run_dir.mkdir(parents=True)

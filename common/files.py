@@ -1,4 +1,5 @@
-"""Files and folders that appear whole or not at all, and the checks that a place can take them.
+"""Files and folders that appear whole or not at all, the checks that a place can take them, and json files
+read with a message that says what is wrong with them.
 
 Every writer of the project goes through here. A write goes to a hidden sibling, `.<name>.partial-<host>-<pid>`,
 and one rename puts it in place: a reader sees the old state or the new one, never half of one. Any failure on
@@ -11,6 +12,7 @@ This module imports nothing of the project: data/, trainer/ and the converter al
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 _HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<host>[\w.]+)-(?P<pid>\d+)$")
@@ -68,6 +71,16 @@ def atomic_folder(final: Path, *, owner: str | None = None) -> Iterator[Path]:
     except BaseException:
         remove(partial)
         raise
+
+
+def replace_folder(new: Path, final: Path) -> None:
+    """Put the complete folder `new` at `final`, replacing what is there: the old one is renamed away (under a
+    partial name, so a crash leaves nothing that looks whole), the new one renamed in, the old one removed."""
+    old = partial_path(final.with_name(final.name + ".replaced"))
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    remove(old)
 
 
 @contextmanager
@@ -153,3 +166,24 @@ def human_bytes(count: float) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError
+
+
+def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(the json object in `path`, None), or (None, what is wrong with the file) as a sentence naming it. UTF-8,
+    with or without the BOM Windows editors write."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        return None, f"{path} does not exist."
+    except OSError as err:
+        return None, f"could not read {path}: {err.strerror or err}."
+    except UnicodeDecodeError:
+        return None, f"{path} is not a text file (not UTF-8); expected json."
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, (f"{path} is not valid json ({err.msg}: line {err.lineno}, column {err.colno} of its "
+                      f"{len(text)} characters); expected a complete json object.")
+    if not isinstance(data, dict):
+        return None, f"{path} holds a json {type(data).__name__}; expected a json object {{\"key\": value, ...}}."
+    return data, None

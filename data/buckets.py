@@ -9,7 +9,9 @@ EveryDream2 and kohya use). A batch holds one bucket, so its tensors share one s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 # SD's VAE downsamples 8x and the UNet 8x more: sides that are multiples of 64 keep every level whole.
 SIDE_MULTIPLE = 64
@@ -66,3 +68,20 @@ def fit_image(width: int, height: int, bucket: Bucket) -> tuple[tuple[int, int],
     left = (resized[0] - bucket.width) // 2
     top = (resized[1] - bucket.height) // 2
     return resized, (left, top, left + bucket.width, top + bucket.height), scale > 1.0
+
+
+class _InABucket(Protocol):
+    @property
+    def bucket(self) -> Bucket: ...
+
+
+InABucket = TypeVar("InABucket", bound=_InABucket)
+
+
+def group_by_bucket(things: Iterable[InABucket]) -> dict[Bucket, list[InABucket]]:
+    """`things` (images, cache variants: anything with a `bucket`) per bucket, each group in the given order:
+    a batch holds one bucket, so encoding and batching go group by group."""
+    groups: dict[Bucket, list[InABucket]] = {}
+    for thing in things:
+        groups.setdefault(thing.bucket, []).append(thing)
+    return groups

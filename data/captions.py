@@ -1,4 +1,4 @@
-"""Captions: where an image's caption comes from, per-folder repeat factors, and per-step caption variations.
+"""Captions: where an image's caption comes from, per-folder repeat factors, per-step variations, token ids.
 
 An image's caption is the first of these that exists (EveryDream2's rules):
   1. `<stem>.txt`, then `<stem>.caption`: the whole file, stripped;
@@ -9,6 +9,9 @@ Text files may be UTF-8 with or without a BOM and with CRLF line ends.
 
 `multiply.txt` in a folder repeats that folder's images per epoch (2.5: every image twice, plus a random half
 once more, drawn anew each epoch). As in EveryDream2 it applies to that folder only, not its subfolders.
+
+Captions become token ids in one place, `tokenize_captions`, for training rows and validation batches alike.
+Reading captions imports no torch (the preflight and `--dry_run` scan with it).
 """
 
 from __future__ import annotations
@@ -17,8 +20,13 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPTokenizer
 
 TEXT_SIDECARS = (".txt", ".caption")
 STRUCTURED_SIDECARS = (".yaml", ".yml", ".json")
@@ -103,3 +111,11 @@ def shuffle_tags(caption: str, keep_tags: int, rng: random.Random) -> str:
     fixed, rest = chunks[: 1 + keep_tags], chunks[1 + keep_tags :]
     rng.shuffle(rest)
     return ", ".join(fixed + rest)
+
+
+def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
+    """(len(captions), model_max_length) token ids: each caption padded to the text encoder's window (77 for
+    CLIP), or cut to it, so a batch's rows stack into one tensor."""
+    return tokenizer(
+        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids

@@ -12,6 +12,8 @@ with batch N x batch_size would.
 
 Every random choice (repeats, order, flips, tag shuffles, caption dropout, the latent sample) comes from the
 run's seed and the epoch through `Draw.seed`, so results do not depend on num_workers.
+
+The settings come as `DataOptions` (data/options.py), or any object with its attributes (the training config).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from pathlib import Path
 import torch
 from transformers import CLIPTokenizer
 
-from data.captions import shuffle_tags
-from data.images import load_for_bucket
+from common.console import say
+from data.captions import shuffle_tags, tokenize_captions
+from data.encode import scaled_latents
 from data.latent_cache import LATENT_CACHE_FOLDER, LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
-from data.pixels import to_tensor
+from data.options import DataOptions
+from data.pixels import bucket_pixels
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import Draw, batches_per_epoch, epoch_batches
 from data.workers import ignore_stop_signals
-from trainer.config import TrainConfig
 
 
 class TrainDataset(torch.utils.data.Dataset):
@@ -40,15 +43,15 @@ class TrainDataset(torch.utils.data.Dataset):
         self,
         items: list[ImageItem],
         tokenizer: CLIPTokenizer,
-        cfg: TrainConfig,
+        options: DataOptions,
         latents: dict[tuple[int, bool], Path] | None = None,
         scaling_factor: float = 1.0,
     ):
         self.items = items
         self.tokenizer = tokenizer
-        self.cond_dropout = cfg.cond_dropout
-        self.shuffle_tags = cfg.shuffle_tags
-        self.keep_tags = cfg.keep_tags
+        self.cond_dropout = options.cond_dropout
+        self.shuffle_tags = options.shuffle_tags
+        self.keep_tags = options.keep_tags
         self.latents = latents  # (item index, flip) -> cache entry
         self.scaling_factor = scaling_factor
 
@@ -65,21 +68,15 @@ class TrainDataset(torch.utils.data.Dataset):
         return shuffle_tags(caption, self.keep_tags, rng) if self.shuffle_tags else caption
 
     def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
-        input_ids = self.tokenizer(
-            self.caption(draw),
-            padding="max_length",
-            truncation=True,
-            max_length=self.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids[0]
+        input_ids = tokenize_captions(self.tokenizer, [self.caption(draw)])[0]
         row = {"input_ids": input_ids, "loss_weight": torch.tensor(draw.weight), "seed": draw.seed}
         if self.latents is None:
             item = self.items[draw.index]
-            row["pixel_values"] = to_tensor(load_for_bucket(item.path, item.bucket, draw.flip))
+            row["pixel_values"] = bucket_pixels(item.path, item.bucket, draw.flip)
         else:
             mean, std = load_posterior(self.latents[(draw.index, draw.flip)])
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(draw.seed))
-            row["latents"] = (mean + std * noise) * self.scaling_factor
+            row["latents"] = scaled_latents(mean, std, noise, self.scaling_factor)
         return row
 
 
@@ -121,23 +118,23 @@ def default_cache_dir(data_root: str | Path) -> Path:
 
 
 def prepare_latents(
-    cfg: TrainConfig, scan: Scan, vae: torch.nn.Module, cache_dir: Path
+    options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
 ) -> dict[tuple[int, bool], Path]:
     """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw; returns their cache entries.
 
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """
     cache = LatentCache(cache_dir, vae_fingerprint(vae))
-    flips = (False, True) if cfg.flip_p > 0 else (False,)
+    flips = (False, True) if options.flip_p > 0 else (False,)
     keys = [(i, flip) for i in range(len(scan.items)) for flip in flips]
     variants = [Variant(scan.items[i].path, scan.items[i].bucket, flip) for i, flip in keys]
-    encoded, reused = fill_cache(cache, variants, vae, cfg.batch_size, cfg.num_workers)
-    print(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
+    encoded, reused = fill_cache(cache, variants, vae, options.batch_size, options.num_workers)
+    say(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
     return {key: cache.entry(v) for key, v in zip(keys, variants)}
 
 
 def build_dataloader(
-    cfg: TrainConfig,
+    options: DataOptions,
     tokenizer: CLIPTokenizer,
     vae: torch.nn.Module | None = None,
     scan: Scan | None = None,
@@ -150,23 +147,23 @@ def build_dataloader(
     for accelerate to split between the processes. Its workers leave stop signals to this process
     (data/workers.py)."""
     if scan is None:
-        scan = scan_data_root(Path(cfg.data_root), cfg.resolution)
-        for line in scan.report():
-            print(line)
+        scan = scan_data_root(Path(options.data_root), options.resolution)
+        scan.tell()
     latents, scaling_factor = None, 1.0
-    if cfg.cache_latents:
+    if options.cache_latents:
         if vae is None:
             raise ValueError("cache_latents is on: build_dataloader needs the VAE to fill the cache")
-        cache_dir = default_cache_dir(cfg.data_root) if cache_dir is None else cache_dir
-        latents, scaling_factor = prepare_latents(cfg, scan, vae, cache_dir), float(vae.config.scaling_factor)
-    dataset = TrainDataset(scan.items, tokenizer, cfg, latents, scaling_factor)
+        cache_dir = default_cache_dir(options.data_root) if cache_dir is None else cache_dir
+        latents, scaling_factor = prepare_latents(options, scan, vae, cache_dir), float(vae.config.scaling_factor)
+    dataset = TrainDataset(scan.items, tokenizer, options, latents, scaling_factor)
+    batch_sampler = BucketBatchSampler(scan.items, options.batch_size * num_processes, options.flip_p, options.seed)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=BucketBatchSampler(scan.items, cfg.batch_size * num_processes, cfg.flip_p, cfg.seed),
+        batch_sampler=batch_sampler,
         collate_fn=collate,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,  # no worker start-up (and tokenizer copy) every epoch
-        prefetch_factor=4 if cfg.num_workers > 0 else None,  # batches prepared ahead while the GPU works
+        num_workers=options.num_workers,
+        persistent_workers=options.num_workers > 0,  # no worker start-up (and tokenizer copy) every epoch
+        prefetch_factor=4 if options.num_workers > 0 else None,  # batches prepared ahead while the GPU works
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
     )
@@ -183,7 +180,7 @@ class TrainingData:
 
 
 def build_training_data(
-    cfg: TrainConfig,
+    options: DataOptions,
     tokenizer: CLIPTokenizer,
     vae: torch.nn.Module,
     num_processes: int = 1,
@@ -191,7 +188,7 @@ def build_training_data(
     scan: Scan | None = None,
     held_out: list[ImageItem] | None = None,
 ) -> TrainingData:
-    """The training loader and the encoded validation batches; prints the scan report of the training images.
+    """The training loader and the encoded validation batches; says the scan report of the training images.
 
     `scan` and `held_out` are the training images and the validation images when the caller has them already
     (train.py's preflight); else data_root is scanned and the validation images held out here. Writes the latent
@@ -201,8 +198,8 @@ def build_training_data(
     from data.validation import encode_validation_set, validation_items
 
     if scan is None:
-        scan, held_out = validation_items(cfg, scan_data_root(Path(cfg.data_root), cfg.resolution))
-    for line in scan.report():
-        print(line)
-    loader = build_dataloader(cfg, tokenizer, vae, scan=scan, num_processes=num_processes, cache_dir=cache_dir)
-    return TrainingData(loader, encode_validation_set(held_out, tokenizer, vae, cfg.batch_size) if held_out else [])
+        scan, held_out = validation_items(options, scan_data_root(Path(options.data_root), options.resolution))
+    scan.tell()
+    loader = build_dataloader(options, tokenizer, vae, scan=scan, num_processes=num_processes, cache_dir=cache_dir)
+    validation = encode_validation_set(held_out, tokenizer, vae, options.batch_size) if held_out else []
+    return TrainingData(loader, validation)

@@ -4,6 +4,8 @@ The frozen VAE may be held in fp16 or bf16 (the run's compute precision). It the
 fp16's small range (largest value 65504) overflows on some images, giving inf or NaN latents that would
 poison training. Such a batch is encoded again in float32, from a float32 copy of the VAE made once (and
 said once) per VAE. bf16 has float32's range and does not overflow.
+
+`scaled_latents` turns a posterior into what the UNet takes, for cached and freshly encoded latents alike.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import copy
 from weakref import WeakKeyDictionary
 
 import torch
+
+from common.console import say
 
 # The float32 copy of each reduced-precision VAE that overflowed once; dropped with the VAE.
 _FLOAT32_COPIES: WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = WeakKeyDictionary()
@@ -44,6 +48,16 @@ def encode_posterior(
     return mean.to(pixels.device), std.to(pixels.device)
 
 
+def scaled_latents(
+    mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None, scaling_factor: float
+) -> torch.Tensor:
+    """The UNet's latents from a posterior: the sample `mean + std * noise` (the mean itself when `noise` is None:
+    fixed latents for the validation loss), times the VAE's scaling factor, which brings them to about the unit
+    variance the noise schedule assumes (Rombach et al. 2022, latent diffusion)."""
+    sample = mean if noise is None else mean + std * noise
+    return sample * scaling_factor
+
+
 def _posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     posterior = vae.encode(pixels).latent_dist
     return posterior.mean.float(), posterior.std.float()
@@ -57,11 +71,10 @@ def _float32_copy(vae: torch.nn.Module, shape: torch.Size) -> torch.nn.Module:
     """The VAE's float32 copy, on its device; made (and announced) the first time this VAE overflows."""
     weight = next(vae.parameters())
     if vae not in _FLOAT32_COPIES:
-        print(
+        say(
             f"VAE: in {str(weight.dtype).removeprefix('torch.')} it encoded a batch of {shape[-1]}x{shape[-2]} "
             "images to non-finite latents (overflow); such batches are encoded again in float32, which is slower "
-            "and holds a float32 copy of the VAE. To avoid it, use mixed_precision bf16 (same range as float32).",
-            flush=True,
+            "and holds a float32 copy of the VAE. To avoid it, use mixed_precision bf16 (same range as float32)."
         )
         _FLOAT32_COPIES[vae] = copy.deepcopy(vae).to(torch.float32)
     return _FLOAT32_COPIES[vae].to(weight.device)

@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.console import say
 from common.files import atomic_file, place_problem, remove, remove_stale_partials, write_bytes_atomically
 from common.safetensors_header import HeaderError, read_header
-from data.buckets import Bucket
-from data.images import load_for_bucket
+from data.buckets import Bucket, group_by_bucket
 from data.workers import ignore_stop_signals
 
 if TYPE_CHECKING:
@@ -183,10 +182,10 @@ class _VariantPixels:
         return len(self.variants)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from data.pixels import to_tensor
+        from data.pixels import bucket_pixels
 
         v = self.variants[index]
-        return to_tensor(load_for_bucket(v.path, v.bucket, v.flip))
+        return bucket_pixels(v.path, v.bucket, v.flip)
 
 
 def damaged_entries(cache: LatentCache, variants: list[Variant], vae: torch.nn.Module) -> dict[Variant, str]:
@@ -226,7 +225,7 @@ def fill_cache(
 
     damaged = damaged_entries(cache, variants, vae)
     if damaged:
-        print(damage_notice(cache, damaged))
+        say(damage_notice(cache, damaged))
         for variant in damaged:
             remove(cache.entry(variant))  # a folder or a link in an entry's place would refuse the new file
     missing = [v for v in variants if not cache.entry(v).is_file()]
@@ -235,15 +234,12 @@ def fill_cache(
         return 0, len(variants)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     home = next(vae.parameters()).device
-    print(f"Latent cache: encoding {len(missing)} of {len(variants)} image variants on {device} into {cache.folder}.")
+    say(f"Latent cache: encoding {len(missing)} of {len(variants)} image variants on {device} into {cache.folder}.")
     for folder in sorted({cache.entry(v).parent for v in missing}):
         remove_stale_partials(folder)  # what a killed fill left
     vae.to(device)
     try:
-        by_bucket: dict[Bucket, list[Variant]] = {}
-        for v in missing:
-            by_bucket.setdefault(v.bucket, []).append(v)
-        for group in by_bucket.values():
+        for group in group_by_bucket(missing).values():
             loader = torch.utils.data.DataLoader(
                 _VariantPixels(group), batch_size=batch_size, num_workers=num_workers,
                 pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
@@ -256,5 +252,4 @@ def fill_cache(
                 done += len(pixels)
     finally:
         vae.to(home)
-    sys.stdout.flush()
     return len(missing), len(variants) - len(missing)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 
+from common.console import say, warn
 from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
 from data.captions import CaptionError, read_caption, read_multiply
+from data.errors import DataError
 from data.images import IMAGE_EXTENSIONS, BadImage, probe
-from trainer.errors import UserError
 
 LISTED_AT_MOST = 20  # names printed per report; the rest are counted
 
@@ -43,7 +44,21 @@ class Scan:
     duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (path, path counted instead) to one file
 
     def report(self) -> list[str]:
-        """Lines to print once at start: images, buckets, skipped files, links not followed twice, upscaled images."""
+        """The report as lines (the dry run lists them): images, buckets, skipped files, links not followed twice,
+        and the warning about upscaled images."""
+        warning = self.upscale_warning()
+        return self.summary() + (f"Warning: {warning}".splitlines() if warning else [])
+
+    def tell(self) -> None:
+        """Say the report once at start; the upscaled images go out as a warning."""
+        for line in self.summary():
+            say(line)
+        warning = self.upscale_warning()
+        if warning:
+            warn(warning)
+
+    def summary(self) -> list[str]:
+        """Images, buckets, repeats, skipped files, links not followed twice, files counted once."""
         lines = [f"Data: {len(self.items)} images in {self.root}, {len(self.skipped)} skipped."]
         per_bucket = Counter(item.bucket for item in self.items)
         lines.append("Data: images per bucket: " + ", ".join(f"{b} {n}" for b, n in sorted(per_bucket.items())))
@@ -67,15 +82,17 @@ class Scan:
                 f"links), each image is counted once; e.g. {_relative(path, self.root)} is "
                 f"{_relative(kept, self.root)}."
             )
-        upscaled = [i for i in self.items if i.upscaled]
-        if upscaled:
-            lines.append(
-                f"Warning: {len(upscaled)} image(s) are smaller than their bucket and will be upscaled (blurrier); "
-                "use larger images or a lower resolution:"
-            )
-            lines += [f"  {_relative(i.path, self.root)}: {i.size[0]}x{i.size[1]} -> {i.bucket}" for i in upscaled[:LISTED_AT_MOST]]
-            lines += _more(upscaled)
         return lines
+
+    def upscale_warning(self) -> str | None:
+        """The images smaller than their bucket, which training enlarges (blurs), one per line; None if none."""
+        upscaled = [i for i in self.items if i.upscaled]
+        if not upscaled:
+            return None
+        heading = (f"{len(upscaled)} image(s) are smaller than their bucket and will be upscaled (blurrier); "
+                   "use larger images or a lower resolution:")
+        listed = [f"  {_relative(i.path, self.root)}: {i.size[0]}x{i.size[1]} -> {i.bucket}" for i in upscaled[:LISTED_AT_MOST]]
+        return "\n".join([heading, *listed, *_more(upscaled)])
 
 
 def _more(listed: list) -> list[str]:
@@ -204,7 +221,7 @@ def find_image_files(root: Path) -> list[Path]:
 
 
 def scan_data_root(root: Path, resolution: int, threads: int | None = None) -> Scan:
-    """Every image under `root` checked, captioned and bucketed. Raises UserError when none is usable."""
+    """Every image under `root` checked, captioned and bucketed. Raises DataError when none is usable."""
     walk = walk_data_root(root)
     paths = walk.files
     if not paths:
@@ -212,14 +229,14 @@ def scan_data_root(root: Path, resolution: int, threads: int | None = None) -> S
         found = f": {unreadable[0]}" if unreadable else (
             f" holds no images ({', '.join(IMAGE_EXTENSIONS)}), searched recursively"
             + (f"; skipped {_relative(walk.skipped[0][0], root)}: {walk.skipped[0][1]}" if walk.skipped else ""))
-        raise UserError(f"data_root {str(root)!r}{found}. Point --data_root at your training images.")
+        raise DataError(f"data_root {str(root)!r}{found}. Point --data_root at your training images.")
     table = bucket_table(resolution)
     multiplies: dict[Path, float] = {}
     for folder in sorted({p.parent for p in paths}):
         try:
             multiplies[folder] = read_multiply(folder)
         except CaptionError as err:
-            raise UserError(str(err)) from None
+            raise DataError(str(err)) from None
 
     def check(path: Path) -> ImageItem | tuple[Path, str]:
         try:
@@ -241,7 +258,7 @@ def scan_data_root(root: Path, resolution: int, threads: int | None = None) -> S
     items = [r for r in results if isinstance(r, ImageItem)]
     unusable = [r for r in results if not isinstance(r, ImageItem)]
     if not items:
-        raise UserError(
+        raise DataError(
             f"data_root {str(root)!r} has {len(paths)} image file(s) but none could be used, e.g. "
             f"{unusable[0][0].name}: {unusable[0][1]}. Replace or remove the broken files."
         )

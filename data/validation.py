@@ -14,9 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data.images import load_for_bucket
-from data.scan import ImageItem, Scan
-from trainer.errors import UserError
+from common.console import say
+from data.buckets import group_by_bucket
+from data.captions import tokenize_captions
+from data.errors import DataError
+from data.options import DataOptions
+from data.scan import ImageItem, Scan, scan_data_root
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +33,7 @@ def split_validation(scan: Scan, fraction: float, seed: int) -> tuple[Scan, list
         return scan, []
     count = max(1, round(fraction * len(scan.items)))
     if count >= len(scan.items):
-        raise UserError(
+        raise DataError(
             f"validation_split {fraction} would hold out all {len(scan.items)} images; use a smaller fraction "
             "or a validation_data_root folder."
         )
@@ -48,35 +51,30 @@ def encode_validation_set(
     """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU."""
     import torch
 
-    from data.encode import encode_posterior
-    from data.pixels import to_tensor
+    from data.encode import encode_posterior, scaled_latents
+    from data.pixels import bucket_pixels
 
-    by_bucket: dict = {}
-    for item in items:
-        by_bucket.setdefault(item.bucket, []).append(item)
     batches = []
-    for bucket_items in by_bucket.values():
+    for bucket_items in group_by_bucket(items).values():
         for start in range(0, len(bucket_items), batch_size):
             chunk = bucket_items[start : start + batch_size]
-            pixels = torch.stack([to_tensor(load_for_bucket(i.path, i.bucket, False)) for i in chunk])
-            latents = encode_posterior(vae, pixels)[0] * vae.config.scaling_factor  # float32, on the CPU
-            input_ids = tokenizer(
-                [i.caption for i in chunk], padding="max_length", truncation=True,
-                max_length=tokenizer.model_max_length, return_tensors="pt",
-            ).input_ids
-            batches.append({"latents": latents, "input_ids": input_ids})
+            pixels = torch.stack([bucket_pixels(i.path, i.bucket, flip=False) for i in chunk])
+            mean, std = encode_posterior(vae, pixels)  # float32, on the CPU
+            batches.append({
+                "latents": scaled_latents(mean, std, None, vae.config.scaling_factor),
+                "input_ids": tokenize_captions(tokenizer, [i.caption for i in chunk]),
+            })
     return batches
 
 
-def validation_items(cfg, scan: Scan) -> tuple[Scan, list[ImageItem]]:
-    """The training scan and the validation items the config asks for (a folder wins over a split)."""
-    if cfg.validation_data_root:
-        from data.scan import scan_data_root
-
-        held = scan_data_root(Path(cfg.validation_data_root), cfg.resolution)
-        print(f"Validation: {len(held.items)} images in {held.root}.")
+def validation_items(options: DataOptions, scan: Scan) -> tuple[Scan, list[ImageItem]]:
+    """The training scan and the validation items `options` ask for (a folder wins over a split)."""
+    if options.validation_data_root:
+        held = scan_data_root(Path(options.validation_data_root), options.resolution)
+        say(f"Validation: {len(held.items)} images in {held.root}.")
         return scan, held.items
-    train_scan, held = split_validation(scan, cfg.validation_split, cfg.seed)
+    train_scan, held = split_validation(scan, options.validation_split, options.seed)
     if held:
-        print(f"Validation: {len(held)} of {len(scan.items)} images held out (validation_split {cfg.validation_split}).")
+        say(f"Validation: {len(held)} of {len(scan.items)} images held out (validation_split "
+            f"{options.validation_split}).")
     return train_scan, held

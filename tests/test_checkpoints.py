@@ -23,6 +23,7 @@ from trainer.checkpoints import (
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import load_models
+from trainer.sampling import sd_pipeline
 
 
 def test_two_runs_planned_in_the_same_second_get_two_folders(tmp_path, tiny_model):
@@ -83,19 +84,20 @@ def test_what_a_save_would_write_is_checked_in_its_dtype(tiny_model):
     with torch.no_grad():
         models.unet.conv_in.weight[0, 0, 0, 0] = 70_000.0  # fine in fp32, inf in an fp16 save
     modules = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
-    assert weight_problems(component_weights(models, modules, {"unet", "text_encoder"}, torch.float32)) == []
-    (problem,) = weight_problems(component_weights(models, modules, {"unet", "text_encoder"}, torch.float16))
+    folder, trained = tiny_model("sd1"), {"unet", "text_encoder"}
+    assert weight_problems(component_weights(folder, modules, trained, torch.float32)) == []
+    (problem,) = weight_problems(component_weights(folder, modules, trained, torch.float16))
     assert problem == "unet: 1 non-finite values in 1 tensors (e.g. conv_in.weight)"
     with torch.no_grad():
         models.vae.encoder.conv_in.weight.fill_(math.nan)  # a frozen part is saved from the model's own files
-    assert weight_problems(component_weights(models, {"vae": models.vae}, set(), torch.float16)) == []
+    assert weight_problems(component_weights(folder, {"vae": models.vae}, set(), torch.float16)) == []
 
 
 def test_frozen_parts_are_saved_as_stored_whatever_precision_they_are_held_in(tiny_model, tmp_path):
     from trainer.models import ComponentDtypes
 
     models = load_models(str(tiny_model("sd1")), dtypes=ComponentDtypes(vae=torch.bfloat16))
-    weights = component_weights(models, {"vae": models.vae}, set(), torch.float32)
+    weights = component_weights(tiny_model("sd1"), {"vae": models.vae}, set(), torch.float32)
     from safetensors.torch import load_file
 
     stored = load_file(tiny_model("sd1") / "vae" / "diffusion_pytorch_model.safetensors")
@@ -104,11 +106,12 @@ def test_frozen_parts_are_saved_as_stored_whatever_precision_they_are_held_in(ti
 
 def test_a_model_folder_written_to_a_full_disk_leaves_nothing(tiny_model, small_disk):
     models = load_models(str(tiny_model("sd1")))
+    pipeline = sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer, models.sample_scheduler)
     modules = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
-    weights = component_weights(models, modules, {"unet", "text_encoder"}, torch.float16)
+    weights = component_weights(tiny_model("sd1"), modules, {"unet", "text_encoder"}, torch.float16)
     disk = small_disk("disk", "4m")  # a tiny model's fp16 folder takes ~15 MB
     with pytest.raises(Exception) as caught:
         with atomic_folder(disk / "save") as partial:
-            write_model_folder(partial, models, modules, weights, torch.float16)
+            write_model_folder(partial, pipeline, weights, torch.float16)
     assert "No space left on device" in io_failure(caught.value)
     assert list(disk.iterdir()) == []

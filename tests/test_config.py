@@ -17,10 +17,10 @@ from trainer.config import (
     ConfigError,
     TrainConfig,
     config_to_dict,
-    help_text,
     load_config,
     save_config,
 )
+from trainer.config_docs import help_text
 
 ED2_TRAIN_JSON = Path(__file__).parent / "fixtures" / "everydream2_train.json"
 
@@ -120,7 +120,7 @@ def test_broken_json_file(tmp_path: Path):
     problem = problems_of(["--config", str(bad), "--data_root", str(tmp_path)])
     assert len(problem) == 1 and "is not valid json" in problem[0] and "line 1" in problem[0]
     problem = problems_of(["--config", str(tmp_path / "missing.json"), "--data_root", str(tmp_path)])
-    assert len(problem) == 1 and "missing.json' does not exist" in problem[0]
+    assert len(problem) == 1 and "missing.json does not exist" in problem[0]
 
 
 def test_everydream2_train_json_loads(data_root: Path):
@@ -192,7 +192,7 @@ def test_replace_keeps_types():
 
 
 def test_config_docs_are_generated_from_the_config_object():
-    from trainer.config import markdown_reference
+    from trainer.config_docs import markdown_reference
 
     assert (REPO_ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8") == markdown_reference(), (
         "docs/CONFIG.md is stale: run python utils/write_config_docs.py"

@@ -25,8 +25,21 @@ from safetensors.torch import load_file, save_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from trainer import convert  # noqa: E402
-from trainer.convert import ConversionError, convert_checkpoint_file, export_single_file  # noqa: E402
+from convert import ConversionError, convert_checkpoint_file, export_single_file  # noqa: E402
+from convert.configs import (  # noqa: E402
+    fitting_original_config,
+    original_config_from_diffusers,
+    text_encoder_config,
+    unet_config_from_ldm,
+    vae_config_from_ldm,
+    yaml_family,
+    yaml_prediction_type,
+)
+from convert.read import load_original_config, sidecar_yaml_path  # noqa: E402
+from convert.tables import STOCK_CONFIGS, UNET_PREFIX, stock_config_path  # noqa: E402
+from convert.to_diffusers import convert_unet, meta_model  # noqa: E402
+from convert.to_original import diffusers_to_original  # noqa: E402
+from convert.tokenizer import clip_tokenizer
 
 TO_DIFFUSERS = REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"
 TO_ORIGINAL = REPO_ROOT / "utils" / "convert_diffusers_to_original_stable_diffusion.py"
@@ -69,7 +82,7 @@ def originals(tmp_path_factory, tiny_model) -> dict[str, TinyOriginal]:
             state["cond_stage_model.model.text_projection"] = torch.randn(64, 64)
             state["cond_stage_model.model.logit_scale"] = torch.tensor(4.6052)
         yaml_path = root / f"{family}.yaml"
-        family_yaml = export.sidecar_yaml or convert.sidecar_yaml_path(export.checkpoint_path)
+        family_yaml = export.sidecar_yaml or sidecar_yaml_path(export.checkpoint_path)
         yaml_path.write_text(family_yaml.read_text())
         made[family] = TinyOriginal(family, model, state, yaml_path)
     return made
@@ -273,40 +286,132 @@ def test_way_back_half(originals, tmp_path):
 def test_stock_yamls_describe_the_real_models():
     """The shipped yamls give the real SD configs, and the way back reproduces them exactly, so a real
     SD2 export carries the verbatim v2-inference(-v).yaml as its sidecar."""
-    for (family, prediction), (name, size) in convert.STOCK_CONFIGS.items():
-        original = convert.load_original_config(REPO_ROOT / name)
-        assert convert.yaml_prediction_type(original) == prediction and convert.yaml_family(original) == family
-        unet = convert.unet_config_from_ldm(original, size, False, None)
-        vae = convert.vae_config_from_ldm(original, size)
+    for (family, prediction), (name, size) in STOCK_CONFIGS.items():
+        original = load_original_config(REPO_ROOT / name)
+        assert yaml_prediction_type(original) == prediction and yaml_family(original) == family
+        unet = unet_config_from_ldm(original, size, False, None)
+        vae = vae_config_from_ldm(original, size)
         assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["sample_size"] == size // 8
         assert unet["cross_attention_dim"] == (768 if family == "sd1" else 1024)
         assert unet["attention_head_dim"] == (8 if family == "sd1" else [5, 10, 20, 20])
         assert vae["scaling_factor"] == 0.18215 and vae["block_out_channels"] == [128, 256, 512, 512]
         scheduler = {"prediction_type": prediction, "beta_start": 0.00085, "beta_end": 0.012,
                      "num_train_timesteps": 1000}
-        assert convert.original_config_from_diffusers(family, unet, vae, scheduler) == original
+        assert original_config_from_diffusers(family, unet, vae, scheduler) == original
 
 
 def test_text_encoder_config_from_shapes():
-    def detected(family, width, blocks):
-        return convert.Detected(family, 4, width, width, blocks, [])
-
-    sd1 = convert.text_encoder_config(detected("sd1", 768, 12))
+    sd1 = text_encoder_config("sd1", 768, 12)
     assert (sd1["hidden_size"], sd1["num_hidden_layers"], sd1["num_attention_heads"], sd1["hidden_act"]) == \
         (768, 12, 12, "quick_gelu")
-    sd2 = convert.text_encoder_config(detected("sd2", 1024, 24))
+    sd2 = text_encoder_config("sd2", 1024, 24)
     assert (sd2["hidden_size"], sd2["num_hidden_layers"], sd2["num_attention_heads"], sd2["hidden_act"]) == \
         (1024, 23, 16, "gelu")
-    small = convert.text_encoder_config(detected("sd2", 128, 3))
+    small = text_encoder_config("sd2", 128, 3)
     assert (small["num_hidden_layers"], small["num_attention_heads"]) == (3, 2)
     with pytest.raises(ConversionError, match="multiple of the 64-wide"):
-        convert.text_encoder_config(detected("sd1", 100, 2))
+        text_encoder_config("sd1", 100, 2)
+    # what a yaml's `layer` says is honoured: OpenCLIP ViT-H's depth is 24 whether the file holds 24 or 23
+    for blocks in (24, 23):
+        assert text_encoder_config("sd2", 1024, blocks, "penultimate")["num_hidden_layers"] == 23
+    assert text_encoder_config("sd2", 1024, 24, "last")["num_hidden_layers"] == 24
+    assert text_encoder_config("sd2", 128, 3, "penultimate")["num_hidden_layers"] == 2
+    assert text_encoder_config("sd2", 128, 3, "last")["num_hidden_layers"] == 3
+
+
+def test_a_yaml_reading_the_penultimate_layer_drops_the_last_block_as_diffusers_does(originals, tmp_path):
+    """A nonstandard SD2 file with 3 text blocks and `layer: penultimate`: 2 layers run, so 2 are converted (as
+    diffusers' from_single_file gives), the unused block is kept for the way back, and `last` keeps all 3."""
+    orig = originals["sd2"]
+    blocks = "cond_stage_model.model.transformer.resblocks."
+    state = dict(orig.state)
+    for key in [k for k in orig.state if k.startswith(blocks + "1.")]:  # a third block, unlike the second
+        state[blocks + "2." + key.removeprefix(blocks + "1.")] = orig.state[key] + 1
+    checkpoint = tmp_path / "m.safetensors"
+    save_file(state, str(checkpoint))
+    for layer in ("penultimate", "last"):
+        original = yaml.safe_load(orig.yaml_path.read_text())
+        original["model"]["params"]["cond_stage_config"]["params"]["layer"] = layer
+        (tmp_path / f"{layer}.yaml").write_text(yaml.safe_dump(original))
+        convert_checkpoint_file(checkpoint, tmp_path / layer, original_config=tmp_path / f"{layer}.yaml", image_size=64)
+    assert _config(tmp_path / "penultimate", "text_encoder")["num_hidden_layers"] == 2
+    assert _config(tmp_path / "last", "text_encoder")["num_hidden_layers"] == 3
+
+    ours = _load_folder(tmp_path / "penultimate")["text_encoder"]
+    reference = _diffusers_reference(checkpoint, orig, tmp_path / "penultimate.yaml")["text_encoder"]
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], v) for k, v in reference.items())
+    back = export_single_file(tmp_path / "penultimate", tmp_path / "back.safetensors")
+    again = load_file(str(back.checkpoint_path))
+    assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
+    sidecar = yaml.safe_load(back.sidecar_yaml.read_text())["model"]["params"]
+    assert sidecar["cond_stage_config"]["params"]["layer"] == "penultimate"
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+def test_a_file_without_a_yaml_that_fits_converts_from_its_shapes(tiny_model, tmp_path, family):
+    """A tiny file exported without its sidecar: no shipped yaml has its shapes, so the UNet and VAE
+    configuration is read from the weights, and the folder loads to the same weights."""
+    from diffusers import StableDiffusionPipeline
+
+    export = export_single_file(tiny_model(family), tmp_path / "tiny.safetensors")
+    export.sidecar_yaml.unlink()
+
+    result = convert_checkpoint_file(export.checkpoint_path, tmp_path / "out")
+
+    assert any("read from the weights' shapes" in line for line in result.evidence), result.evidence
+    assert result.prediction_type == EXPECTED[family][1]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    for name, tensors in _load_folder(tiny_model(family)).items():
+        loaded = getattr(pipe, name).state_dict()
+        assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items()), name
+    unet, tiny = _config(tmp_path / "out", "unet"), _config(tiny_model(family), "unet")
+    for key in ("block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
+                "cross_attention_dim", "use_linear_projection"):
+        assert unet[key] == tiny[key], key
+    # the weights hold no head count: SD2's 64-wide heads (the tiny model's too), SD1's 8 heads
+    assert unet["attention_head_dim"] == ([1, 2] if family != "sd1" else 8)
+
+
+def test_a_given_yaml_that_does_not_fit_is_still_refused(originals, tmp_path):
+    checkpoint = _write_original(originals["sd1"], tmp_path / "m.safetensors")
+    with pytest.raises(ConversionError, match=r"does not match v1-inference.yaml: shape mismatches"):
+        convert_checkpoint_file(checkpoint, tmp_path / "out", original_config=REPO_ROOT / "v1-inference.yaml")
+    assert not (tmp_path / "out").exists()
+
+
+def _meta_original(original: dict, layers_per_block: int | None = None) -> dict[str, torch.Tensor]:
+    """A real-size original UNet and VAE as the yaml describes them (optionally with fewer layers per block),
+    on the meta device: shapes without memory."""
+    unet_config = unet_config_from_ldm(original, 512, False, None)
+    if layers_per_block is not None:
+        unet_config["layers_per_block"] = layers_per_block
+    vae_config = vae_config_from_ldm(original, 512)
+    unet, vae = meta_model("unet", unet_config).state_dict(), meta_model("vae", vae_config).state_dict()
+    return diffusers_to_original(unet, unet_config, vae, vae_config, {}, "sd1")
+
+
+def test_real_sizes_keep_the_shipped_yaml_and_a_pruned_sd1_reads_its_shapes():
+    for (family, prediction), stock in STOCK_CONFIGS.items():
+        original = load_original_config(REPO_ROOT / stock.yaml)
+        stock_path = stock_config_path(family, prediction)
+        config, differences, _ = fitting_original_config(_meta_original(original), stock_path)
+        assert differences == [] and config == original, (stock.yaml, differences)
+
+    # SD1 with one layer per block (as distilled variants have): read from the shapes, SD1's 8 heads kept
+    v1 = load_original_config(REPO_ROOT / "v1-inference.yaml")
+    state = _meta_original(v1, layers_per_block=1)
+    config, differences, heads = fitting_original_config(state, REPO_ROOT / "v1-inference.yaml")
+    assert differences == ["UNet layers_per_block 1 (v1-inference.yaml: 2)"] and "8 attention heads" in heads
+    unet_config = unet_config_from_ldm(config, 512, False, None)
+    assert unet_config["attention_head_dim"] == 8 and unet_config["block_out_channels"] == [320, 640, 1280, 1280]
+    expected = {k: v.shape for k, v in meta_model("unet", unet_config).state_dict().items()}
+    assert {k: v.shape for k, v in convert_unet(state, unet_config).items()} == expected
 
 
 def test_extract_ema(originals, tmp_path):
     orig = originals["sd1"]
     state = dict(orig.state)
-    unet_keys = [k for k in state if k.startswith(convert.UNET_PREFIX)]
+    unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
     for k in unet_keys:  # LDM's EMA names drop the dots after "model."
         state["model_ema." + "".join(k.split(".")[1:])] = state[k] + 1
     save_file(state, str(tmp_path / "ema.safetensors"))
@@ -590,3 +695,9 @@ def test_converted_folder_trains_with_train_py(originals, tmp_path, shapes_dir, 
     expected = "v_prediction" if family == "sd2-v" else "epsilon"
     assert f"Model: {'SD2' if family == 'sd2-v' else 'SD1'} model at {dump.resolve()}: prediction type {expected}" in result.stdout
     assert "Saved model: " in result.stdout
+
+
+def test_clip_tokenizer_matches_openai_ids():
+    assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    padded = clip_tokenizer(pad_token="!")("a cat", padding="max_length", max_length=77).input_ids
+    assert len(padded) == 77 and padded[4:] == [0] * 73  # SD2 pads with "!" (id 0)

@@ -1,5 +1,6 @@
 """The data pipeline: caption rules, buckets, images from the wild, the epoch schedule, the latent cache,
-the dry run, and real `python train.py` runs on a messy folder of landscape and portrait images."""
+the dry run, and real `python train.py` runs on a messy folder of landscape and portrait images; and data/'s
+own boundary: its options, its error type, its messages through common/console.py, one VAE encode."""
 
 from __future__ import annotations
 
@@ -21,21 +22,23 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
-from data.captions import CaptionError, read_caption, read_multiply, shuffle_tags
+from data.buckets import Bucket, bucket_table, fit_image, group_by_bucket, nearest_bucket
+from data.captions import CaptionError, read_caption, read_multiply, shuffle_tags, tokenize_captions
 from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.encode import encode_posterior
-from data.images import load_for_bucket, load_rgb
+from data.errors import DataError
+from data.images import load_for_bucket, load_rgb, resize_crop
 from data.latent_cache import (LatentCache, Variant, choose_cache_dir, entry_problem, fill_cache, latent_shape,
                                vae_fingerprint)
-from data.scan import scan_data_root
+from data.options import DataOptions
+from data.scan import find_image_files, scan_data_root
 from data.schedule import batches_per_epoch, epoch_batches
 from tests.conftest import REPO_ROOT, run_train
+from tests.test_imports import python_files
 from tests.messy_data import (BLUE, BROKEN, EXPECTED, LINKED_DUPLICATES, LINKED_IMAGES, LINKED_LOOP,
                               LINKED_SECOND_FOLDER, RED, make_linked_folder, make_messy_folder)
 from trainer.config import TrainConfig
-from trainer.errors import UserError
-from trainer.tokenizer import clip_tokenizer
+from convert.tokenizer import clip_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,11 @@ def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def config(data_root: Path, **overrides) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), **{"data_root": str(data_root), "resolution": 128, "num_workers": 0, **overrides})
+
+
+def options(data_root: Path, **overrides) -> DataOptions:
+    """What data/ takes: the config's defaults with `overrides`, as the trainer builds it."""
+    return DataOptions.from_config(config(data_root, **overrides))
 
 
 def few_shapes(shapes_dir: Path, folder: Path, count: int = 4) -> Path:
@@ -116,9 +124,9 @@ def test_cond_dropout_and_shuffle_in_the_dataset(shapes_dir: Path):
     tokenizer = clip_tokenizer()
     draws = epoch_batches(scan.items, 4, 0.0, seed=1, epoch=0)
     rows = [d for batch in draws for d in batch]
-    always = TrainDataset(scan.items, tokenizer, config(shapes_dir, cond_dropout=1.0))
+    always = TrainDataset(scan.items, tokenizer, options(shapes_dir, cond_dropout=1.0))
     assert {always.caption(d) for d in rows} == {""}
-    never = TrainDataset(scan.items, tokenizer, config(shapes_dir, cond_dropout=0.0, shuffle_tags=True))
+    never = TrainDataset(scan.items, tokenizer, options(shapes_dir, cond_dropout=0.0, shuffle_tags=True))
     captions = [never.caption(d) for d in rows]
     assert all(c.startswith(("a photo of a red circle, ", "a drawing of a blue square, ")) for c in captions)
     assert {c.split(", ")[0] for c in captions} == {"a photo of a red circle", "a drawing of a blue square"}
@@ -205,11 +213,11 @@ def test_scan_follows_links_reads_each_folder_once_and_counts_each_file_once(sha
 
 def test_empty_and_all_broken_data_roots(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="holds no images"):
+    with pytest.raises(DataError, match="holds no images"):
         scan_data_root(tmp_path / "empty", 128)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "a.png").write_bytes(b"not a png at all")
-    with pytest.raises(UserError, match="none could be used, e.g. a.png: not an image file"):
+    with pytest.raises(DataError, match="none could be used, e.g. a.png: not an image file"):
         scan_data_root(tmp_path / "bad", 128)
 
 
@@ -244,7 +252,7 @@ def test_schedule_buckets_fill_and_multiply(messy: Path):
 
 
 def test_pixel_batches_are_non_square_per_bucket(messy: Path):
-    loader = build_dataloader(config(messy, batch_size=2, cache_latents=False), clip_tokenizer())
+    loader = build_dataloader(options(messy, batch_size=2, cache_latents=False), clip_tokenizer())
     shapes = set()
     for batch in loader:
         pixels = batch["pixel_values"]
@@ -274,7 +282,7 @@ def test_latent_cache_reuse_and_invalidation(tiny_model, shapes_dir: Path, tmp_p
     data = few_shapes(shapes_dir, tmp_path / "data")
     vae = tiny_vae(tiny_model)
     calls = count_encoder_calls(vae)
-    cfg = config(data, resolution=64, batch_size=2, flip_p=0.5, cache_latents=True)
+    cfg = options(data, resolution=64, batch_size=2, flip_p=0.5, cache_latents=True)
     loader = build_dataloader(cfg, clip_tokenizer(), vae)
     variants = 2 * 4  # flipped and not
     assert sum(calls) == variants
@@ -302,7 +310,7 @@ def test_cached_latents_match_encoding_every_step(tiny_model, shapes_dir: Path, 
     """The cache stores the posterior, so a cached row is distributed exactly as a fresh VAE sample."""
     vae = tiny_vae(tiny_model)
     data = few_shapes(shapes_dir, tmp_path / "data", count=2)
-    cfg = config(data, resolution=64, batch_size=2, cond_dropout=0.0)
+    cfg = options(data, resolution=64, batch_size=2, cond_dropout=0.0)
     dataset = build_dataloader(cfg, clip_tokenizer(), vae, cache_dir=tmp_path / "cache").dataset
     assert len(list((tmp_path / "cache").glob("vae-*/*/*.safetensors"))) == 2
     assert not (data / ".latent_cache").exists()
@@ -351,7 +359,7 @@ def test_damaged_cache_entries_are_encoded_again_with_one_notice(tiny_model, sha
                                                                  capsys):
     data = few_shapes(shapes_dir, tmp_path / "data")
     vae = tiny_vae(tiny_model)
-    cfg = config(data, resolution=64, batch_size=2, flip_p=0.5)
+    cfg = options(data, resolution=64, batch_size=2, flip_p=0.5)
     build_dataloader(cfg, clip_tokenizer(), vae, cache_dir=tmp_path / "cache")
     entries = sorted((tmp_path / "cache").glob("vae-*/*/*.safetensors"))
     assert len(entries) == 8 and all(entry_problem(e, (4, 8, 8)) is None for e in entries)
@@ -400,7 +408,7 @@ def new_children(before: set) -> list[multiprocessing.Process]:
 def test_training_loader_workers_leave_stop_signals_to_the_main_process(shapes_dir: Path, signum: int):
     """`kill -TERM -- -<pgid>` reaches the workers too; a worker that dies of it crashes the run before it saves."""
     before = set(multiprocessing.active_children())
-    loader = build_dataloader(config(shapes_dir, resolution=64, batch_size=1, num_workers=2, cache_latents=False),
+    loader = build_dataloader(options(shapes_dir, resolution=64, batch_size=1, num_workers=2, cache_latents=False),
                               clip_tokenizer())
     batches = iter(loader)
     got = [next(batches), next(batches)]  # one from each worker: both have run their worker_init_fn
@@ -541,7 +549,7 @@ def test_validation_split_is_stable_disjoint_and_refuses_everything(shapes_dir: 
     assert split_validation(scan, 0.25, seed=8)[1] != held
     assert split_validation(scan, 0.0, seed=7) == (scan, [])
     assert len(split_validation(scan, 0.01, seed=7)[1]) == 1  # a fraction asks for at least one image
-    with pytest.raises(UserError, match="would hold out all 16 images"):
+    with pytest.raises(DataError, match="would hold out all 16 images"):
         split_validation(scan, 0.99, seed=7)
 
 
@@ -549,9 +557,128 @@ def test_training_data_holds_out_validation_images(shapes_dir: Path, tiny_model,
     from trainer.models import load_models
 
     models = load_models(str(tiny_model("sd1")))
-    cfg = config(few_shapes(shapes_dir, tmp_path / "data", count=8), resolution=64, batch_size=2,
-                 validation_split=0.25, num_workers=0)
+    cfg = options(few_shapes(shapes_dir, tmp_path / "data", count=8), resolution=64, batch_size=2,
+                  validation_split=0.25, num_workers=0)
     data = build_training_data(cfg, models.tokenizer, models.vae)
     assert len(data.loader.dataset) == 6
     assert [b["latents"].shape for b in data.validation] == [torch.Size([2, 4, 8, 8])]
     assert data.validation[0]["input_ids"].shape == (2, 77)
+
+
+# ---------------------------------------------------------------- data/ on its own
+
+
+def test_data_options_are_config_keys_read_in_one_line(shapes_dir: Path):
+    fields = {field.name: field.type for field in dataclasses.fields(DataOptions)}
+    config_fields = {field.name: field.type for field in dataclasses.fields(TrainConfig)}
+    assert fields.keys() <= config_fields.keys()  # named exactly as the config's keys
+    cfg = config(shapes_dir, resolution=64, flip_p=0.5, validation_split=0.25, keep_tags=2)
+    built = DataOptions.from_config(cfg)
+    assert all(getattr(built, name) == getattr(cfg, name) for name in fields)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.seed = 1  # type: ignore[misc]
+    # until every caller passes DataOptions, the config itself works wherever they are taken
+    loaders = [build_dataloader(given, clip_tokenizer()) for given in (dataclasses.replace(cfg, cache_latents=False),
+                                                                          dataclasses.replace(built, cache_latents=False))]
+    assert [len(loader) for loader in loaders] == [4, 4]  # 16 images, batch_size 4
+    assert [b["input_ids"].tolist() for b in loaders[0]] == [b["input_ids"].tolist() for b in loaders[1]]
+
+
+def test_tokenize_captions_pads_and_cuts_to_the_window():
+    tokenizer = clip_tokenizer()
+    ids = tokenize_captions(tokenizer, ["a red circle", "word " * 200])
+    assert ids.shape == (2, tokenizer.model_max_length) == (2, 77)
+    assert ids[0, -1] == tokenizer.pad_token_id and ids[1, -1] == tokenizer.eos_token_id  # padded; cut, closed
+
+
+def test_group_by_bucket_keeps_the_given_order(shapes_dir: Path):
+    items = scan_data_root(shapes_dir, 64).items
+    variants = [Variant(i.path, Bucket(64, 128) if n % 3 else i.bucket, flip) for n, i in enumerate(items)
+                for flip in (False, True)]
+    groups = group_by_bucket(variants)
+    assert list(groups) == [Bucket(64, 64), Bucket(64, 128)]
+    assert [v for group in groups.values() for v in group] == sorted(variants, key=lambda v: v.bucket != Bucket(64, 64))
+
+
+def test_the_scan_report_is_said_and_its_upscale_warning_warned(messy: Path, capsys):
+    scan = scan_data_root(messy, 128)
+    capsys.readouterr()
+    scan.tell()
+    said = capsys.readouterr()
+    assert said.out.splitlines() + said.err.splitlines() == scan.report()  # the dry run's lines, word for word
+    assert said.err.startswith("Warning: 1 image(s) are smaller than their bucket and will be upscaled")
+    assert "tiny_icon.png: 32x32 -> 128x128" in said.err and "Warning" not in said.out
+
+
+def test_validation_choice_is_said(shapes_dir: Path, capsys):
+    from data.validation import validation_items
+
+    scan = scan_data_root(shapes_dir, 64)
+    train_scan, held = validation_items(options(shapes_dir, resolution=64, validation_split=0.25), scan)
+    assert len(held) == 4 and len(train_scan.items) == 12
+    assert capsys.readouterr().out == "Validation: 4 of 16 images held out (validation_split 0.25).\n"
+    assert validation_items(options(shapes_dir, resolution=64, validation_data_root=str(shapes_dir)), scan)[0] is scan
+    assert capsys.readouterr().out == f"Validation: 16 images in {shapes_dir}.\n"
+
+
+DATA_FILES = [path for path in python_files() if path.relative_to(REPO_ROOT).parts[0] == "data"]
+
+
+def calls_and_attributes(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every bare-name call and every attribute read in `path`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            found.append((node.lineno, node.func.id))
+        elif isinstance(node, ast.Attribute):
+            found.append((node.lineno, node.attr))
+    return found
+
+
+def test_data_speaks_only_through_the_console():
+    """Messages go through common/console.py (one voice per run, mirrored into train.log), never a bare print."""
+    assert DATA_FILES
+    bare = [f"{path.relative_to(REPO_ROOT)}:{line} {name}" for path in DATA_FILES
+            for line, name in calls_and_attributes(path) if name in ("print", "stdout", "stderr")]
+    assert bare == []
+
+
+def test_pixels_become_latents_only_in_encode_posterior():
+    """data/encode.py is the one place that runs the VAE encoder (with its fp16 overflow recovery)."""
+    readers = {str(path.relative_to(REPO_ROOT)) for path in DATA_FILES
+               for _, name in calls_and_attributes(path) if name == "latent_dist"}
+    assert readers == {str(Path("data/encode.py"))}
+
+
+# ---------------------------------------------------------------- captions, files and crops (small pieces)
+
+
+def test_caption_sources(tmp_path: Path):
+    (tmp_path / "a red car_03.jpg").touch()
+    assert read_caption(tmp_path / "a red car_03.jpg") == "a red car"
+    (tmp_path / "x.png").touch()
+    (tmp_path / "x.txt").write_bytes("\ufeffa caf\u00e9 photo\r\n".encode("utf-8"))
+    assert read_caption(tmp_path / "x.png") == "a caf\u00e9 photo"
+    (tmp_path / "y.png").touch()
+    (tmp_path / "y.caption").write_text("from caption file", encoding="utf-8")
+    assert read_caption(tmp_path / "y.png") == "from caption file"
+
+
+def test_image_files_are_found_recursively_skipping_hidden_folders_and_other_files(tmp_path: Path):
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for name in ("a.png", "sub/b.JPG", "sub/deeper/c.webp"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name, format="PNG" if name.endswith("png") else None)
+    (tmp_path / "notes.md").touch()
+    (tmp_path / ".latent_cache").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / ".latent_cache" / "hidden.png")
+    assert [p.name for p in find_image_files(tmp_path)] == ["a.png", "b.JPG", "c.webp"]
+
+
+def test_square_bucket_crop_keeps_the_middle():
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    image.paste((255, 255, 255), (50, 0, 150, 100))  # white middle square
+    out = resize_crop(image, Bucket(64, 64))
+    assert out.size == (64, 64)
+    assert min(out.getdata())[0] > 200  # all white: the black side bars were cropped away

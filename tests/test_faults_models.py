@@ -17,8 +17,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 
+from convert import export_single_file
+from convert.read import sidecar_yaml_path
 from tests.conftest import run_train
-from trainer import convert
 from trainer.tiny import STORED_DTYPES, tiny_unet, tiny_vae
 
 SMALL_RUN = ["--resolution", "64", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "no",
@@ -138,7 +139,7 @@ def broken_file(case: str, single: Path, folder: Path) -> tuple[Path, str]:
     folder.mkdir(parents=True, exist_ok=True)
     make, says = FILE_FAULTS[case]
     target = make(single, folder)
-    shutil.copyfile(convert.sidecar_yaml_path(single), convert.sidecar_yaml_path(target))
+    shutil.copyfile(sidecar_yaml_path(single), sidecar_yaml_path(target))
     return target, says
 
 
@@ -148,7 +149,7 @@ def broken_file(case: str, single: Path, folder: Path) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def tiny_single_file(tiny_model, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("single")
-    return convert.export_single_file(tiny_model("sd1"), folder / "tiny.safetensors").checkpoint_path
+    return export_single_file(tiny_model("sd1"), folder / "tiny.safetensors").checkpoint_path
 
 
 def own_data(shapes_dir: Path, tmp_path: Path) -> Path:
@@ -221,7 +222,7 @@ def test_a_half_precision_folder_trains(dtype, tiny_model, shapes_dir, tmp_path)
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_a_half_precision_single_file_trains(dtype, tiny_model, shapes_dir, tmp_path):
     base = tiny_model("sd1", dtype)
-    checkpoint = convert.export_single_file(base, tmp_path / "models" / f"tiny-{dtype}.safetensors").checkpoint_path
+    checkpoint = export_single_file(base, tmp_path / "models" / f"tiny-{dtype}.safetensors").checkpoint_path
     run = tmp_path / "run"
     run.mkdir()
 

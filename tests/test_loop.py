@@ -73,7 +73,7 @@ def test_ctrl_c_saves_interrupted_and_resumes(tiny_model, shapes_dir: Path, tmp_
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=240)
     assert process.returncode == 130, err[-3000:]
-    assert "SIGINT: stopping after this step" in err
+    assert "SIGINT: stopping after this step" in out
     (saved,) = saved_paths(out)
     assert saved.name.startswith("interrupted-myproj-ep")
     assert (saved / "training_state" / "trainer_state.json").is_file()

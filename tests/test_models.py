@@ -2,7 +2,7 @@
 
 Hub tests talk real HTTP to the loopback server in tests/hub_server.py through the real huggingface_hub
 client: in this process through `patch_client` (fast), and in `python train.py` processes through
-`client_env` (slow tier). Single-file tests convert tiny real checkpoints written by trainer/convert.py.
+`client_env` (slow tier). Single-file tests convert tiny real checkpoints written by the convert/ package.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from common import files
+from convert import export_single_file
+from convert.detect import detect, probe_prediction_type, probe_unet_config
+from convert.read import LoadedCheckpoint, load_checkpoint, safetensors_problem, sidecar_yaml_path
+from convert.tables import UNET_PREFIX
 from tests.conftest import run_train
 from tests.test_faults_models import (
     FILE_FAULTS,
@@ -29,7 +33,7 @@ from tests.test_faults_models import (
     broken_folder,
     truncate,
 )
-from trainer import convert
+from trainer.ckpt_cache import SOURCE_RECORD
 from trainer.errors import UserError
 from trainer.hub import (
     LOGIN_TOKEN,
@@ -40,16 +44,8 @@ from trainer.hub import (
     parse_repo_id,
     select_training_files,
 )
-from trainer.model_checks import ModelConfigs, architecture_problem, folder_damage, safetensors_problem
-from trainer.models import (
-    SOURCE_RECORD,
-    ComponentDtypes,
-    decide_prediction_type,
-    load_model_dir,
-    load_models,
-    probe_prediction_type,
-    resolve_model_source,
-)
+from trainer.model_checks import ModelConfigs, architecture_problem, folder_damage
+from trainer.models import ComponentDtypes, load_model_dir, load_models, resolve_model_source
 
 TRAIN_ARGS = ["--max_steps", "1", "--resolution", "64", "--batch_size", "2", "--num_workers", "0",
               "--gradient_checkpointing", "false", "--cache_latents", "false", "--save_single_file", "false",
@@ -66,7 +62,7 @@ TRAINING_FILES = [
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
 ]
-UNET_OUT = convert.UNET_PREFIX + "out.2."  # the UNet's last convolution in the original layout
+UNET_OUT = UNET_PREFIX + "out.2."  # the UNet's last convolution in the original layout
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -110,9 +106,9 @@ def single_files(tiny_model, tmp_path_factory):
     def get(family: str) -> Path:
         if family not in made:
             folder = tmp_path_factory.mktemp(f"single-{family}")
-            export = convert.export_single_file(tiny_model(family), folder / f"tiny-{family}.safetensors")
+            export = export_single_file(tiny_model(family), folder / f"tiny-{family}.safetensors")
             made[family] = export.checkpoint_path
-            assert convert.sidecar_yaml_path(made[family]).is_file()
+            assert sidecar_yaml_path(made[family]).is_file()
         return made[family]
 
     return get
@@ -126,7 +122,7 @@ def place_single_file(source: Path, folder: Path, name: str, *, as_ckpt: bool = 
         torch.save({"state_dict": load_file(str(source)), "global_step": 1}, target)
     else:
         shutil.copyfile(source, target)
-    shutil.copyfile(convert.sidecar_yaml_path(source), convert.sidecar_yaml_path(target))
+    shutil.copyfile(sidecar_yaml_path(source), sidecar_yaml_path(target))
     return target
 
 
@@ -391,52 +387,53 @@ def test_prediction_override_applies_to_a_folder(tiny_model, capsys):
 # -------------------------------------------------------------------------- single files (rule 3)
 
 
-def _unstated(path: Path, *, metadata: dict[str, str] | None = None, extra: dict | None = None):
-    """`path`'s weights as a checkpoint that states nothing about its prediction type (plus `metadata`/`extra`)."""
+def _unstated(path: Path, named: Path, *, metadata: dict[str, str] | None = None,
+              extra: dict | None = None) -> LoadedCheckpoint:
+    """`path`'s weights as a checkpoint at `named` (no yaml beside it) that states nothing about its prediction
+    type (plus `metadata`/`extra`)."""
     state = dict(load_file(str(path)))
     state.update(extra or {})
-    ckpt = convert.LoadedCheckpoint(state, "safetensors", dict(metadata or {}), [])
-    return ckpt, convert.detect_model(ckpt, None)
+    return LoadedCheckpoint(state, "safetensors", dict(metadata or {}), [], path=named)
 
 
 def test_prediction_type_detection_order(single_files, tmp_path):
     sd2 = single_files("sd2")
-    probe_yaml = convert.sidecar_yaml_path(sd2)  # the tiny shapes; the shipped yaml is used for real files
 
-    def decide(ckpt_and_detected, name="model.safetensors", override=None):
-        ckpt, detected = ckpt_and_detected
-        return decide_prediction_type(ckpt, detected, tmp_path / name, override, probe_yaml)
+    def decide(name="model.safetensors", override=None, **unstated):
+        """What detection hands the converter to hold against the file (None: the file's own word), and why."""
+        detection = detect(_unstated(sd2, tmp_path / name, **unstated), override=override, infer=True)
+        return detection.requested, detection.decision
 
     # 1. the config wins, and is handed to the converter (which checks it against the file)
-    assert decide(_unstated(sd2, metadata={"modelspec.resolution": "512x512"}), override="v_prediction") == (
+    assert decide(metadata={"modelspec.resolution": "512x512"}, override="v_prediction") == (
         "v_prediction", ("v_prediction: set by prediction_type in the config",))
     # 2-4. what the file states (metadata, sidecar yaml, v_pred key) is left to the converter's evidence
-    assert decide(_unstated(sd2, metadata={"modelspec.prediction_type": "v"})) == (None, ())
-    assert decide(_unstated(sd2, extra={"v_pred": torch.tensor([])})) == (None, ())
-    ckpt = convert.load_checkpoint(sd2)
-    assert convert.detect_model(ckpt, probe_yaml).prediction_evidence[-1][1].startswith("sidecar")
+    assert decide(metadata={"modelspec.prediction_type": "v"}) == (None, ())
+    assert decide(extra={"v_pred": torch.tensor([])}) == (None, ())
+    assert detect(load_checkpoint(sd2)).stated[-1][1].startswith("sidecar")
     # 5. the image size: metadata, then the file name
-    value, why = decide(_unstated(sd2, metadata={"modelspec.resolution": "768x768"}), name="sd21-512.safetensors")
+    value, why = decide("sd21-512.safetensors", metadata={"modelspec.resolution": "768x768"})
     assert value == "v_prediction" and "modelspec.resolution" in why[0]
-    value, why = decide(_unstated(sd2), name="v2-1_768-ema-pruned.safetensors")
+    value, why = decide("v2-1_768-ema-pruned.safetensors")
     assert value == "v_prediction" and "file name" in why[0]
-    assert decide(_unstated(sd2), name="512-base-ema.safetensors")[0] == "epsilon"
-    # 6. nothing stated: the probe decides (what it reads is tested below on UNets with a known answer)
-    value, why = decide(_unstated(sd2))
+    assert decide("512-base-ema.safetensors")[0] == "epsilon"
+    # 6. nothing stated: the probe decides (what it reads is tested below on UNets with a known answer); the
+    # tiny UNet fits no shipped yaml, so it is probed with the configuration its shapes imply
+    value, why = decide()
     assert value in ("epsilon", "v_prediction") and why[0].startswith(f"{value}: one-forward UNet probe")
     # SD1 that states nothing is epsilon, without a probe
-    assert decide(_unstated(single_files("sd1")))[0] is None
+    sd1 = detect(_unstated(single_files("sd1"), tmp_path / "model.safetensors"), infer=True)
+    assert sd1.requested is None and (sd1.prediction, sd1.decided_by) == ("epsilon", "family")
 
 
 @pytest.mark.parametrize("bias, expected", [(-2.0, "v_prediction"), (0.5, "epsilon")])
-def test_probe_reads_the_unet_output_as_automatic1111_does(single_files, bias, expected):
-    ckpt, _ = _unstated(single_files("sd2"))
+def test_probe_reads_the_unet_output_as_automatic1111_does(single_files, tmp_path, bias, expected):
+    ckpt = _unstated(single_files("sd2"), tmp_path / "model.safetensors")
     # A UNet whose last conv outputs a constant: -2 everywhere is far below the input 0.5 (v), 0.5 is the
     # input itself (epsilon at t=999, where the noisy latent is nearly all noise).
     ckpt.state[UNET_OUT + "weight"] = torch.zeros_like(ckpt.state[UNET_OUT + "weight"])
     ckpt.state[UNET_OUT + "bias"] = torch.full_like(ckpt.state[UNET_OUT + "bias"], bias)
-    original_config = convert.load_original_config(convert.sidecar_yaml_path(single_files("sd2")))
-    value, score = probe_prediction_type(ckpt, original_config)
+    value, score = probe_prediction_type(ckpt.state, probe_unet_config(ckpt.state, "sd2"))
     assert value == expected and score == pytest.approx(bias - 0.5, abs=1e-5)
 
 
@@ -474,6 +471,34 @@ def test_single_file_converted_once_reused_and_converted_again_when_changed(
         resolve_model_source(str(checkpoint), prediction_type="epsilon")
     assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["my-sd21"]
     assert json.loads((entry / SOURCE_RECORD).read_text())["prediction_type_override"] is None
+
+
+def test_a_single_file_is_read_and_detected_once_per_conversion(single_files, tmp_path, monkeypatch):
+    """ckpt_cache/'s writer and the converter share one load and one detection of the file."""
+    import convert.detect
+    import convert.single_file
+    import trainer.ckpt_cache
+
+    monkeypatch.chdir(tmp_path)
+    calls = {"load_checkpoint": 0, "detect": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    # the cache writer imports detect when it converts (it stays light for the preflight): patched at its home
+    for module in (trainer.ckpt_cache, convert.detect, convert.single_file):
+        for name in calls:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    checkpoint = place_single_file(single_files("sd2"), tmp_path / "models", "once.safetensors")
+
+    source = resolve_model_source(str(checkpoint))
+
+    assert calls == {"load_checkpoint": 1, "detect": 1}
+    assert source.kind == "single_file" and any("sidecar once.yaml" in line for line in source.evidence)
 
 
 def test_single_file_never_overwrites_an_entry_it_did_not_make_and_cleans_killed_runs(
@@ -577,7 +602,7 @@ def test_the_manual_converters_output_loads_by_its_cache_name(single_files, tmp_
     monkeypatch.chdir(tmp_path)
     checkpoint = single_files("sd2-v")
     assert convert_main(["--checkpoint_path", str(checkpoint), "--original_config_file",
-                         str(convert.sidecar_yaml_path(checkpoint)), "--scheduler_type", "ddim",
+                         str(sidecar_yaml_path(checkpoint)), "--scheduler_type", "ddim",
                          "--dump_path", "ckpt_cache/my_model"]) == 0
 
     models = load_models("my_model")
@@ -615,7 +640,7 @@ def test_each_component_loads_in_the_dtype_asked_for(tiny_model):
 
 def test_an_fp16_single_file_is_converted_as_fp16_and_loads_as_fp32(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    export = convert.export_single_file(tiny_model("sd1", "fp16"), tmp_path / "models" / "half.safetensors")
+    export = export_single_file(tiny_model("sd1", "fp16"), tmp_path / "models" / "half.safetensors")
 
     models = load_models(str(export.checkpoint_path))
 
@@ -739,10 +764,10 @@ def test_a_broken_single_file_is_refused_before_anything_is_converted(case, sing
 def test_an_inpainting_single_file_is_refused_before_it_is_converted(single_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     state = dict(load_file(str(single_files("sd1"))))
-    conv_in = convert.UNET_PREFIX + "input_blocks.0.0.weight"
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
     state[conv_in] = torch.randn(state[conv_in].shape[0], 9, *state[conv_in].shape[2:])
     save_file(state, str(tmp_path / "inpaint.safetensors"))
-    shutil.copyfile(convert.sidecar_yaml_path(single_files("sd1")), tmp_path / "inpaint.yaml")
+    shutil.copyfile(sidecar_yaml_path(single_files("sd1")), tmp_path / "inpaint.yaml")
 
     with pytest.raises(UserError, match=r"inpaint.safetensors holds an inpainting UNet \(in_channels 9\)\. Training "
                                         "inpainting models is not supported"):

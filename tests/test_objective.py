@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
+from trainer.models import load_models
 from trainer.objective import (
     Objective,
     compute_loss,
@@ -168,3 +169,27 @@ def test_validation_loss_is_the_same_for_the_same_weights(tiny_model):
     with torch.no_grad():
         unet.conv_out.bias += 0.5  # other weights, other loss
     assert validation_loss(unet, text_encoder, scheduler(), batches, torch.device("cpu")) > first
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_training_target_formula(prediction_type: str):
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    target = training_target(scheduler, latents, noise, t)
+    alpha_bar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = noise if prediction_type == "epsilon" else alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(target, expected)
+
+
+def test_model_bundle_describes_each_family_and_loss_is_deterministic(tiny_model):
+    for family, expected in [("sd1", ("sd1", "epsilon", False)), ("sd2-v", ("sd2", "v_prediction", True))]:
+        models = load_models(str(tiny_model(family)))
+        info = models.info
+        assert (info.family, info.prediction_type, info.upcast_attention) == expected
+        assert info.native_resolution == 64
+        assert models.noise_scheduler.config.prediction_type == expected[1]
+        latents, states = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 64)
+        losses = [compute_loss(models.unet, models.noise_scheduler, latents, states, torch.Generator().manual_seed(1))
+                  for _ in range(2)]
+        assert losses[0].item() == losses[1].item() and losses[0].item() > 0

@@ -24,13 +24,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_file, free_bytes, human_bytes, is_partial, remove, remove_stale_partials, write_text_atomically
+from common import console
+from common.files import (
+    atomic_file,
+    free_bytes,
+    human_bytes,
+    is_partial,
+    remove,
+    remove_stale_partials,
+    write_text_atomically,
+)
+from convert.tables import WEIGHTED_COMPONENTS
 from trainer.config import TrainConfig, config_to_dict
 from trainer.errors import UserError
-from trainer.models import ModelInfo, SDModels
+from trainer.models import ModelInfo
 from trainer.resume import STATE_FILE, TrainerState
 
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_FILES = {c.name: c.weights for c in WEIGHTED_COMPONENTS}  # e.g. unet -> diffusion_pytorch_model.safetensors
 
 
 class SaveError(UserError):
@@ -62,6 +72,17 @@ def create_run_dir(cfg: TrainConfig, info: ModelInfo, run_dir: Path) -> Path:
     return candidate
 
 
+def open_run_folder(cfg: TrainConfig, info: ModelInfo, planned: Path, save_dir: Path) -> Path:
+    """The run's folder made (`create_run_dir`), partial saves of killed runs removed, and everything said from
+    now on mirrored into its train.log; returns the folder. The main process's job."""
+    run_dir = create_run_dir(cfg, info, planned)
+    console.attach_log(run_dir / "train.log")
+    for stale in remove_stale_saves(Path(cfg.logdir), save_dir):
+        console.say(f"Removed {stale}, a partial save a killed run left behind.")
+    console.say(f"Run folder: {run_dir.resolve()}")
+    return run_dir
+
+
 def save_dir(cfg: TrainConfig, run_dir: Path) -> Path:
     return Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
 
@@ -88,15 +109,15 @@ def free_save_path(directory: Path, name: str) -> Path:
 # ---------------------------------------------------------------- what a save holds
 
 
-def component_weights(models: SDModels, modules: dict[str, torch.nn.Module], trained: set[str],
+def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], trained: set[str],
                       dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """Every component's tensors in the save's dtype, on the CPU. Trained modules come from memory (their fp32
-    masters); frozen ones from the model's own files when those hold them (frozen parts are held in the compute
-    precision, and a bf16 copy of an fp32 VAE must not be what the save keeps), else from memory."""
+    masters); frozen ones from the model's own files in `model_dir` when those hold them (frozen parts are held
+    in the compute precision, and a bf16 copy of an fp32 VAE must not be what the save keeps), else from memory."""
     weights = {}
     for name, module in modules.items():
         state = module.state_dict()
-        stored = None if name in trained else stored_weights(Path(models.info.path), name)
+        stored = None if name in trained else stored_weights(model_dir, name)
         if stored is not None:
             state = {k: stored[k] if k in stored and stored[k].shape == v.shape else v for k, v in state.items()}
         weights[name] = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -107,10 +128,10 @@ def component_weights(models: SDModels, modules: dict[str, torch.nn.Module], tra
 def stored_weights(model_dir: Path, component: str) -> dict[str, torch.Tensor] | None:
     """A component's tensors as its safetensors files hold them (memory-mapped), or None without such files."""
     folder = model_dir / component
-    single = folder / f"{WEIGHT_FILES[component]}.safetensors"
+    single = folder / WEIGHT_FILES[component]
     if single.is_file():
         return load_file(single)
-    index = folder / f"{WEIGHT_FILES[component]}.safetensors.index.json"
+    index = folder / f"{WEIGHT_FILES[component]}.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
@@ -129,13 +150,12 @@ def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     return problems
 
 
-def write_model_folder(folder: Path, models: SDModels, modules: dict[str, torch.nn.Module],
-                       weights: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
-    """A complete diffusers pipeline folder: each tensor written once, in its save dtype."""
-    from trainer.sampling import sd_pipeline
-
-    for name, module in modules.items():
-        target = folder / name
+def write_model_folder(folder: Path, pipeline, weights: dict[str, dict[str, torch.Tensor]],
+                       dtype: torch.dtype) -> None:
+    """A complete diffusers pipeline folder of `pipeline`'s parts, with `weights` as the tensors of its models:
+    each tensor written once, in its save dtype."""
+    for name in weights:
+        module, target = getattr(pipeline, name), folder / name
         target.mkdir()
         if name == "text_encoder":  # a transformers model: its config records the dtype it is stored in
             config = copy.deepcopy(module.config)
@@ -143,15 +163,15 @@ def write_model_folder(folder: Path, models: SDModels, modules: dict[str, torch.
             config.save_pretrained(target)
         else:
             module.save_config(target)
-        save_file(weights[name], str(target / f"{WEIGHT_FILES[name]}.safetensors"), metadata={"format": "pt"})
-    models.tokenizer.save_pretrained(folder / "tokenizer")
-    models.sample_scheduler.save_pretrained(folder / "scheduler")
-    sd_pipeline(models, modules["unet"], modules["text_encoder"]).save_config(folder)  # model_index.json
+        save_file(weights[name], str(target / WEIGHT_FILES[name]), metadata={"format": "pt"})
+    pipeline.tokenizer.save_pretrained(folder / "tokenizer")
+    pipeline.scheduler.save_pretrained(folder / "scheduler")
+    pipeline.save_config(folder)  # model_index.json
 
 
 def write_single_file(model_folder: Path, half: bool) -> str:
     """The original-layout single file beside `model_folder` (and its yaml); returns what was written."""
-    from trainer.convert import export_single_file
+    from convert import export_single_file
 
     result = export_single_file(model_folder, model_folder.with_name(model_folder.name + ".safetensors"), half=half)
     return str(result.checkpoint_path) + (f" (+ {result.sidecar_yaml.name})" if result.sidecar_yaml else "")

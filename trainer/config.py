@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import re
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from common.files import read_json_object
+from trainer.config_checks import validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "train.json"
@@ -256,15 +257,9 @@ def parse_cli(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any], list[str]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        return {}, [f"config: file {str(path)!r} does not exist; pass --config with the path of a json file."]
-    except json.JSONDecodeError as err:
-        return {}, [f"config: {str(path)!r} is not valid json ({err.msg} at line {err.lineno}, column {err.colno})."]
-    if not isinstance(data, dict):
-        return {}, [f"config: {str(path)!r} must hold a json object {{\"key\": value, ...}}, found {type(data).__name__}."]
-    return data, []
+    data, problem = read_json_object(path)
+    return (data, []) if data is not None else ({}, [f"config: {problem} Pass --config with the path of a json "
+                                                     "file of settings."])
 
 
 def default_config_path() -> Path:
@@ -354,97 +349,6 @@ def load_config(argv: list[str]) -> LoadedConfig:
     return LoadedConfig(config, sources, notices)
 
 
-# ---------------------------------------------------------------- validation
-
-_NAME_OK = re.compile(r"^[\w.\-]+$")
-
-
-def validate(cfg: TrainConfig) -> list[tuple[str, str]]:
-    """Impossible values as (key, what is expected instead); empty when the config can run."""
-    problems: list[tuple[str, str]] = []
-
-    def bad(key: str, expected: str) -> None:
-        problems.append((key, expected))
-
-    if not cfg.resume_ckpt.strip():
-        bad("resume_ckpt", "a model folder, a name in ckpt_cache/, or a Hugging Face repo id")
-    subfolder = cfg.hf_repo_subfolder
-    if subfolder is not None and (not subfolder.strip("/") or ".." in subfolder.split("/") or "\\" in subfolder):
-        bad("hf_repo_subfolder", "a folder path inside the repo such as 'diffusers' or 'models/v1', or null")
-    data_root = Path(cfg.data_root)
-    if not data_root.exists():
-        bad("data_root", "an existing folder of training images (it does not exist)")
-    elif not data_root.is_dir():
-        bad("data_root", "a folder of training images (this is a file)")
-    if cfg.resolution < 64 or cfg.resolution % 64:
-        bad("resolution", "a multiple of 64 such as 512 or 768 (the UNet halves the latent size per level)")
-    for key in ("batch_size", "grad_accum", "max_epochs", "log_step"):
-        if getattr(cfg, key) < 1:
-            bad(key, "an integer >= 1")
-    for key in ("max_steps", "save_every_n_epochs"):
-        if getattr(cfg, key) < 0:
-            bad(key, "an integer >= 0 (0 disables it)")
-    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
-        bad("lr_warmup_steps", "an integer >= 0, or null")
-    if not cfg.lr > 0:
-        bad("lr", "a learning rate > 0, such as 1.5e-6")
-    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
-        bad("clip_grad_norm", "a norm > 0, or null for no clipping")
-    if not 0.0 <= cfg.flip_p <= 1.0:
-        bad("flip_p", "a probability from 0 to 1")
-    if not 0.0 <= cfg.cond_dropout <= 1.0:
-        bad("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)")
-    for key in ("keep_tags", "num_workers"):
-        if getattr(cfg, key) < 0:
-            bad(key, "an integer >= 0")
-    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
-        bad("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null")
-    if cfg.zero_frequency_noise_ratio < 0:
-        bad("zero_frequency_noise_ratio", "a ratio >= 0 (about 0.02 to 0.1)")
-    if cfg.pyramid_noise_discount is not None and not 0 < cfg.pyramid_noise_discount < 1:
-        bad("pyramid_noise_discount", "a discount between 0 and 1 (e.g. 0.8), or null")
-    if not 1 <= cfg.timestep_end <= 1000:
-        bad("timestep_end", "a timestep from 1 to 1000")
-    elif not 0 <= cfg.timestep_start < cfg.timestep_end:
-        bad("timestep_start", f"a timestep from 0 to below timestep_end ({cfg.timestep_end})")
-    if not cfg.huber_c > 0:
-        bad("huber_c", "a value > 0 such as 0.1")
-    if not 0 <= cfg.clip_skip <= 4:
-        bad("clip_skip", "0 (last layer) or 1 to 4")
-    if cfg.embedding_perturbation < 0:
-        bad("embedding_perturbation", "a standard deviation >= 0")
-    if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
-        bad("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
-    if cfg.ckpt_every_n_minutes is not None and not cfg.ckpt_every_n_minutes > 0:
-        bad("ckpt_every_n_minutes", "minutes > 0, or null")
-    if cfg.max_saves is not None and cfg.max_saves < 1:
-        bad("max_saves", "an integer >= 1, or null to keep every save")
-    if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
-        bad("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null")
-    if cfg.ema_update_interval < 1:
-        bad("ema_update_interval", "an integer >= 1")
-    if cfg.sample_steps < 1:
-        bad("sample_steps", "an integer >= 1")
-    if cfg.sample_prompts is not None and not Path(cfg.sample_prompts).is_file():
-        bad("sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
-    if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
-        bad("resume_state", "a saved training state folder, 'findlast', or null")
-    if not 0 <= cfg.validation_split < 1:
-        bad("validation_split", "a fraction from 0 (none) to below 1, such as 0.1")
-    if cfg.validation_data_root is not None and not Path(cfg.validation_data_root).is_dir():
-        bad("validation_data_root", "an existing folder of validation images, or null")
-    if cfg.validation_every_n_epochs < 1:
-        bad("validation_every_n_epochs", "an integer >= 1")
-    if cfg.seed < -1:
-        bad("seed", "an integer >= 0, or -1 for a random seed")
-    for key in ("project_name", "run_name"):
-        name = getattr(cfg, key)
-        # one folder name: no separators, and never "." or "..", which would write into logdir or its parent
-        if name is not None and (not _NAME_OK.match(name) or not name.strip(".")):
-            bad(key, "a single folder name of letters, digits, '_', '-' and '.' (not '.' or '..')")
-    return problems
-
-
 # ---------------------------------------------------------------- output
 
 
@@ -455,61 +359,3 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def save_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as json that `--config` loads back to the same config."""
     path.write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n", encoding="utf-8")
-
-
-def help_text() -> str:
-    lines = [
-        "usage: python train.py [--config PATH] [--key value ...]",
-        "",
-        "Fine-tunes a Stable Diffusion 1.x/2.x model. Settings come from defaults, then the json file",
-        f"(--config PATH, default ./{DEFAULT_CONFIG_FILE}), then --key value on the command line.",
-        "Booleans take --flag, --flag true or --flag false; nullable keys take null.",
-        "",
-        "options:",
-        "  --config PATH",
-        "      json file of settings; EveryDream2 train.json files load too",
-    ]
-    for name, f in FIELDS.items():
-        lines.append(f"  --{name} {_metavar(FIELD_TYPES[name])}")
-        lines.append(f"      {f.metadata['help']} (default: {_given(f.default)})")
-    return "\n".join(lines)
-
-
-def markdown_reference() -> str:
-    """docs/CONFIG.md: every key with its type, default and help (a test keeps the file equal to this)."""
-    lines = [
-        "# Configuration keys",
-        "",
-        "Generated from `TrainConfig` in trainer/config.py by `python utils/write_config_docs.py`; do not edit.",
-        "Every key goes in train.json or on the command line as `--key value`.",
-        "",
-        "| key | type | default | what it does |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, f in FIELDS.items():
-        tp = type_name(FIELD_TYPES[name]).replace("|", "\\|")
-        lines.append(f"| `{name}` | {tp} | `{json.dumps(f.default)}` | {f.metadata['help']} |")
-    return "\n".join(lines) + "\n"
-
-
-def _metavar(tp: Any) -> str:
-    if _is_optional(tp):
-        return _metavar(_strip_optional(tp))
-    if typing.get_origin(tp) is Literal:
-        return "{" + ",".join(typing.get_args(tp)) + "}"
-    return {bool: "[BOOL]", int: "INT", float: "FLOAT", str: "TEXT"}[tp]
-
-
-def load_config_or_exit(argv: list[str]) -> LoadedConfig:
-    """`load_config` for the command line: --help prints and exits 0; problems print and exit 2."""
-    if "-h" in argv or "--help" in argv:
-        print(help_text())
-        sys.exit(0)
-    try:
-        loaded = load_config(argv)
-    except ConfigError as err:
-        print(f"train.py: {err}", file=sys.stderr)
-        sys.exit(2)
-    for notice in loaded.notices:
-        print(f"Config: {notice}")
-    return loaded

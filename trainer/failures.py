@@ -5,7 +5,6 @@ this program, with its traceback and how to report it."""
 from __future__ import annotations
 
 import errno
-import sys
 import traceback
 
 ISSUES_URL = "the project's issue tracker"
@@ -44,14 +43,11 @@ def _detail(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def report_unexpected(err: BaseException) -> int:
-    """Print `err` for the user; returns the exit status (1)."""
+def describe_unexpected(err: BaseException) -> str:
+    """What to print for `err`: one line for the machine's faults, else the traceback and a bug report's how."""
     message = environment_message(err)
     if message is not None:
-        print(f"train.py: {message}", file=sys.stderr)
-        return 1
-    traceback.print_exception(err)
-    print(f"train.py: this is a bug in the trainer ({type(err).__name__} above): an input or environment problem "
-          f"would have been reported in one line. Please report it at {ISSUES_URL}, with the command, your "
-          "train.json and the output above.", file=sys.stderr)
-    return 1
+        return f"train.py: {message}"
+    return ("".join(traceback.format_exception(err)) + f"train.py: this is a bug in the trainer ({type(err).__name__} "
+            "above): an input or environment problem would have been reported in one line. Please report it at "
+            f"{ISSUES_URL}, with the command, your train.json and the output above.")

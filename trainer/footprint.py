@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.safetensors_header import read_header
+from convert.tables import UNET_PREFIX, VAE_PREFIX
 
 # Optimizer state bytes per trained parameter, as accelerate's save_state writes them.
 OPTIMIZER_STATE_BYTES = {
@@ -19,11 +20,8 @@ OPTIMIZER_STATE_BYTES = {
     "prodigy": 16.0,  # exp_avg, exp_avg_sq, s and the initial weights
     "adafactor": 0.1,  # factored second moments: a row and a column per matrix
 }
-# Full-size parameter counts, for a model not on disk yet (a Hub id): SD2's, the larger family.
-FULL_SIZE = {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863}
-COMPONENT_PREFIXES = {  # an original single file's keys per component (EMA copies are not converted)
-    "unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.",
-}
+# An original single file's keys per component (its EMA copy, model_ema.*, is not converted).
+COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}
 MARGIN = 1.05  # configs, the tokenizer, safetensors headers, file-system blocks
 FIXED_BYTES = 8 * 2**20
 
@@ -66,7 +64,7 @@ def component_numels_in_folder(model_dir: Path) -> dict[str, int] | None:
     """Parameters per component of a diffusers folder, from its weight files' headers; None when any
     component's weights are not safetensors (their counts would need the weights loaded)."""
     counts = {}
-    for component in FULL_SIZE:
+    for component in COMPONENT_PREFIXES:
         files = sorted((model_dir / component).glob("*.safetensors"))
         if not files:
             return None

@@ -3,7 +3,7 @@
 This module owns everything between a repo id and a local folder:
 
 * which files a training run needs (`select_training_files`, pure): `model_index.json` and the five
-  components the trainer loads (unet, vae, text_encoder, tokenizer, scheduler) with their configs, and one
+  components the trainer loads (convert/tables.py's `MODEL_COMPONENTS`) with their configs, and one
   weight format per component, safetensors preferred. Never the single-file `.ckpt`/`.safetensors`
   siblings at the repo root, the safety checker, fp16/EMA variants, Flax, TF or ONNX weights;
 * the token, by an explicit order: `HF_API_TOKEN` (EveryDream2's name, which the client itself ignores),
@@ -24,10 +24,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from common.console import say
+from common.console import first_line
+from convert.tables import COMPONENT_NAMES, MODEL_COMPONENTS
 from trainer.errors import UserError
 
-# What the trainer loads from a diffusers folder; nothing else is downloaded.
-TRAINING_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 CONFIG_SUFFIXES = (".json", ".txt")  # configs, scheduler_config.json, vocab.json, merges.txt, shard indexes
 # The weight file stems a component may have, in the loader's naming: diffusers models, then transformers'.
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -135,27 +136,28 @@ def select_training_files(repo_files: list[str], subfolder: str | None, repo: Re
         raise UserError(_not_a_diffusers_model(repo_files, subfolder, repo))
     chosen = ["model_index.json"]
     problems = []
-    for component in TRAINING_COMPONENTS:
-        files = [PurePosixPath(p).name for p in inside if str(PurePosixPath(p).parent) == component]
+    for component in MODEL_COMPONENTS:
+        name = component.name
+        files = [PurePosixPath(p).name for p in inside if str(PurePosixPath(p).parent) == name]
         if not files:
-            problems.append(f"{component}/ is missing")
+            problems.append(f"{name}/ is missing")
             continue
         # configs; shard indexes come with the weights they index
-        chosen += [f"{component}/{name}" for name in sorted(files)
-                   if name.endswith(CONFIG_SUFFIXES) and not name.endswith(".index.json")]
-        if component in ("tokenizer", "scheduler"):
+        chosen += [f"{name}/{file}" for file in sorted(files)
+                   if file.endswith(CONFIG_SUFFIXES) and not file.endswith(".index.json")]
+        if component.weights is None:
             continue
         weights = pick_weights(files)
         if not weights:
             found = ", ".join(sorted(files)) or "nothing"
-            problems.append(f"{component}/ has no {' or '.join(WEIGHT_FORMATS)} weights without a variant "
+            problems.append(f"{name}/ has no {' or '.join(WEIGHT_FORMATS)} weights without a variant "
                             f"(found: {found})")
-        chosen += [f"{component}/{name}" for name in weights]
+        chosen += [f"{name}/{file}" for file in weights]
     if problems:
         where = f"{repo} (subfolder {subfolder})" if subfolder else str(repo)
         raise UserError(
             f"{where} is not a complete diffusers Stable Diffusion model: " + "; ".join(problems) + ". Training "
-            f"needs {', '.join(TRAINING_COMPONENTS)} with full-precision weights (fp16-only repos are not supported)."
+            f"needs {', '.join(COMPONENT_NAMES)} with full-precision weights (fp16-only repos are not supported)."
         )
     return [prefix + p for p in chosen]
 
@@ -208,11 +210,10 @@ def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
     offline = is_offline()
     revision = repo.revision or "main"
     if offline:
-        print(f"Model: looking up {repo} in the hub cache {cache_dir} ({cache_source}); HF_HUB_OFFLINE is set",
-              flush=True)
+        say(f"Model: looking up {repo} in the hub cache {cache_dir} ({cache_source}); HF_HUB_OFFLINE is set")
     else:
-        print(f"Model: fetching {repo} from {_endpoint()} into the hub cache {cache_dir} ({cache_source}); "
-              f"token: {token.source}", flush=True)
+        say(f"Model: fetching {repo} from {_endpoint()} into the hub cache {cache_dir} ({cache_source}); "
+            f"token: {token.source}")
     try:
         if offline:
             try:
@@ -237,13 +238,13 @@ def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
     except LocalEntryNotFoundError as err:  # offline, or no connection, and not (fully) in the cache
         raise UserError(
             f"{repo} could not be fetched and the hub cache {cache_dir} does not hold all of its training files "
-            f"({type(err).__name__}: {_first_line(err)}). Check the network connection and HF_ENDPOINT, or "
+            f"({type(err).__name__}: {first_line(err)}). Check the network connection and HF_ENDPOINT, or "
             "unset HF_HUB_OFFLINE, and run again: files already complete are kept." + _retired_hint(repo)
         ) from None
     except httpx2.TransportError as err:  # no connection, or broken off after the client's own retries
         cached = _is_cached(repo, cache_dir)
         raise UserError(
-            f"could not download {repo} from {_endpoint()}: {type(err).__name__}: {_first_line(err)}. Check the "
+            f"could not download {repo} from {_endpoint()}: {type(err).__name__}: {first_line(err)}. Check the "
             "network connection (and HF_ENDPOINT if set) and run again: files already complete are kept in the "
             "cache and not downloaded twice."
             + (f" {repo} is in the hub cache: set HF_HUB_OFFLINE=1 to train from it without network." if cached else "")
@@ -281,7 +282,7 @@ def _http_error_message(err: Exception, repo: RepoRef, token: HubToken) -> str:
     if status == 401 and token.value is not None:
         return (f"the Hugging Face token from {token.source} was refused as invalid (HTTP 401). Create a new one "
                 f"at {_endpoint()}/settings/tokens and run `hf auth login` or set HF_API_TOKEN.")
-    return (f"the Hub answered HTTP {status} for {repo}: {_first_line(err)}. Try again later; if it persists, "
+    return (f"the Hub answered HTTP {status} for {repo}: {first_line(err)}. Try again later; if it persists, "
             f"download the model's diffusers folder and pass its path.")
 
 
@@ -306,8 +307,3 @@ def _endpoint() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

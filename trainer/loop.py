@@ -11,20 +11,21 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.console import first_line, say, warn
 from data.dataset import TrainingData
-from data.encode import encode_posterior
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import SDModels
-from trainer.objective import compute_loss, encode_prompts, randn, row_generators, validation_loss
+from trainer.objective import compute_loss, encode_images, encode_prompts, row_generators, validation_loss
 from trainer.preflight import Preflight
+from trainer.metrics import LogWindow, log_scalars
 from trainer.resume import TrainerState
 from trainer.sampling import generate_samples, write_samples
 from trainer.saving import check_weights, rescue, save
@@ -86,7 +87,7 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
             state.global_step += 1
             run.guard.after_step(state.global_step)
             if state.global_step == first_step:
-                run.log(f"First step done {time.monotonic() - started:.1f} s after start.")
+                say(f"First step done {time.monotonic() - started:.1f} s after start.")
             if run.emas and state.global_step % cfg.ema_update_interval == 0:
                 for ema, module in run.emas:
                     ema.step(module.parameters())
@@ -122,7 +123,7 @@ def finish(run: Run, state: TrainerState) -> Path:
     named_epoch = state.epoch if state.batches_in_epoch else max(1, state.epoch - 1)
     final = save(run, state, epoch=named_epoch, prefix="interrupted-" if stopping else "last-", with_state=stopping)
     if stopping:
-        run.log(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}")
+        say(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}")
         return final
     validate(run, state.global_step)
     sample(run, state.global_step)
@@ -135,13 +136,13 @@ def finish(run: Run, state: TrainerState) -> Path:
 def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One batch forward and backward for optimizer step `step`; on the accumulation's last batch also clip and
     step. Returns (loss, gradient norm when measured)."""
-    accelerator, models = run.accelerator, run.models
+    accelerator = run.accelerator
     generators = row_generators(batch["seed"])  # each sample's own noise: the same in any batch, on any process
     with accelerator.accumulate(*run.trained):
-        latents = batch["latents"] if "latents" in batch else encode_images(models.vae, batch["pixel_values"], generators)
+        latents = batch["latents"] if "latents" in batch else encode_images(run.vae, batch["pixel_values"], generators)
         with torch.set_grad_enabled(not run.cfg.disable_textenc_training), accelerator.autocast():
             encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"], run.cfg.clip_skip)
-        loss = compute_loss(run.unet, models.noise_scheduler, latents, encoder_hidden_states, generators,
+        loss = compute_loss(run.unet, run.noise_scheduler, latents, encoder_hidden_states, generators,
                             run.objective, batch.get("loss_weight"))
         run.guard.add_loss(loss)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
@@ -154,15 +155,6 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
-
-
-@torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generators) -> torch.Tensor:
-    """Pixels in [-1, 1] -> latents sampled from the VAE's posterior with each row's own generator, scaled to
-    about unit variance (fp32, whatever dtype the frozen VAE is held in)."""
-    mean, std = encode_posterior(vae, pixel_values, recover_overflow=False)
-    noise = randn(mean.shape, generators).to(mean.device)
-    return (mean + std * noise) * vae.config.scaling_factor
 
 
 def start_epoch(run: Run, epoch: int, skip: int) -> torch.utils.data.DataLoader:
@@ -193,17 +185,17 @@ def validate(run: Run, step: int) -> None:
     unet.eval(), text_encoder.eval()
     try:
         with run.accelerator.autocast():
-            loss = validation_loss(unet, text_encoder, run.models.noise_scheduler, run.validation,
+            loss = validation_loss(unet, text_encoder, run.noise_scheduler, run.validation,
                                    run.accelerator.device, stop_requested=lambda: run.stop.requested)
     except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on
-        run.warn(f"validation at step {step} failed ({type(err).__name__}: {_first_line(err)}); skipped.")
+        warn(f"validation at step {step} failed ({type(err).__name__}: {first_line(err)}); skipped.")
         return
     finally:
         unet.train(modes[0]), text_encoder.train(modes[1])
     if loss is None:  # stopped part way: no loss worth logging
         return
     run.accelerator.log({"loss/validation": loss}, step=step)
-    run.log(f"Validation loss at step {step}: {loss:.5f}")
+    say(f"Validation loss at step {step}: {loss:.5f}")
 
 
 def sample(run: Run, step: int) -> None:
@@ -216,68 +208,20 @@ def sample(run: Run, step: int) -> None:
     try:
         _sample(run, step)
     except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on
-        run.warn(f"sampling at step {step} failed ({type(err).__name__}: {_first_line(err)}); skipped.")
+        warn(f"sampling at step {step} failed ({type(err).__name__}: {first_line(err)}); skipped.")
 
 
 def _sample(run: Run, step: int) -> None:
-    unet, text_encoder = run.unwrapped()
-    variants = [("", None)] + ([("-ema", run)] if run.emas else [])
     tracker = run.accelerator.get_tracker("tensorboard", unwrap=True)
-    for suffix, ema_run in variants:
+    for suffix, weights in [("", contextlib.nullcontext)] + ([("-ema", lambda: ema_weights(run))] if run.emas else []):
         if run.stop.requested:
             return
-        with ema_weights(ema_run) if ema_run else contextlib.nullcontext():
-            images = generate_samples(run.models, unet, text_encoder, run.prompts, run.cfg.resolution,
-                                      run.accelerator.device, stop_requested=lambda: run.stop.requested)
+        with weights():
+            images = generate_samples(run.pipeline(), run.prompts, run.cfg.resolution, run.accelerator.device,
+                                      stop_requested=lambda: run.stop.requested)
         if not images:
             return
         grid = write_samples(images, run.prompts[: len(images)], run.run_dir / "samples", f"gs{step:05d}{suffix}")
         for index, image in enumerate(images):
             tracker.add_image(f"samples{suffix}/{index:02d}", np.asarray(image), step, dataformats="HWC")
-        run.log(f"Samples at step {step}: {grid}")
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-# ---------------------------------------------------------------- logging
-
-
-@dataclass
-class LogWindow:
-    """Loss and throughput since the last log line. The loss is summed on its device and read once per log
-    line: reading it every step (`.item()`) would make the CPU wait for the GPU each step."""
-
-    loss_sum: torch.Tensor | float = 0.0
-    batches: int = 0
-    samples: int = 0
-    start: float = field(default_factory=time.perf_counter)
-
-    def add(self, loss: torch.Tensor, batch_size: int) -> None:
-        self.loss_sum, self.batches, self.samples = self.loss_sum + loss, self.batches + 1, self.samples + batch_size
-
-
-def log_scalars(run: Run, window: LogWindow, grad_norm, step: int) -> float:
-    """Write the window's scalars to the trackers; returns its mean loss (this process's). A tracker that
-    cannot write (a full disk) is said once; it never stops the run."""
-    elapsed = max(time.perf_counter() - window.start, 1e-9)
-    optimizer_steps = -(-window.batches // run.cfg.grad_accum)
-    mean_loss = float(window.loss_sum) / max(window.batches, 1)
-    scalars = {
-        "loss/train": mean_loss,
-        "perf/it_per_s": optimizer_steps / elapsed,
-        "perf/samples_per_s": window.samples * run.accelerator.num_processes / elapsed,
-    }
-    param_groups = run.lr_scheduler.scheduler.optimizer.param_groups
-    for group, lr in zip(param_groups, run.lr_scheduler.get_last_lr()):
-        scalars[f"lr/{group.get('name', 'group')}"] = lr
-    if grad_norm is not None:
-        scalars["grad_norm"] = float(grad_norm)
-    if torch.cuda.is_available():
-        scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    try:
-        run.accelerator.log(scalars, step=step)
-    except OSError as err:
-        run.warn(f"could not write the tensorboard log ({err.strerror}); training goes on.")
-    return mean_loss
+        say(f"Samples at step {step}: {grid}")

@@ -12,98 +12,50 @@ Two kinds of checks, both cheap and run before `from_pretrained`:
   scheduler prediction type training cannot use.
 
 Every problem text names the file, what was found and what was expected; callers add what to do where it
-depends on where the folder came from. This module reads files but loads no model library.
+depends on where the folder came from. A single file's integrity is convert/read.py's, shared with the
+converter; the components a folder has are convert/tables.py's. This module reads configs and file headers,
+never a weight.
 """
 
 from __future__ import annotations
 
-import json
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from common.safetensors_header import HeaderError, read_header
+from common.files import read_json_object
+from convert.read import TORCH_ZIP_MAGIC, safetensors_problem, torch_zip_problem
+from convert.tables import (
+    COMPONENT_NAMES,
+    INPAINT_IN_CHANNELS,
+    MODEL_COMPONENTS,
+    WEIGHTED_COMPONENTS,
+    PredictionType,
+)
 from trainer.errors import UserError
-from trainer.hub import TRAINING_COMPONENTS, WEIGHT_FORMATS, WEIGHT_STEMS, pick_weights
+from trainer.hub import WEIGHT_FORMATS, WEIGHT_STEMS, pick_weights
 
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
-CONFIG_FILES = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                "scheduler": "scheduler_config.json"}
-TORCH_ZIP_MAGIC = b"PK\x03\x04"
-PICKLE_PROTOCOLS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+CONFIG_FILES = {c.name: c.config for c in MODEL_COMPONENTS if c.config}  # the tokenizer's are optional
 DAMAGED_FIX = ("The model folder is damaged (cut off while downloading or copying, or edited); copy, download or "
                "convert the model again.")
-INPAINT_IN_CHANNELS = 9  # 4 noisy latents + 4 masked-image latents + 1 mask
 SDXL_CROSS_ATTENTION_DIM = 2048  # SDXL's two text encoders, concatenated
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = get_args(PredictionType)
 
 
 # ------------------------------------------------------------------------------------------ integrity
 
 
-def _parse_json(path: Path) -> tuple[Any, str | None]:
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        return None, f"could not read {path}: {err.strerror or err}."
-    except UnicodeDecodeError:
-        return None, f"{path} is not a text file (not UTF-8); expected a json config."
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        return None, (f"{path} is not valid json ({err.msg}: line {err.lineno}, column {err.colno} of its "
-                      f"{len(text)} characters); expected a complete json object.")
-    if not isinstance(data, dict):
-        return None, f"{path} holds a json {type(data).__name__}; expected a json object (a config)."
-    return data, None
-
-
 def json_problem(path: Path) -> str | None:
-    return _parse_json(path)[1]
+    return read_json_object(path)[1]
 
 
 def read_json(path: Path) -> dict:
     """A json object from a model folder, or a UserError saying the file is damaged."""
-    data, problem = _parse_json(path)
+    data, problem = read_json_object(path)
     if problem is not None:
         raise UserError(f"{problem} {DAMAGED_FIX}")
     return data
-
-
-def is_torch_pickle(head: bytes) -> bool:
-    """A torch checkpoint (zip or legacy pickle), from its first bytes."""
-    return head.startswith(TORCH_ZIP_MAGIC) or head[:2] in PICKLE_PROTOCOLS
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Whether `path` is a whole safetensors file, from its header alone (common/safetensors_header.py)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if is_torch_pickle(head):
-            return (f"{path} is a torch pickle checkpoint, not a safetensors file as its name says; a pickle can run "
-                    "code when loaded, which a .safetensors file is chosen to rule out.")
-        problem = read_header(path).size_problem()
-    except OSError as err:
-        return f"could not read {path}: {err.strerror or err}."
-    except HeaderError as err:
-        return f"{path} is {err}."
-    return f"{path} is {problem}." if problem else None
-
-
-def torch_zip_problem(path: Path) -> str | None:
-    """Whether a torch zip checkpoint is whole: its zip directory, at the very end, must be there."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            archive.namelist()
-    except zipfile.BadZipFile as err:
-        return (f"{path} is truncated or damaged: it starts as a torch zip checkpoint, but the zip directory that "
-                f"ends a complete one is missing or broken ({err}); its size is {path.stat().st_size} bytes.")
-    except OSError as err:
-        return f"could not read {path}: {err.strerror or err}."
-    return None
 
 
 def weight_file_problem(path: Path) -> str | None:
@@ -121,10 +73,10 @@ def weight_file_problem(path: Path) -> str | None:
 
 def config_damage(model_dir: Path) -> str | None:
     """The first missing sub-folder, missing config or json file that does not parse, or None."""
-    missing = [c for c in TRAINING_COMPONENTS if not (model_dir / c).is_dir()]
+    missing = [c for c in COMPONENT_NAMES if not (model_dir / c).is_dir()]
     if missing:
         return (f"{model_dir} lacks the sub-folder(s) {', '.join(missing)}; a Stable Diffusion diffusers folder has "
-                f"{', '.join(TRAINING_COMPONENTS)}.")
+                f"{', '.join(COMPONENT_NAMES)}.")
     for component, name in CONFIG_FILES.items():
         if not (model_dir / component / name).is_file():
             return f"{model_dir / component} has no {name}; expected the {component}'s diffusers config there."
@@ -137,7 +89,7 @@ def config_damage(model_dir: Path) -> str | None:
 def weights_damage(model_dir: Path) -> str | None:
     """The first weight file (of those the loaders would read) that is missing or not whole, or None."""
     for component in WEIGHTED_COMPONENTS:
-        folder = model_dir / component
+        folder = model_dir / component.name
         names = sorted(p.name for p in folder.iterdir() if p.is_file())
         files = pick_weights(names)
         if not files:

@@ -9,14 +9,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-LossType = Literal["mse", "huber", "smooth_l1"]
+from data.encode import encode_posterior, scaled_latents
+from trainer.config import LossType
+
 # One generator for the whole batch, or one per row (the trainer's choice: see row_generators).
 Generators: TypeAlias = torch.Generator | Sequence[torch.Generator] | None
 
@@ -151,7 +153,15 @@ def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: 
     raise ValueError(f"unsupported loss_type {loss_type!r}")
 
 
-# ---------------------------------------------------------------- text conditioning
+# ---------------------------------------------------------------- the conditioning and the latents
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generators) -> torch.Tensor:
+    """Pixels in [-1, 1] -> latents sampled from the VAE's posterior with each row's own generator, scaled to
+    about unit variance (fp32, whatever dtype the frozen VAE is held in)."""
+    mean, std = encode_posterior(vae, pixel_values, recover_overflow=False)
+    return scaled_latents(mean, std, randn(mean.shape, generators).to(mean.device), vae.config.scaling_factor)
 
 
 def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:

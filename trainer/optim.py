@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.console import warn
+from trainer.config import OptimizerName
 from trainer.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where optimizers are built: the preflight reads plans without it
     import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "lion", "prodigy", "adafactor")
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 _SETTING_KEYS = ("optimizer", "lr", "lr_scheduler", "lr_decay_steps", "lr_warmup_steps", "betas", "epsilon", "weight_decay")
 _FREEZING_KEYS = ("freeze_embeddings", "freeze_front_n_layers", "freeze_final_layer_norm")
 _TOP_KEYS = {"doc", "base", "text_encoder_overrides", "text_encoder_lr_scale", "text_encoder_freezing",
@@ -153,8 +155,8 @@ def _adamw8bit_class():
         bnb.optim.AdamW8bit([probe]).step()
         return bnb.optim.AdamW8bit
     except Exception as err:  # any failure of an optional native library means: fall back, and say why
-        print(f"Warning: adamw8bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
-              "using 32-bit AdamW instead (more optimizer memory, same maths).", file=sys.stderr)
+        warn(f"adamw8bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
+              "using 32-bit AdamW instead (more optimizer memory, same maths).")
         return None
 
 

@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import torch
 
+from common.console import warn
+from trainer.models import ComponentDtypes
+
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def training_precision(requested: str, cuda_available: bool) -> tuple[str, str | None]:
-    """The mixed precision to run with, and a warning when it differs from the request: fp16 autocast needs
-    CUDA, so a CPU-only machine trains in fp32 rather than fail (bf16 works on CPUs)."""
-    if requested == "fp16" and not cuda_available:
-        return "no", "mixed_precision fp16 needs a CUDA GPU; none found, so this run trains in fp32."
-    return requested, None
+def training_precision(requested: str) -> str:
+    """The mixed precision to run with: fp16 autocast needs CUDA, so a CPU-only machine trains in fp32 rather
+    than fail, and says so (bf16 works on CPUs)."""
+    if requested == "fp16" and not torch.cuda.is_available():
+        warn("mixed_precision fp16 needs a CUDA GPU; none found, so this run trains in fp32.")
+        return "no"
+    return requested
 
 
-def frozen_dtype(precision: str) -> torch.dtype:
-    return COMPUTE_DTYPES[precision]
+def component_dtypes(cfg, precision: str) -> ComponentDtypes:
+    """The UNet (always trained) in fp32; the VAE in the compute dtype; the text encoder in fp32 when it is
+    trained, else in the compute dtype."""
+    frozen = COMPUTE_DTYPES[precision]
+    text_encoder = frozen if cfg.disable_textenc_training else torch.float32
+    return ComponentDtypes(unet=torch.float32, text_encoder=text_encoder, vae=frozen)

@@ -23,11 +23,14 @@ from datetime import datetime
 from pathlib import Path
 
 from common.files import free_bytes, human_bytes, place_problem
+from data.errors import DataError
 from data.latent_cache import choose_cache_dir
+from data.options import DataOptions
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_items
 from trainer import footprint
+from trainer.ckpt_cache import CKPT_CACHE
 from trainer.config import TrainConfig
 from trainer.errors import ProblemsError, UserError
 from trainer.optim import OptimizerPlan, plan_optimizers
@@ -44,7 +47,6 @@ from trainer.resume import (
     refusal,
 )
 
-CKPT_CACHE = Path("ckpt_cache")
 OPTIONAL_PACKAGES = {  # config key -> (package, how to get it)
     "wandb": ("wandb", "pip install wandb (then wandb login), or set wandb false; tensorboard logs either way"),
     "attn_type": ("xformers", "pip install xformers matching your torch build, or set attn_type sdp (as fast on "
@@ -96,12 +98,12 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     def attempt(check, *args):
         try:
             return check(*args)
-        except UserError as err:
+        except (UserError, DataError) as err:
             problems.append(str(err))
             return None
 
     scan = attempt(scan_data_root, Path(cfg.data_root), cfg.resolution)
-    split = attempt(validation_items, cfg, scan) if scan else None
+    split = attempt(validation_items, DataOptions.from_config(cfg), scan) if scan else None
     train_scan, validation = split or (scan, [])
     save_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
     unplaceable = place_problems(cfg, run_dir, save_dir)

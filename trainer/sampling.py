@@ -14,16 +14,15 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from trainer.models import SDModels
 from trainer.prompts import SamplePrompt
 
 
-def sd_pipeline(models: SDModels, unet, text_encoder) -> StableDiffusionPipeline:
-    """The diffusers pipeline of `models` with these (trained, unwrapped) UNet and text encoder: what samples
-    are drawn with and what a save's model_index.json describes."""
+def sd_pipeline(unet, text_encoder, vae, tokenizer, scheduler) -> StableDiffusionPipeline:
+    """A diffusers pipeline of these parts (the trained ones unwrapped): what samples are drawn with and what a
+    save's model_index.json describes."""
     return StableDiffusionPipeline(
-        vae=models.vae, text_encoder=text_encoder, tokenizer=models.tokenizer, unet=unet,
-        scheduler=models.sample_scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
@@ -39,22 +38,22 @@ def image_grid(images: list[Image.Image], columns: int = 4) -> Image.Image:
 
 @torch.no_grad()
 def generate_samples(
-    models: SDModels, unet, text_encoder, prompts: list[SamplePrompt], resolution: int, device: torch.device,
+    pipeline: StableDiffusionPipeline, prompts: list[SamplePrompt], resolution: int, device: torch.device,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> list[Image.Image]:
-    """Images for `prompts` from the current weights (unwrapped modules), without changing training state.
-    Returns the images made before `stop_requested()` turned true (all of them when it never does)."""
-    pipeline = sd_pipeline(models, unet, text_encoder)
+    """Images for `prompts` from the pipeline's current weights, without changing training state. Returns the
+    images made before `stop_requested()` turned true (all of them when it never does)."""
     pipeline.set_progress_bar_config(disable=True)
 
     def interrupt_on_stop(pipe, step, timestep, callback_kwargs):
         pipe._interrupt = stop_requested()  # diffusers' own early exit from the denoising loop
         return callback_kwargs
 
+    unet, text_encoder = pipeline.unet, pipeline.text_encoder
     was_training = [m.training for m in (unet, text_encoder)]
     unet.eval(), text_encoder.eval()
     # The trained UNet is fp32 while frozen parts may be held in fp16/bf16: autocast makes them meet.
-    dtypes = {p.dtype for module in (unet, text_encoder, models.vae) for p in module.parameters()}
+    dtypes = {p.dtype for module in (unet, text_encoder, pipeline.vae) for p in module.parameters()}
     low = next((d for d in (torch.float16, torch.bfloat16) if d in dtypes), None)
     images = []
     try:

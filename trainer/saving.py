@@ -14,13 +14,13 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list
 
+from common.console import say, warn
 from common.files import atomic_folder, free_bytes, human_bytes, partial_path, remove
 from trainer import footprint
 from trainer.checkpoints import (
@@ -53,11 +53,10 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     (path,) = broadcast_object_list([free_save_path(run.save_dir, name).resolve() if accelerator.is_main_process
                                      else None])
     agree(run, lambda: _check_room(run, path, with_state), path, step=state.global_step)
-    unet, text_encoder = run.unwrapped()
-    modules = {"unet": unet, "vae": run.models.vae, "text_encoder": text_encoder}
+    pipeline = run.pipeline()
     dtype = torch.float32 if cfg.save_full_precision else torch.float16
     partial = partial_path(path, run.owner)
-    agree(run, lambda: _write_model(run, partial, modules, dtype), path, step=state.global_step, partial=partial)
+    agree(run, lambda: _write_model(run, partial, pipeline, dtype), path, step=state.global_step, partial=partial)
     if with_state:
         agree(run, lambda: _save_training_state(run, partial), path, step=state.global_step, partial=partial,
               every_process=True)
@@ -66,12 +65,12 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     else:
         agree(run, lambda: _finish(partial, path, None, run), path, step=state.global_step, partial=partial)
     run.last_save = path
-    run.log(f"Saved model: {path}")
+    say(f"Saved model: {path}")
     if run.emas:
         twin = path.with_name(path.name + "-ema")
         with ema_weights(run):
-            agree(run, lambda: _write_whole(run, twin, modules, dtype), twin, step=state.global_step)
-        run.log(f"Saved model: {twin}")
+            agree(run, lambda: _write_whole(run, twin, pipeline, dtype), twin, step=state.global_step)
+        say(f"Saved model: {twin}")
     if cfg.save_single_file:
         for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
             agree(run, lambda folder=folder: _single_file(run, folder), folder, step=state.global_step, complete=True)
@@ -84,7 +83,7 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
 def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
     unet, text_encoder = run.unwrapped()
     trained = sum(p.numel() for m in run.trained for p in m.parameters() if p.requires_grad)
-    total = sum(p.numel() for m in (unet, text_encoder, run.models.vae) for p in m.parameters())
+    total = sum(p.numel() for m in (unet, text_encoder, run.vae) for p in m.parameters())
     size = footprint.ModelSize(trained=trained, frozen=total - trained)
     needed = footprint.save_bytes(size, half=not run.cfg.save_full_precision, single_file=run.cfg.save_single_file,
                                   ema=bool(run.emas), training_state=with_state, optimizer=run.setup.optimizer)
@@ -92,25 +91,31 @@ def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
     return room_problem(path.parent, needed)
 
 
-def _write_model(run: Run, partial: Path, modules: dict, dtype: torch.dtype) -> str | None:
-    weights = component_weights(run.models, modules, _trained_names(run), dtype)
+def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype) -> str | None:
+    weights = _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
     remove(partial)
     partial.mkdir(parents=True)
-    write_model_folder(partial, run.models, modules, weights, dtype)
+    write_model_folder(partial, pipeline, weights, dtype)
     return None
 
 
-def _write_whole(run: Run, path: Path, modules: dict, dtype: torch.dtype) -> str | None:
-    weights = component_weights(run.models, modules, _trained_names(run), dtype)
+def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype) -> str | None:
+    weights = _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
     with atomic_folder(path, owner=run.owner) as partial:
-        write_model_folder(partial, run.models, modules, weights, dtype)
+        write_model_folder(partial, pipeline, weights, dtype)
     return None
+
+
+def _weights(run: Run, pipeline, dtype: torch.dtype) -> dict:
+    modules = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder")}
+    trained = {"unet"} | (set() if run.cfg.disable_textenc_training else {"text_encoder"})
+    return component_weights(Path(run.info.path), modules, trained, dtype)
 
 
 def _save_training_state(run: Run, partial: Path) -> None:
@@ -126,10 +131,6 @@ def _finish(partial: Path, path: Path, state: TrainerState | None, run: Run) -> 
 
 def _with_setup(state: TrainerState, run: Run) -> TrainerState:
     return dataclasses.replace(state, setup=run.setup)
-
-
-def _trained_names(run: Run) -> set[str]:
-    return {"unet"} | (set() if run.cfg.disable_textenc_training else {"text_encoder"})
 
 
 def _bad_weights(weights: dict) -> str | None:
@@ -153,16 +154,16 @@ def _single_file(run: Run, folder: Path) -> None:
                 f"{failure}. Nothing of that file was left behind. Export it later with python utils/convert_"
                 f"diffusers_to_original_stable_diffusion.py --model_path {folder} --checkpoint_path "
                 f"{folder}.safetensors")
-    run.log(f"Saved single file: {written}")
+    say(f"Saved single file: {written}")
     return None
 
 
 def _prune(run: Run, directory: Path) -> None:
     try:
         for old in prune_saves(directory, run.cfg.max_saves):
-            run.log(f"Pruned old save {old.name} (max_saves {run.cfg.max_saves}).")
+            say(f"Pruned old save {old.name} (max_saves {run.cfg.max_saves}).")
     except OSError as err:  # the new save is complete; an old one left over costs only space
-        run.warn(f"could not prune old saves in {directory} ({err.strerror}); they are kept.")
+        warn(f"could not prune old saves in {directory} ({err.strerror}); they are kept.")
 
 
 def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, partial: Path | None = None,
@@ -260,7 +261,7 @@ def check_in_sync(run: Run, step: int) -> None:
         raise UserError(f"at step {step} the {accelerator.num_processes} processes hold different weights "
                         f"(checksums {every.tolist()}); nothing was saved. This is a bug: please report it with "
                         "your accelerate config.")
-    run.log(f"Weights agree on all {accelerator.num_processes} processes at step {step} "
+    say(f"Weights agree on all {accelerator.num_processes} processes at step {step} "
             f"(checksum {checksum[0].item():.6f}).")
 
 
@@ -275,9 +276,9 @@ def rescue(run: Run, state: TrainerState, start_step: int) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         path = save(run, state, prefix="interrupted-", with_state=True)
-        print(f"The error below stopped training at step {state.global_step}; the weights trained so far were saved "
-              f"first: {path} (continue with --resume_state {path}).", file=sys.stderr, flush=True)
+        warn(f"the error below stopped training at step {state.global_step}; the weights trained so far were saved "
+             f"first: {path} (continue with --resume_state {path}).")
     except Exception as err:  # the original error matters more than this one
-        print(f"The error below stopped training at step {state.global_step}, and the weights could not be saved "
-              f"either ({type(err).__name__}: {err}).", file=sys.stderr, flush=True)
+        warn(f"the error below stopped training at step {state.global_step}, and the weights could not be saved "
+             f"either ({type(err).__name__}: {err}).")
 

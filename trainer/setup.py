@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list, set_seed
-from tqdm.auto import tqdm
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from common.console import say
 from common.files import owner_tag
 from data.dataset import TrainingData
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.guard import WeightGuard
-from trainer.models import SDModels
+from trainer.models import ModelInfo, SDModels
 from trainer.objective import Objective, zero_terminal_snr_schedulers
 from trainer.optim import build_lr_scheduler, build_optimizer, freeze_text_encoder_parts
 from trainer.preflight import Preflight, count_steps, current_setup
@@ -35,18 +35,24 @@ from trainer.resume import (
     load_training_state,
     restore_configured_hyperparameters,
 )
+from trainer.sampling import sd_pipeline
 from trainer.stops import StopRequest
 
 
 @dataclass
 class Run:
-    """What the loop and its helpers share: config, accelerator, prepared modules and optimizer, places."""
+    """What the loop and its helpers share: config, accelerator, the prepared model parts, optimizer, places. The
+    model bundle the run started from is left as it was loaded; what the run changes lives here."""
 
     cfg: TrainConfig
     accelerator: Accelerator
-    models: SDModels
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    unet: torch.nn.Module  # prepared (and compiled when asked)
+    text_encoder: torch.nn.Module  # prepared when trained
+    vae: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: DDPMScheduler  # the forward process the loss is computed with
+    sample_scheduler: SchedulerMixin  # the model's own inference scheduler, saved with it
+    info: ModelInfo
     trained: list[torch.nn.Module]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
@@ -65,30 +71,15 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
     last_state: Path | None = None  # the newest complete training state
-    log_file_failed: bool = False
-
-    def log(self, message: str) -> None:
-        """Print on the main process and append to <run>/train.log. A log that cannot be written (a full disk)
-        is said once and then left alone: logging never stops a run."""
-        if not self.accelerator.is_main_process:
-            return
-        tqdm.write(message)
-        if self.log_file_failed:
-            return
-        try:
-            with open(self.run_dir / "train.log", "a", encoding="utf-8") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-        except OSError as err:
-            self.log_file_failed = True
-            print(f"Warning: cannot write {self.run_dir / 'train.log'} ({err.strerror}); the log goes on here only.",
-                  file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        self.log(f"Warning: {message}")
 
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
         return unwrap(self.unet, keep_torch_compile=False), unwrap(self.text_encoder, keep_torch_compile=False)
+
+    def pipeline(self):
+        """The diffusers pipeline of the current weights: what samples are drawn with and a save describes."""
+        unet, text_encoder = self.unwrapped()
+        return sd_pipeline(unet, text_encoder, self.vae, self.tokenizer, self.sample_scheduler)
 
     def is_log_step(self, step: int) -> bool:
         return step % self.cfg.log_step == 0 or step == self.total_steps
@@ -115,9 +106,10 @@ def freeze(module: torch.nn.Module) -> None:
     module.eval()
 
 
-def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> None:
+def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> torch.nn.Module:
     """Frozen parts without gradients on the device (in the dtype they were loaded in: the compute precision),
-    trained parts in train mode, kernels and checkpointing as configured."""
+    trained parts in train mode, kernels and checkpointing as configured. Returns the UNet to train: compiled
+    when torch_compile asks for it."""
     freeze(models.vae)
     models.vae.to(device)
     models.unet.train()
@@ -139,8 +131,18 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, fre
     if torch.cuda.is_available():  # TF32 matmuls: ~free speed on Ampere+, precision well within fp16's
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.torch_compile:
-        models.unet = torch.compile(models.unet)
+    return torch.compile(models.unet) if cfg.torch_compile else models.unet
+
+
+def schedulers(cfg: TrainConfig, models: SDModels) -> tuple[DDPMScheduler, SchedulerMixin]:
+    """(the training forward process, the inference scheduler saved with the model): the model's own, or both
+    rescaled to zero terminal SNR."""
+    if not cfg.enable_zero_terminal_snr:
+        return models.noise_scheduler, models.sample_scheduler
+    if models.info.prediction_type != "v_prediction":
+        raise UserError("enable_zero_terminal_snr needs a v-prediction model (like SD2.1-768); at zero SNR an "
+                        "epsilon model's target equals its input. Use a v-prediction base model or turn it off.")
+    return zero_terminal_snr_schedulers(models.noise_scheduler, models.sample_scheduler)
 
 
 def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
@@ -179,24 +181,21 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     accelerator = make_accelerator(cfg, precision, run_dir)
     set_seed(cfg.seed)
     plan = preflight.optimizer
-    set_up_modules(cfg, models, accelerator.device, plan.freezing)
-    if cfg.enable_zero_terminal_snr:
-        if models.info.prediction_type != "v_prediction":
-            raise UserError("enable_zero_terminal_snr needs a v-prediction model (like SD2.1-768); at zero SNR an "
-                            "epsilon model's target equals its input. Use a v-prediction base model or turn it off.")
-        models.noise_scheduler, models.sample_scheduler = zero_terminal_snr_schedulers(
-            models.noise_scheduler, models.sample_scheduler)
+    unet = set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    noise_scheduler, sample_scheduler = schedulers(cfg, models)
     train_text_encoder = not cfg.disable_textenc_training
-    optimizer = build_optimizer(plan, models.unet, models.text_encoder if train_text_encoder else None)
+    optimizer = build_optimizer(plan, unet, models.text_encoder if train_text_encoder else None)
     total_steps = count_steps(len(data.loader), cfg)[1]
     lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps)
-    to_prepare = [models.unet] + ([models.text_encoder] if train_text_encoder else [])
+    to_prepare = [unet] + ([models.text_encoder] if train_text_encoder else [])
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*to_prepare, optimizer, data.loader, lr_scheduler)
     (owner,) = broadcast_object_list([owner_tag()])  # the main process's, on every process
     run = Run(
-        cfg, accelerator, models, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
-        trained=trained, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, data=data,
-        objective=Objective.from_config(cfg), total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
+        cfg, accelerator, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
+        vae=models.vae, tokenizer=models.tokenizer, noise_scheduler=noise_scheduler,
+        sample_scheduler=sample_scheduler, info=models.info, trained=trained, optimizer=optimizer,
+        lr_scheduler=lr_scheduler, loader=loader, data=data, objective=Objective.from_config(cfg),
+        total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
         guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
                           half_saves=not cfg.save_full_precision, device=accelerator.device),
         setup=current_setup(cfg, plan, total_steps, models.info.family,
@@ -205,13 +204,11 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
-    run.log(
-        f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
+    say(f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
-        f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device {accelerator.device}, "
-        f"precision {accelerator.mixed_precision}, optimizer {plan.unet.optimizer}, "
-        f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}."
-    )
+        f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
+        f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.unet.optimizer}, "
+        f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}.")
     return run
 
 
@@ -228,6 +225,6 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
     restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
     state = continue_position(saved, batch_samples)
     run.last_save, run.last_state = state_dir.parent, state_dir
-    run.log(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
-            f"{state.batches_in_epoch} batches into it.")
+    say(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
+        f"{state.batches_in_epoch} batches into it.")
     return state

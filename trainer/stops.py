@@ -10,8 +10,8 @@ request between denoising steps and batches, so a stop never waits for a long pr
 from __future__ import annotations
 
 import signal
-import sys
 
+from common.console import say
 from trainer.errors import UserError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -51,8 +51,8 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
-              "training state (press Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+        say(f"{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
+            "training state (press Ctrl-C again to abort without saving).")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():

@@ -57,36 +57,33 @@ def make_shapes_dataset(out_dir: Path, images_per_concept: int = 8, size: int = 
 def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8, seed: int = 123) -> tuple[float, float]:
     """(loss with each image's own caption, loss with the other concept's caption) on fresh held-out shapes.
 
-    The same noise and timesteps serve both captions, so the difference is what the caption is worth to the
+    The training objective itself (trainer/objective.py `compute_loss`, plain MSE), with the same noise and
+    timestep for both captions (the same generator seed), so the difference is what the caption is worth to the
     model: about 0 for a model that ignores its conditioning, clearly positive once it has learned it.
     """
     import numpy as np
     import torch
 
+    from data.captions import tokenize_captions
+    from data.encode import encode_posterior
+    from data.pixels import to_tensor
     from trainer.models import load_model_dir
-    from trainer.objective import encode_prompts
+    from trainer.objective import compute_loss, encode_prompts
 
     models = load_model_dir(Path(model_dir))
-    concepts = list(CONCEPTS)
-    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    concepts, rng = list(CONCEPTS), random.Random(seed)
     own, other = [], []
     with torch.no_grad():
-        states = {}
-        for concept in concepts:
-            ids = models.tokenizer(CONCEPTS[concept][2], padding="max_length", max_length=77, return_tensors="pt")
-            states[concept] = encode_prompts(models.text_encoder, ids.input_ids)
+        ids = tokenize_captions(models.tokenizer, [caption for _, _, caption in CONCEPTS.values()])
+        states = dict(zip(concepts, encode_prompts(models.text_encoder, ids).split(1)))
         for i in range(images_per_concept * len(concepts)):
             concept, wrong = concepts[i % 2], concepts[1 - i % 2]
-            pixels = np.asarray(draw_shape(concept, 64, rng), dtype=np.float32) / 127.5 - 1.0
-            latents = models.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None]).latent_dist.mean
-            latents = latents * models.vae.config.scaling_factor
-            for _ in range(draws):
-                noise = torch.randn(latents.shape, generator=generator)
-                t = torch.randint(0, models.noise_scheduler.config.num_train_timesteps, (1,), generator=generator)
-                noisy = models.noise_scheduler.add_noise(latents, noise, t)
-                target = noise if models.info.prediction_type == "epsilon" else \
-                    models.noise_scheduler.get_velocity(latents, noise, t)
+            mean, _ = encode_posterior(models.vae, to_tensor(draw_shape(concept, 64, rng))[None])
+            latents = mean * models.vae.config.scaling_factor
+            for draw in range(draws):
+                draw_seed = (seed * len(concepts) * images_per_concept + i) * draws + draw
                 for losses, caption in ((own, concept), (other, wrong)):
-                    prediction = models.unet(noisy, t, states[caption]).sample
-                    losses.append(torch.mean((prediction - target) ** 2).item())
+                    generator = torch.Generator().manual_seed(draw_seed)
+                    losses.append(compute_loss(models.unet, models.noise_scheduler, latents, states[caption],
+                                               generator).item())
     return float(np.mean(own)), float(np.mean(other))

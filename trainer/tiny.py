@@ -22,8 +22,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from convert.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from trainer.synthetic import CONCEPTS, draw_shape
-from trainer.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 
 TinyFamily = Literal["sd1", "sd2", "sd2-v"]
 TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd1", "sd2", "sd2-v")

@@ -2,7 +2,7 @@
 
 The file loads in AUTOMATIC1111 and ComfyUI (old-style VAE attention as 1x1 convolutions, the OpenCLIP
 layout for SD2 text encoders); SD2 models also get a `<file>.yaml` beside it. A thin command line over
-trainer/convert.py. Example:
+the convert/ package. Example:
 
     python utils/convert_diffusers_to_original_stable_diffusion.py --model_path ckpt_cache/my_model \\
       --checkpoint_path my_model.safetensors --half
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint_path", required=True, help="the .safetensors file to write")
     p.add_argument("--half", action="store_true", help="store fp16 weights (default: keep the folder's dtype)")
     args = p.parse_args(argv)
-    from trainer.convert import ConversionError, export_single_file
+    from convert import ConversionError, export_single_file
 
     try:
         result = export_single_file(args.model_path, args.checkpoint_path, half=args.half)

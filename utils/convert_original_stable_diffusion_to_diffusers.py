@@ -1,6 +1,6 @@
 """Convert an original SD1.x/SD2.x single-file checkpoint (.ckpt or .safetensors) into a diffusers folder.
 
-Offline and exact; a thin command line over trainer/convert.py. Example:
+Offline and exact; a thin command line over the convert/ package. Example:
 
     python utils/convert_original_stable_diffusion_to_diffusers.py --scheduler_type ddim \\
       --original_config_file v1-inference.yaml --image_size 512 --checkpoint_path my_sd15_model.ckpt \\
@@ -29,7 +29,7 @@ def str2bool(value: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from trainer.convert import SCHEDULER_TYPES
+    from convert import SCHEDULER_TYPES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint_path", required=True, help="the .ckpt or .safetensors file to convert")
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from trainer.convert import ConversionError, convert_checkpoint_file
+    from convert import ConversionError, convert_checkpoint_file
 
     try:
         result = convert_checkpoint_file(

@@ -41,7 +41,7 @@ def run(command: list[str]) -> str:
 
 
 def main() -> None:
-    from trainer.models import CKPT_CACHE
+    from trainer.ckpt_cache import CKPT_CACHE
     from trainer.synthetic import caption_losses, make_shapes_dataset
     from trainer.tiny import save_tiny_model
 

@@ -1,0 +1,64 @@
+"""Telling the user things: one channel for every module, quiet on all but the main process, mirrored into the
+run's train.log once there is one.
+
+Library code never calls `print`; it calls `say` (stdout) or `warn` (stderr, "Warning: ..."). Both go through
+`tqdm.write`, so a progress bar on the terminal stays whole. Under `accelerate launch` every process runs the
+same code: `configure(main=False)` on the others keeps the console to one voice. A log file that cannot be
+written (a full disk) is said once and then left alone: telling the user things never stops a run.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class _Channel:
+    main: bool = True
+    log_file: Path | None = None
+
+
+_channel = _Channel()
+
+
+def configure(*, main: bool = True) -> None:
+    """Whether this process speaks (the main process of a run does; the others stay quiet)."""
+    _channel.main = main
+
+
+def attach_log(path: Path | None) -> None:
+    """Mirror every message into `path` from now on (the run's train.log); None stops mirroring."""
+    _channel.log_file = path
+
+
+def say(message: str) -> None:
+    _emit(message, sys.stdout)
+
+
+def warn(message: str) -> None:
+    _emit(f"Warning: {message}", sys.stderr)
+
+
+def _emit(message: str, stream) -> None:
+    if not _channel.main:
+        return
+    from tqdm.auto import tqdm  # light, and only once something is said
+
+    tqdm.write(message, file=stream)
+    stream.flush()
+    if _channel.log_file is None:
+        return
+    try:
+        with open(_channel.log_file, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    except OSError as err:
+        failed, _channel.log_file = _channel.log_file, None
+        tqdm.write(f"Warning: cannot write {failed} ({err.strerror}); messages go on here only.", file=sys.stderr)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's text (its type when it has none), for one-line messages."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,0 +1,110 @@
+"""Impossible config values, found before anything runs: each as (key, what is expected instead).
+
+`trainer/config.py` calls `validate` once the defaults, the json file and the command line are merged, and reports
+every problem together. Checks that need files or places beyond the config's own paths live in the preflight.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import TrainConfig
+
+Problems = list[tuple[str, str]]
+_NAME_OK = re.compile(r"^[\w.\-]+$")
+
+
+def validate(cfg: TrainConfig) -> Problems:
+    """Impossible values as (key, what is expected instead); empty when the config can run."""
+    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg)]
+
+
+def _model_and_data(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if not cfg.resume_ckpt.strip():
+        bad.append(("resume_ckpt", "a model folder, a name in ckpt_cache/, or a Hugging Face repo id"))
+    subfolder = cfg.hf_repo_subfolder
+    if subfolder is not None and (not subfolder.strip("/") or ".." in subfolder.split("/") or "\\" in subfolder):
+        bad.append(("hf_repo_subfolder", "a folder path inside the repo such as 'diffusers' or 'models/v1', or null"))
+    data_root = Path(cfg.data_root)
+    if not data_root.exists():
+        bad.append(("data_root", "an existing folder of training images (it does not exist)"))
+    elif not data_root.is_dir():
+        bad.append(("data_root", "a folder of training images (this is a file)"))
+    if cfg.resolution < 64 or cfg.resolution % 64:
+        bad.append(("resolution", "a multiple of 64 such as 512 or 768 (the UNet halves the latent size per level)"))
+    if not 0.0 <= cfg.flip_p <= 1.0:
+        bad.append(("flip_p", "a probability from 0 to 1"))
+    if not 0.0 <= cfg.cond_dropout <= 1.0:
+        bad.append(("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)"))
+    bad += [(key, "an integer >= 0") for key in ("keep_tags", "num_workers") if getattr(cfg, key) < 0]
+    if not 0 <= cfg.validation_split < 1:
+        bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
+    if cfg.validation_data_root is not None and not Path(cfg.validation_data_root).is_dir():
+        bad.append(("validation_data_root", "an existing folder of validation images, or null"))
+    if cfg.validation_every_n_epochs < 1:
+        bad.append(("validation_every_n_epochs", "an integer >= 1"))
+    return bad
+
+
+def _schedule(cfg: TrainConfig) -> Problems:
+    bad: Problems = [(key, "an integer >= 1") for key in ("batch_size", "grad_accum", "max_epochs", "log_step")
+                     if getattr(cfg, key) < 1]
+    bad += [(key, "an integer >= 0 (0 disables it)") for key in ("max_steps", "save_every_n_epochs")
+            if getattr(cfg, key) < 0]
+    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
+        bad.append(("lr_warmup_steps", "an integer >= 0, or null"))
+    if not cfg.lr > 0:
+        bad.append(("lr", "a learning rate > 0, such as 1.5e-6"))
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        bad.append(("clip_grad_norm", "a norm > 0, or null for no clipping"))
+    if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
+        bad.append(("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)"))
+    if cfg.seed < -1:
+        bad.append(("seed", "an integer >= 0, or -1 for a random seed"))
+    return bad
+
+
+def _objective(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        bad.append(("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null"))
+    if cfg.zero_frequency_noise_ratio < 0:
+        bad.append(("zero_frequency_noise_ratio", "a ratio >= 0 (about 0.02 to 0.1)"))
+    if cfg.pyramid_noise_discount is not None and not 0 < cfg.pyramid_noise_discount < 1:
+        bad.append(("pyramid_noise_discount", "a discount between 0 and 1 (e.g. 0.8), or null"))
+    if not 1 <= cfg.timestep_end <= 1000:
+        bad.append(("timestep_end", "a timestep from 1 to 1000"))
+    elif not 0 <= cfg.timestep_start < cfg.timestep_end:
+        bad.append(("timestep_start", f"a timestep from 0 to below timestep_end ({cfg.timestep_end})"))
+    if not cfg.huber_c > 0:
+        bad.append(("huber_c", "a value > 0 such as 0.1"))
+    if not 0 <= cfg.clip_skip <= 4:
+        bad.append(("clip_skip", "0 (last layer) or 1 to 4"))
+    if cfg.embedding_perturbation < 0:
+        bad.append(("embedding_perturbation", "a standard deviation >= 0"))
+    return bad
+
+
+def _outputs(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if cfg.ckpt_every_n_minutes is not None and not cfg.ckpt_every_n_minutes > 0:
+        bad.append(("ckpt_every_n_minutes", "minutes > 0, or null"))
+    if cfg.max_saves is not None and cfg.max_saves < 1:
+        bad.append(("max_saves", "an integer >= 1, or null to keep every save"))
+    if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
+        bad.append(("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null"))
+    bad += [(key, "an integer >= 1") for key in ("ema_update_interval", "sample_steps") if getattr(cfg, key) < 1]
+    if cfg.sample_prompts is not None and not Path(cfg.sample_prompts).is_file():
+        bad.append(("sample_prompts", "the path of an existing .txt or .json file of prompts, or null"))
+    if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
+        bad.append(("resume_state", "a saved training state folder, 'findlast', or null"))
+    for key in ("project_name", "run_name"):
+        name = getattr(cfg, key)
+        # one folder name: no separators, and never "." or "..", which would write into logdir or its parent
+        if name is not None and (not _NAME_OK.match(name) or not name.strip(".")):
+            bad.append((key, "a single folder name of letters, digits, '_', '-' and '.' (not '.' or '..')"))
+    return bad
