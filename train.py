@@ -61,6 +61,8 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     configure_console(main=processes.is_main_process)
     cfg, run_dir = broadcast_object_list([pick_seed(cfg, say), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model
+    for notice in preflight.notices:
+        say(notice)
     precision = training_precision(cfg.mixed_precision)
     with processes.main_process_first():
         models = load_models(cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder,

@@ -150,10 +150,11 @@ def test_sampling_that_fails_costs_nothing(tiny_model, shapes_dir, tmp_path):
     code, out, err = run.finish()
 
     assert code == 0, err[-3000:]
-    assert out.count("Warning: sampling at step") == 2  # at step 2, and at the end after the final save
+    assert err.count("Warning: sampling at step") == 2  # at step 2, and at the end after the final save
     (final,) = saved_paths(out)
     assert final.name == "last-myproj-ep01-gs00004" and (final / "model_index.json").is_file()
-    assert out.index("Saved model:") < out.index("Warning: sampling at step 4")
+    log = (tmp_path / "logs" / "r" / "train.log").read_text()  # both streams, in order
+    assert log.index("Saved model:") < log.index("Warning: sampling at step 4")
 
 
 # ---------------------------------------------------------------- stops
