@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import sys
 import time
 from collections.abc import Callable
 
 from common.console import configure as configure_console
-from common.console import say
+from common.console import say, warn
 from data.errors import DataError
 from trainer.config import ConfigError, TrainConfig, load_config
 from trainer.config_docs import help_text
@@ -21,19 +22,39 @@ from trainer.errors import UserError
 
 
 def pick_seed(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:
-    """seed -1 asks for a random seed; it is said, so the run can be repeated (and saved in the run's train.json)."""
+    """seed -1 asks for a random seed; it is said, so the run can be repeated (and saved in the run's train.json).
+    A resumed run goes on with the seed its training state recorded."""
+    from trainer.preflight import resumed_seed
+
     if cfg.seed != -1:
         return cfg
+    saved = resumed_seed(cfg)
+    if saved is not None:
+        say(f"Config: seed -1: going on with the resumed run's seed {saved}.")
+        return dataclasses.replace(cfg, seed=saved)
     cfg = dataclasses.replace(cfg, seed=random.randrange(2**31))
     say(f"Config: seed -1 picked seed {cfg.seed}.")
     return cfg
 
 
+def choose_gpu(cfg: TrainConfig) -> None:
+    """gpuid (EveryDream2's key) as CUDA_VISIBLE_DEVICES, set before torch starts CUDA; never under accelerate
+    launch (each process has its device) nor over a CUDA_VISIBLE_DEVICES the user set."""
+    if cfg.gpuid is None:
+        return
+    if "CUDA_VISIBLE_DEVICES" in os.environ or "LOCAL_RANK" in os.environ:
+        say(f"Config: gpuid {cfg.gpuid} is not used: the device comes from "
+            f"{'CUDA_VISIBLE_DEVICES' if 'CUDA_VISIBLE_DEVICES' in os.environ else 'accelerate launch'}.")
+        return
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(cfg.gpuid)
+    say(f"Config: gpuid {cfg.gpuid}: training on that GPU (CUDA_VISIBLE_DEVICES={cfg.gpuid}).")
+
+
 def dry_run(cfg: TrainConfig) -> int:
     """The preflight and the data plan only: no model is loaded and diffusers is never imported."""
-    from trainer.preflight import plan_lines, run_dir_path, run_preflight
+    from trainer.preflight import plan_lines, resolve_find_last, run_dir_path, run_preflight
 
-    cfg = pick_seed(cfg, say)
+    cfg = resolve_find_last(pick_seed(cfg, say))
     preflight = run_preflight(cfg, run_dir_path(cfg))
     for line in [*preflight.notices, *plan_lines(cfg, preflight), "Preflight: every check passed."]:
         say(line)
@@ -51,7 +72,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     from trainer.loop import train
     from trainer.models import load_models
     from trainer.precision import component_dtypes, training_precision
-    from trainer.preflight import check_model_fits, run_dir_path, run_preflight
+    from trainer.preflight import check_model_fits, resolve_find_last, run_dir_path, run_preflight
 
     # One process, or one per device under `accelerate launch` (docs/DISTRIBUTED.md). What a process would pick
     # alone (the seed for -1, the run folder's time stamp) all take from the main process; what goes into shared
@@ -59,7 +80,8 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     # process writes first, and the others then only read it.
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # read as Accelerator reads it
     configure_console(main=processes.is_main_process)
-    cfg, run_dir = broadcast_object_list([pick_seed(cfg, say), run_dir_path(cfg)])
+    # every process resolves findlast (a missing save stops them all); the main process's answers count
+    cfg, run_dir = broadcast_object_list([resolve_find_last(pick_seed(cfg, say)), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model
     for notice in preflight.notices:
         say(notice)
@@ -90,7 +112,10 @@ def main(argv: list[str]) -> int:
         return 2
     for notice in loaded.notices:
         say(f"Config: {notice}")
+    for warning in loaded.warnings:
+        warn(f"Config: {warning}")
     cfg = loaded.config
+    choose_gpu(cfg)
     try:
         return dry_run(cfg) if cfg.dry_run else train_run(cfg, started)
     except (UserError, DataError) as err:  # an input or environment problem, said in one message

@@ -187,3 +187,12 @@ def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(data, dict):
         return None, f"{path} holds a json {type(data).__name__}; expected a json object {{\"key\": value, ...}}."
     return data, None
+
+
+def windows_path_hint(path: str | Path) -> str:
+    """A hint for a Windows path (C:\\data, data\\images) given on a machine whose paths use '/' (EveryDream2's
+    files come from Windows machines); "" otherwise."""
+    text = str(path)
+    if os.sep != "/" or not ("\\" in text or (len(text) > 1 and text[1] == ":" and text[0].isalpha())):
+        return ""
+    return " (a Windows path: on this machine write folders with '/', and without a drive letter)"

@@ -1,4 +1,5 @@
-"""Captions: where an image's caption comes from, per-folder repeat factors, per-step variations, token ids.
+"""Captions: where an image's caption comes from, per-step caption variations, token ids. (The other files
+beside images, the per-folder and per-image training settings, are data/settings.py's.)
 
 An image's caption is the first of these that exists (EveryDream2's rules):
   1. `<stem>.txt`, then `<stem>.caption`: the whole file, stripped;
@@ -7,9 +8,6 @@ An image's caption is the first of these that exists (EveryDream2's rules):
   3. the file name up to the first `_` (`a red car_03.jpg` -> `a red car`).
 Text files may be UTF-8 with or without a BOM and with CRLF line ends.
 
-`multiply.txt` in a folder repeats that folder's images per epoch (2.5: every image twice, plus a random half
-once more, drawn anew each epoch). As in EveryDream2 it applies to that folder only, not its subfolders.
-
 Captions become token ids in one place, `tokenize_captions`, for training rows and validation batches alike.
 Reading captions imports no torch (the preflight and `--dry_run` scan with it).
 """
@@ -17,7 +15,6 @@ Reading captions imports no torch (the preflight and `--dry_run` scan with it).
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,11 +27,9 @@ if TYPE_CHECKING:
 
 TEXT_SIDECARS = (".txt", ".caption")
 STRUCTURED_SIDECARS = (".yaml", ".yml", ".json")
-MULTIPLY_FILE = "multiply.txt"
-
 
 class CaptionError(ValueError):
-    """A caption or multiply.txt file exists but cannot be used; the message names the file and the fix."""
+    """A caption or settings file exists but cannot be used; the message names the file and the fix."""
 
 
 def read_text(path: Path) -> str:
@@ -45,13 +40,18 @@ def read_text(path: Path) -> str:
         raise CaptionError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from None
 
 
-def caption_from_structured(path: Path) -> str:
-    """`main_prompt` + `tags`, else `caption`, from a yaml or json sidecar."""
+def parse_structured(path: Path) -> object:
+    """The yaml or json document of `path`; CaptionError when it is not valid."""
     text = read_text(path)
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise CaptionError(f"{path} is not valid {path.suffix[1:]}: {str(err).splitlines()[0]}") from None
+
+
+def caption_from_structured(path: Path) -> str:
+    """`main_prompt` + `tags`, else `caption`, from a yaml or json sidecar."""
+    data = parse_structured(path)
     if not isinstance(data, dict):
         raise CaptionError(f"{path} must hold a mapping with main_prompt/tags or caption, found {type(data).__name__}.")
     parts: list[str] = []
@@ -84,21 +84,6 @@ def read_caption(image_path: Path) -> str:
         if sidecar.is_file():
             return caption_from_structured(sidecar)
     return caption_from_filename(image_path)
-
-
-def read_multiply(folder: Path) -> float:
-    """The repeat factor of `folder`'s images: its multiply.txt, else 1."""
-    path = folder / MULTIPLY_FILE
-    if not path.is_file():
-        return 1.0
-    text = read_text(path)
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise CaptionError(f"{path} holds {text!r}; expected one number >= 0 such as 2 or 0.5.")
-    return value
 
 
 def shuffle_tags(caption: str, keep_tags: int, rng: random.Random) -> str:

@@ -3,8 +3,10 @@
 Each batch is one of (all rows share one bucket size H x W, multiples of 64):
     {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,), "seed": [B ints]}  cache off
     {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...]}  on
-`loss_weight` is 0 for the rows that fill a bucket's last batch (see data/schedule.py), else 1. `seed` is each
-row's `Draw.seed`, from which the objective draws that row's noise (trainer/objective.py `row_generators`).
+`loss_weight` is 0 for the rows that fill a group's last batch (see data/schedule.py), else the image's
+loss_scale (1 unless its data files set one): trainer/objective.py `compute_loss` multiplies each row's loss by it
+and divides the sum by the batch size. `seed` is each row's `Draw.seed`, from which the objective draws that
+row's noise (trainer/objective.py `row_generators`).
 
 With N processes the sampler yields global batches of N x batch_size rows from one bucket and accelerate
 (`split_batches`) gives process i the i-th slice: together the processes train exactly the batches one process
@@ -13,7 +15,8 @@ with batch N x batch_size would.
 Every random choice (repeats, order, flips, tag shuffles, caption dropout, the latent sample) comes from the
 run's seed and the epoch through `Draw.seed`, so results do not depend on num_workers.
 
-The settings come as `DataOptions` (data/options.py), or any object with its attributes (the training config).
+The settings come as `DataOptions` (data/options.py), or any object with its attributes (the training config);
+an image's own flip_p, cond_dropout and shuffle_tags (`ImageItem`, from its data files) win over them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from data.encode import scaled_latents
 from data.latent_cache import LATENT_CACHE_FOLDER, LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
 from data.options import DataOptions
 from data.pixels import bucket_pixels
-from data.scan import ImageItem, Scan, scan_data_root
+from data.scan import ImageItem, Scan, own_or_run, scan_data_root
 from data.schedule import Draw, batches_per_epoch, epoch_batches
 from data.workers import ignore_stop_signals
 
@@ -60,16 +63,22 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def caption(self, draw: Draw) -> str:
         rng = random.Random(draw.seed)
-        caption = self.items[draw.index].caption
+        item = self.items[draw.index]
         # cond_dropout: training some steps on the empty caption teaches the unconditional prediction that
         # classifier-free guidance subtracts at sampling time (Ho & Salimans 2022)
-        if rng.random() < self.cond_dropout:
+        if rng.random() < own_or_run(item.cond_dropout, self.cond_dropout):
             return ""
-        return shuffle_tags(caption, self.keep_tags, rng) if self.shuffle_tags else caption
+        return shuffle_tags(item.caption, self.keep_tags, rng) if own_or_run(item.shuffle_tags, self.shuffle_tags) \
+            else item.caption
+
+    def loss_weight(self, draw: Draw) -> float:
+        """The row's weight in the loss: the draw's (0 for a filler row) times its image's loss_scale."""
+        loss_scale = self.items[draw.index].loss_scale
+        return draw.weight if loss_scale is None else draw.weight * loss_scale
 
     def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
         input_ids = tokenize_captions(self.tokenizer, [self.caption(draw)])[0]
-        row = {"input_ids": input_ids, "loss_weight": torch.tensor(draw.weight), "seed": draw.seed}
+        row = {"input_ids": input_ids, "loss_weight": torch.tensor(self.loss_weight(draw)), "seed": draw.seed}
         if self.latents is None:
             item = self.items[draw.index]
             row["pixel_values"] = bucket_pixels(item.path, item.bucket, draw.flip)
@@ -117,16 +126,23 @@ def default_cache_dir(data_root: str | Path) -> Path:
     return Path(data_root) / LATENT_CACHE_FOLDER
 
 
+def latent_keys(items: list[ImageItem], flip_p: float) -> list[tuple[int, bool]]:
+    """(item index, flip) of every latent the run can draw: flipped too for each image whose flip_p (its own,
+    else the run's `flip_p`) is above 0."""
+    return [(i, flip) for i, item in enumerate(items)
+            for flip in ((False, True) if own_or_run(item.flip_p, flip_p) > 0 else (False,))]
+
+
 def prepare_latents(
     options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
 ) -> dict[tuple[int, bool], Path]:
-    """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw; returns their cache entries.
+    """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw (`latent_keys`); returns
+    their cache entries.
 
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """
     cache = LatentCache(cache_dir, vae_fingerprint(vae))
-    flips = (False, True) if options.flip_p > 0 else (False,)
-    keys = [(i, flip) for i in range(len(scan.items)) for flip in flips]
+    keys = latent_keys(scan.items, options.flip_p)
     variants = [Variant(scan.items[i].path, scan.items[i].bucket, flip) for i, flip in keys]
     encoded, reused = fill_cache(cache, variants, vae, options.batch_size, options.num_workers)
     say(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
@@ -172,7 +188,7 @@ def build_dataloader(
 @dataclass
 class TrainingData:
     loader: torch.utils.data.DataLoader
-    validation: list[dict[str, torch.Tensor]]  # fixed batches (data/validation.py); empty when none asked
+    validation: dict[str, list[dict[str, torch.Tensor]]]  # set name -> fixed batches (data/validation.py)
 
     @property
     def sampler(self) -> BucketBatchSampler:
@@ -186,20 +202,22 @@ def build_training_data(
     num_processes: int = 1,
     cache_dir: Path | None = None,
     scan: Scan | None = None,
-    held_out: list[ImageItem] | None = None,
+    held_out: dict[str, list[ImageItem]] | None = None,
 ) -> TrainingData:
-    """The training loader and the encoded validation batches; says the scan report of the training images.
+    """The training loader and the encoded validation sets; says the scan report of the training images.
 
-    `scan` and `held_out` are the training images and the validation images when the caller has them already
-    (train.py's preflight); else data_root is scanned and the validation images held out here. Writes the latent
+    `scan` and `held_out` are the training images and the validation sets ({name: images}) when the caller has
+    them already (train.py's preflight); else data_root is scanned and the validation images held out here. Writes the latent
     cache in `cache_dir` (None: `<data_root>/.latent_cache`; `choose_cache_dir` picks it from the config) when
     cache_latents is on: in a multi-process run, call it on the main process first (train.py does), so the
     others find the cache full and only read it."""
     from data.validation import encode_validation_set, validation_items
 
     if scan is None:
-        scan, held_out = validation_items(options, scan_data_root(Path(options.data_root), options.resolution))
+        scan, items = validation_items(options, scan_data_root(Path(options.data_root), options.resolution))
+        held_out = {"validation": items} if items else {}
     scan.tell()
     loader = build_dataloader(options, tokenizer, vae, scan=scan, num_processes=num_processes, cache_dir=cache_dir)
-    validation = encode_validation_set(held_out, tokenizer, vae, options.batch_size) if held_out else []
+    validation = {name: encode_validation_set(items, tokenizer, vae, options.batch_size)
+                  for name, items in (held_out or {}).items() if items}
     return TrainingData(loader, validation)

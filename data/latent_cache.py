@@ -12,7 +12,7 @@ reclaim the space).
 What is stored is the VAE's posterior, mean and std, not one sample from it: each step then draws a new sample
 (`mean + std * noise`), exactly what encoding the image every step would give, at a file read's cost.
 Crops are deterministic (center, see data/buckets.py), so the only variants are flipped and not; both are
-cached when flip_p > 0.
+cached for each image that can be flipped (its flip_p, its own or else the run's, above 0).
 
 Where: `choose_cache_dir` (latent_cache_dir, else `<data_root>/.latent_cache`, else a fallback place when
 data_root is read-only); the folder holds a `.gitignore` of `*` so a data set kept in git does not pick it up.

@@ -3,7 +3,8 @@
 Each field is named exactly as the training config's key of the same meaning, so the trainer builds the options
 with one generic line, `DataOptions.from_config(cfg)`. The functions that take DataOptions read only these
 attributes, so any object that has them (the training config itself) works in its place.
-Imports no torch: the preflight and `--dry_run` use it.
+An image's own flip_p, cond_dropout and shuffle_tags from its data files (data/settings.py) win over these for
+that image. Imports no torch: the preflight and `--dry_run` use it.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ class DataOptions:
     data_root: str | Path  # the training images, searched recursively
     resolution: int  # bucket area is about resolution^2; a multiple of 64
     batch_size: int  # rows per batch on each process
-    flip_p: float  # probability of a horizontal flip per row
+    flip_p: float  # probability of a horizontal flip per row (of images without their own)
     seed: int  # every random choice of the data derives from it and the epoch
-    cond_dropout: float  # probability of the empty caption per row
-    shuffle_tags: bool  # shuffle a caption's comma-separated tags per row
+    cond_dropout: float  # probability of the empty caption per row (of images without their own)
+    shuffle_tags: bool  # shuffle a caption's comma-separated tags per row (of images without their own)
     keep_tags: int  # with shuffle_tags: tags after the first chunk kept in place
     num_workers: int  # loader worker processes; 0: load in the calling process
     cache_latents: bool  # encode each image once and train from the cached posterior

@@ -1,5 +1,6 @@
-"""Scanning data_root once at start: every usable image with its caption, size, bucket and repeat factor,
-and every file that had to be skipped, with the reason.
+"""Scanning data_root once at start: every usable image with its caption, size, bucket and settings (repeat
+factor, flip_p, cond_dropout, loss_scale, batch_id, shuffle_tags from the data files: data/settings.py), every
+file that had to be skipped, with the reason, and the report that the dry run prints and the run says at start.
 
 Folder links are followed (users link folders in), but every real folder is read once and every real file
 counted once, so a link loop cannot hang the scan or multiply the data set; the report names such links.
@@ -15,14 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
+from typing import TypeVar
 
 from common.console import say, warn
 from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
-from data.captions import CaptionError, read_caption, read_multiply
+from data.captions import CaptionError, read_caption
+from data.settings import SettingError, Settings, Unused, read_image_settings, settings_by_folder
+from common.files import windows_path_hint
 from data.errors import DataError
 from data.images import IMAGE_EXTENSIONS, BadImage, probe
 
 LISTED_AT_MOST = 20  # names printed per report; the rest are counted
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,19 @@ class ImageItem:
     caption: str
     size: tuple[int, int]  # width, height as shown (EXIF rotation applied)
     bucket: Bucket
-    multiply: float  # the folder's multiply.txt
+    multiply: float  # repeats per epoch, from its data files (data/settings.py); 1 when none sets it
     upscaled: bool  # smaller than its bucket: it is enlarged, which blurs it
+    # from its data files; None: the run's value (DataOptions) applies
+    flip_p: float | None = None
+    cond_dropout: float | None = None
+    loss_scale: float | None = None  # a per-sample weight on its loss; None: 1
+    batch_id: str | None = None  # images of different batch_ids never share a batch; None: the unnamed group
+    shuffle_tags: bool | None = None
+
+
+def own_or_run(own: T | None, run: T) -> T:
+    """An image's own setting (an ImageItem field), else the run's value for it."""
+    return run if own is None else own
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class Scan:
     skipped: list[tuple[Path, str]]  # (file, reason)
     second_paths: list[SecondPath] = field(default_factory=list)  # folders not read twice (see walk_data_root)
     duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (path, path counted instead) to one file
+    unused: Unused = field(default_factory=list)  # keys of settings files used for nothing here
 
     def report(self) -> list[str]:
         """The report as lines (the dry run lists them): images, buckets, skipped files, links not followed twice,
@@ -58,12 +75,12 @@ class Scan:
             warn(warning)
 
     def summary(self) -> list[str]:
-        """Images, buckets, repeats, skipped files, links not followed twice, files counted once."""
+        """Images, buckets, settings from data files, skipped files, links not followed twice, files counted
+        once."""
         lines = [f"Data: {len(self.items)} images in {self.root}, {len(self.skipped)} skipped."]
         per_bucket = Counter(item.bucket for item in self.items)
         lines.append("Data: images per bucket: " + ", ".join(f"{b} {n}" for b, n in sorted(per_bucket.items())))
-        for folder, factor in sorted({(i.path.parent, i.multiply) for i in self.items if i.multiply != 1.0}):
-            lines.append(f"Data: multiply.txt repeats images in {_relative(folder, self.root)} x{factor:g} per epoch.")
+        lines += settings_lines(self.items, self.root) + unused_lines(self.unused, self.root)
         if self.skipped:
             lines.append(f"Data: skipped {len(self.skipped)} unusable file(s):")
             lines += [f"  {_relative(p, self.root)}: {reason}" for p, reason in self.skipped[:LISTED_AT_MOST]]
@@ -93,6 +110,52 @@ class Scan:
                    "use larger images or a lower resolution:")
         listed = [f"  {_relative(i.path, self.root)}: {i.size[0]}x{i.size[1]} -> {i.bucket}" for i in upscaled[:LISTED_AT_MOST]]
         return "\n".join([heading, *listed, *_more(upscaled)])
+
+
+# setting -> (how one value reads, what the images without one of their own get)
+SETTING_WORDS = {
+    "multiply": (lambda v: f"x{v:g} per epoch", "the others train once per epoch"),
+    "flip_p": (lambda v: f"{v:g}", "the others use the run's flip_p"),
+    "cond_dropout": (lambda v: f"{v:g}", "the others use the run's cond_dropout"),
+    "loss_scale": (lambda v: f"{v:g}", "the others use 1"),
+    "batch_id": (lambda v: f'"{v}"', "images of different batch_ids never share a batch, the others batch together"),
+    "shuffle_tags": (lambda v: "on" if v else "off", "the others use the run's shuffle_tags"),
+}
+
+
+def settings_lines(items: list[ImageItem], root: Path) -> list[str]:
+    """One line per setting that data files set for some images: where (a folder, or one image) and the value."""
+    lines = []
+    for key, (shown, others) in SETTING_WORDS.items():
+        unset = 1.0 if key == "multiply" else None
+        groups: dict[tuple[Path, object], list[ImageItem]] = {}  # (folder, value) -> images, in walk order
+        for item in items:
+            if getattr(item, key) != unset:
+                groups.setdefault((item.path.parent, getattr(item, key)), []).append(item)
+        if not groups:
+            continue
+        entries = [f"{_relative(group[0].path, root)} {shown(value)}" if len(group) == 1 else
+                   f"{_relative(folder, root)} {shown(value)} ({len(group)} images)"
+                   for (folder, value), group in groups.items()]
+        more = f", and {len(entries) - LISTED_AT_MOST} more" if len(entries) > LISTED_AT_MOST else ""
+        count = sum(len(group) for group in groups.values())
+        lines.append(f"Data: {key} from data files for {count} of {len(items)} images: "
+                     f"{', '.join(entries[:LISTED_AT_MOST])}{more}; {others}.")
+    return lines
+
+
+def unused_lines(unused: Unused, root: Path) -> list[str]:
+    """The keys of settings files used for nothing here, with the reason, one file per line."""
+    if not unused:
+        return []
+    lines = [f"Data: {len(unused)} settings file(s) hold keys not used here, ignored:"]
+    for path, notes in unused[:LISTED_AT_MOST]:
+        reasons: dict[str, list[str]] = {}
+        for key, reason in notes:
+            reasons.setdefault(reason, []).append(key)
+        lines.append(f"  {_relative(path, root)}: " + "; ".join(f"{', '.join(keys)} ({reason})"
+                                                               for reason, keys in reasons.items()))
+    return lines + _more(unused)
 
 
 def _more(listed: list) -> list[str]:
@@ -220,8 +283,10 @@ def find_image_files(root: Path) -> list[Path]:
     return walk_data_root(root).files
 
 
-def scan_data_root(root: Path, resolution: int, threads: int | None = None) -> Scan:
-    """Every image under `root` checked, captioned and bucketed. Raises DataError when none is usable."""
+def scan_data_root(root: Path, resolution: int, threads: int | None = None, role: str = "data_root") -> Scan:
+    """Every image under `root` checked, captioned, bucketed and given its settings. Raises DataError when none
+    is usable, or when a settings file holds a value it cannot (each such file named). `role` names the folder
+    in those messages (a validation set's folder is not data_root)."""
     walk = walk_data_root(root)
     paths = walk.files
     if not paths:
@@ -229,37 +294,59 @@ def scan_data_root(root: Path, resolution: int, threads: int | None = None) -> S
         found = f": {unreadable[0]}" if unreadable else (
             f" holds no images ({', '.join(IMAGE_EXTENSIONS)}), searched recursively"
             + (f"; skipped {_relative(walk.skipped[0][0], root)}: {walk.skipped[0][1]}" if walk.skipped else ""))
-        raise DataError(f"data_root {str(root)!r}{found}. Point --data_root at your training images.")
+        fix = "Point --data_root at your training images" if role == "data_root" else "Give a folder of images there"
+        raise DataError(f"{role} '{root}'{found}{windows_path_hint(root)}. {fix}.")
     table = bucket_table(resolution)
-    multiplies: dict[Path, float] = {}
-    for folder in sorted({p.parent for p in paths}):
-        try:
-            multiplies[folder] = read_multiply(folder)
-        except CaptionError as err:
-            raise DataError(str(err)) from None
-
-    def check(path: Path) -> ImageItem | tuple[Path, str]:
-        try:
-            width, height = probe(path)
-            caption = read_caption(path)
-        except (BadImage, CaptionError) as err:
-            return path, str(err)
-        except OSError as err:  # unreadable: permissions, a broken link, a file removed meanwhile
-            if path.is_symlink() and not path.exists():
-                return path, f"a broken link: it points to {os.readlink(path)}, which does not exist"
-            return path, f"cannot be read ({err.strerror or err})"
-        bucket = nearest_bucket(width, height, table)
-        upscaled = fit_image(width, height, bucket)[2]
-        return ImageItem(path, caption, (width, height), bucket, multiplies[path.parent], upscaled)
+    by_folder, unused, problems = settings_by_folder(root, sorted({p.parent for p in paths}))
 
     # Decoding releases the GIL, so threads check files in parallel without pickling anything.
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(check, paths))
-    items = [r for r in results if isinstance(r, ImageItem)]
-    unusable = [r for r in results if not isinstance(r, ImageItem)]
+        results = list(pool.map(lambda path: _check_image(path, table, by_folder[path.parent]), paths))
+    for _, notes in results:
+        unused += notes
+    problems += [str(r) for r, _ in results if isinstance(r, SettingError)]
+    if problems:
+        raise DataError(_settings_problems(problems, root))
+    items = [r for r, _ in results if isinstance(r, ImageItem)]
+    unusable = [r for r, _ in results if isinstance(r, tuple)]
     if not items:
         raise DataError(
-            f"data_root {str(root)!r} has {len(paths)} image file(s) but none could be used, e.g. "
+            f"{role} '{root}' has {len(paths)} image file(s) but none could be used, e.g. "
             f"{unusable[0][0].name}: {unusable[0][1]}. Replace or remove the broken files."
         )
-    return Scan(root, items, walk.skipped + unusable, walk.second_paths, walk.duplicates)
+    return Scan(root, items, walk.skipped + unusable, walk.second_paths, walk.duplicates, unused)
+
+
+def _check_image(
+    path: Path, table: list[Bucket], folder: Settings
+) -> tuple[ImageItem | tuple[Path, str] | SettingError, Unused]:
+    """(the image, or (path, why it is skipped), or the bad setting that stops the scan; its unused keys)."""
+    try:
+        width, height = probe(path)
+        caption = read_caption(path)
+        own, unused = read_image_settings(path)
+    except SettingError as err:
+        return err, []
+    except (BadImage, CaptionError) as err:
+        return (path, str(err)), []
+    except OSError as err:  # unreadable: permissions, a broken link, a file removed meanwhile
+        if path.is_symlink() and not path.exists():
+            return (path, f"a broken link: it points to {os.readlink(path)}, which does not exist"), []
+        return (path, f"cannot be read ({err.strerror or err})"), []
+    bucket = nearest_bucket(width, height, table)
+    upscaled = fit_image(width, height, bucket)[2]
+    settings = own.over(folder)
+    item = ImageItem(path, caption, (width, height), bucket, own_or_run(settings.multiply, 1.0), upscaled,
+                     settings.flip_p, settings.cond_dropout, settings.loss_scale, settings.batch_id,
+                     settings.shuffle_tags)
+    return item, unused
+
+
+def _settings_problems(problems: list[str], root: Path) -> str:
+    """One message for every settings file with an unusable value (each says what it holds and what it expects),
+    so a data set is fixed in one pass, not one file per run."""
+    if len(problems) == 1:
+        return problems[0]
+    listed = [f"  {problem}" for problem in problems[:LISTED_AT_MOST]] + _more(problems)
+    return "\n".join([f"{len(problems)} settings files under {root} hold values that cannot be used; correct "
+                      "each, or delete it:", *listed])

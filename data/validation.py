@@ -1,4 +1,5 @@
-"""A held-out validation set: a fixed share of data_root (or a folder of its own), encoded once.
+"""Validation sets: a held-out share of data_root or a folder of its own, more named folders, and a share of
+the training images re-measured as they train (a stabilized training loss); each encoded once.
 
 The validation loss is only comparable across steps if nothing about it changes but the weights: the same
 images, captions (no dropout or tag shuffles), latents (posterior means, no flips) and, in the trainer, the
@@ -10,6 +11,7 @@ Choosing the images imports no torch (the preflight and `--dry_run` use it); onl
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,23 +28,60 @@ if TYPE_CHECKING:
     from transformers import CLIPTokenizer
 
 
-def split_validation(scan: Scan, fraction: float, seed: int) -> tuple[Scan, list[ImageItem]]:
+def split_validation(scan: Scan, fraction: float, seed: int, key: str = "validation_split",
+                     ) -> tuple[Scan, list[ImageItem]]:
     """(training scan, held-out items): round(fraction x n) images, at least one, chosen by a seeded hash of
     each path so the split is stable across runs and independent of file order."""
     if fraction <= 0:
         return scan, []
-    count = max(1, round(fraction * len(scan.items)))
-    if count >= len(scan.items):
+    if max(1, round(fraction * len(scan.items))) >= len(scan.items):
         raise DataError(
-            f"validation_split {fraction} would hold out all {len(scan.items)} images; use a smaller fraction "
-            "or a validation_data_root folder."
+            f"{key} {fraction} would hold out all {len(scan.items)} images; use a smaller fraction "
+            "or a folder of validation images."
         )
+    held_out = set(seeded_share(scan, fraction, seed))
+    return replace(scan, items=[i for i in scan.items if i not in held_out]), [i for i in scan.items if i in held_out]
+
+
+def seeded_share(scan: Scan, fraction: float, seed: int) -> list[ImageItem]:
+    """round(fraction x n) of the scan's images, at least one, ranked by a seeded hash of each path: the same
+    images every run, whatever the file order."""
+    count = max(1, round(fraction * len(scan.items)))
 
     def rank(item: ImageItem) -> str:
         return hashlib.sha256(f"{seed}/{item.path.relative_to(scan.root)}".encode()).hexdigest()
 
-    held_out = set(sorted(scan.items, key=rank)[:count])
-    return replace(scan, items=[i for i in scan.items if i not in held_out]), [i for i in scan.items if i in held_out]
+    return sorted(scan.items, key=rank)[:count]
+
+
+def validation_sets(scan: Scan, resolution: int, seed: int, split: float = 0.0, data_root: str | Path | None = None,
+                    extra: dict[str, str] | None = None, stabilize: float = 0.0,
+                    names: Callable[[str], str] = lambda name: "validation_data_root",
+                    split_key: str = "validation_split") -> tuple[Scan, dict[str, list[ImageItem]]]:
+    """(training scan, {set name: images}): the main set "validation" (data_root's images, else `split` of the
+    training images held out), each `extra` folder under its own name, and "train-stabilized", a `stabilize`
+    share of the images that still train. Every folder is scanned as data_root is, and says what it found;
+    `names(set)` is how messages name a set's folder (the key that gave it), `split_key` the split's key."""
+    sets: dict[str, list[ImageItem]] = {}
+    if data_root:
+        sets["validation"] = _scan_set(data_root, resolution, "validation", names("validation"))
+    else:
+        scan, held = split_validation(scan, split, seed, split_key)
+        if held:
+            sets["validation"] = held
+            say(f"Validation: {len(held)} of {len(scan.items) + len(held)} images held out ({split_key} {split}).")
+    for name, folder in (extra or {}).items():
+        sets[name] = _scan_set(folder, resolution, name, names(name))
+    if stabilize:
+        sets["train-stabilized"] = seeded_share(scan, stabilize, seed)
+        say(f"Validation: {len(sets['train-stabilized'])} training images re-measured for loss/train-stabilized.")
+    return scan, sets
+
+
+def _scan_set(folder: str | Path, resolution: int, name: str, role: str) -> list[ImageItem]:
+    held = scan_data_root(Path(folder), resolution, role=role)
+    say(f"Validation: {'' if name == 'validation' else f'set {name!r}: '}{len(held.items)} images in {held.root}.")
+    return held.items
 
 
 def encode_validation_set(
@@ -69,12 +108,6 @@ def encode_validation_set(
 
 def validation_items(options: DataOptions, scan: Scan) -> tuple[Scan, list[ImageItem]]:
     """The training scan and the validation items `options` ask for (a folder wins over a split)."""
-    if options.validation_data_root:
-        held = scan_data_root(Path(options.validation_data_root), options.resolution)
-        say(f"Validation: {len(held.items)} images in {held.root}.")
-        return scan, held.items
-    train_scan, held = split_validation(scan, options.validation_split, options.seed)
-    if held:
-        say(f"Validation: {len(held)} of {len(scan.items)} images held out (validation_split "
-            f"{options.validation_split}).")
-    return train_scan, held
+    train_scan, sets = validation_sets(scan, options.resolution, options.seed, options.validation_split,
+                                       options.validation_data_root)
+    return train_scan, sets.get("validation", [])

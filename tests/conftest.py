@@ -37,6 +37,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def first_fast(*values):
+    """Parameters for a test over variants: the first in the default tier, the others with --run-slow only (the
+    default tier must stay quick; CI runs them all)."""
+    return [values[0], *(pytest.param(value, marks=pytest.mark.slow) for value in values[1:])]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(family)` -> path of a tiny random diffusers model of that family, built once."""

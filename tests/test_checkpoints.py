@@ -115,3 +115,80 @@ def test_a_model_folder_written_to_a_full_disk_leaves_nothing(tiny_model, small_
             write_model_folder(partial, pipeline, weights, torch.float16)
     assert "No space left on device" in io_failure(caught.value)
     assert list(disk.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_optimizers_train_save_their_state_and_resume_exactly(tiny_model, shapes_dir, tmp_path):
+    """AdamW on the UNet, Lion on the last text-encoder layer with a cosine decaying over 4 of the 6 steps (then
+    held at 0), no gradient norm logged: 6 steps straight == 3 steps, a saved training state, and 3 more after
+    resuming from it, bit for bit."""
+    import json
+
+    from safetensors.torch import load_file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.conftest import run_train
+    from tests.test_loop import FAST, saved_paths
+
+    optimizer_json = tmp_path / "optimizer.json"
+    optimizer_json.write_text(json.dumps({
+        "base": {"optimizer": "adamw", "lr": 1e-4},
+        "text_encoder_overrides": {"optimizer": "lion", "lr": 1e-5, "lr_scheduler": "cosine", "lr_warmup_steps": 0,
+                                   "lr_decay_steps": 4},
+        "text_encoder_freezing": {"unfreeze_last_n_layers": 1},
+        "log_grad_norm": False, "apply_grad_scaler_step_tweaks": True,  # no fp16 scaler on a CPU: nothing to tweak
+    }))
+    common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--batch_size", "2",
+              "--optimizer_config", str(optimizer_json), "--save_full_precision", "--save_single_file", "false",
+              *FAST, "--log_step", "1"]
+    straight = run_train([*common, "--max_steps", "6", "--logdir", "straight", "--run_name", "s"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "optimizer adamw (UNet) + lion (text encoder), each its own" in straight.stdout
+    assert "Text encoder: layer 1 of 2, the embeddings frozen." in straight.stdout
+    events = EventAccumulator(str(tmp_path / "straight" / "s" / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.value for e in events.Scalars("lr/unet")] == pytest.approx([1e-4] * 6)
+    cosine = [1e-5 * 0.5 * (1 + math.cos(math.pi * step / 4)) for step in range(1, 5)]
+    assert [e.value for e in events.Scalars("lr/text_encoder")] == pytest.approx([*cosine, 0, 0], abs=1e-12)
+    assert "grad_norm" not in events.Tags()["scalars"]
+
+    first = run_train([*common, "--max_steps", "3", "--logdir", "split", "--save_optimizer"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (half,) = saved_paths(first.stdout)
+    state = half / "training_state"
+    assert {"optimizer.bin", "scheduler.bin"} <= {p.name for p in state.iterdir()}
+    setup = json.loads((state / "trainer_state.json").read_text())["setup"]
+    assert setup["optimizer"] == "adamw+lion" and setup["freezing"]["unfreeze_last_n_layers"] == 1
+    assert setup["schedules"]["text_encoder"] == {"lr_scheduler": "cosine", "lr_warmup_steps": 0, "lr_decay_steps": 4}
+    resumed = run_train([*common, "--max_steps", "6", "--logdir", "split", "--resume_state", "findlast"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout
+    (end_straight,), (end_resumed,) = saved_paths(straight.stdout), saved_paths(resumed.stdout)
+    for component, weights in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        a, b = load_file(end_straight / component / weights), load_file(end_resumed / component / weights)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    base = load_file(tiny_model("sd1") / "text_encoder" / "model.safetensors")
+    trained = load_file(end_straight / "text_encoder" / "model.safetensors")
+    frozen, last = "encoder.layers.0.mlp.fc1.weight", "encoder.layers.1.mlp.fc1.weight"
+    assert torch.equal(base[frozen], trained[frozen]) and not torch.equal(base[last], trained[last])
+
+
+def test_a_training_state_records_each_models_schedule_and_older_states_still_read():
+    from trainer.resume import TrainerState, TrainingSetup, fixed_differences, honoured_changes
+
+    older = TrainingSetup("sd1", "x", ("unet", "text_encoder"),
+                          {"freeze_embeddings": False, "freeze_front_n_layers": -2, "freeze_final_layer_norm": False},
+                          "adamw", False, {"unet": 1e-6, "text_encoder": 1e-6}, "constant", None, 100, 1)
+    saved = TrainerState.from_json(TrainerState(5, 1, 5, 2, setup=older).to_json()).setup
+    assert saved.freezing == {"unfreeze_last_n_layers": 2, "freeze_front_n_layers": None, "freeze_embeddings": False,
+                              "freeze_final_layer_norm": False}  # as this version plans it, embeddings explicit
+    unchanged = {"lr_scheduler": "constant", "lr_warmup_steps": None, "lr_decay_steps": None}
+    now = dataclasses.replace(saved, optimizer="adamw+lion", schedules={
+        "unet": unchanged, "text_encoder": {"lr_scheduler": "cosine", "lr_warmup_steps": 0, "lr_decay_steps": 50}})
+    assert honoured_changes(saved, now, 2, 2) == ["lr_scheduler (text_encoder) constant -> cosine",
+                                                  "lr_warmup_steps (text_encoder) default -> 0",
+                                                  "lr_decay_steps (text_encoder) default -> 50"]
+    assert fixed_differences(saved, {key: getattr(now, key) for key in TrainingSetup.FIXED}) == [
+        "optimizer: adamw then, adamw+lion now"]
+    both = dataclasses.replace(now, optimizer="adamw", schedules={"unet": {**unchanged, "lr_decay_steps": 80},
+                                                                  "text_encoder": {**unchanged, "lr_decay_steps": 80}})
+    assert honoured_changes(saved, both, 2, 2) == ["lr_decay_steps default -> 80"]

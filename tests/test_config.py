@@ -125,22 +125,21 @@ def test_broken_json_file(tmp_path: Path):
 
 def test_everydream2_train_json_loads(data_root: Path):
     loaded = load_config(["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--optimizer_config", "null",
-                           "--sample_prompts", "null"])
+                           "--sample_prompts", "null", "--validation_config", "null"])
     cfg = loaded.config
     assert (cfg.batch_size, cfg.max_epochs, cfg.project_name, cfg.save_every_n_epochs) == (10, 1, "project_abc", 20)
     assert cfg.mixed_precision == "fp16"  # disable_amp: false
     translated = [n for n in loaded.notices if n.startswith("disable_amp")]
     assert translated == ["disable_amp: false (EveryDream2 key) is read as mixed_precision: 'fp16'."]
-    (ignored,) = [n for n in loaded.notices if n.startswith("EveryDream2 keys not supported")]
-    for key in ("ema_resume_model", "gpuid", "lowvram", "validation_config"):
-        assert key in ignored
+    assert loaded.warnings == []  # its EveryDream2-only keys are all null, false or default: they ask for nothing
+    assert cfg.gpuid == 0
     assert "ema_update_interval: null in" in "\n".join(loaded.notices)  # ED2's null means the default
     assert cfg.ema_update_interval == 1
 
 
 def test_everydream2_translation_on_cli_and_typo_still_an_error(data_root: Path):
     ed2 = ["--config", str(ED2_TRAIN_JSON), "--data_root", str(data_root), "--optimizer_config", "null",
-                           "--sample_prompts", "null"]
+           "--sample_prompts", "null", "--validation_config", "null"]
     cfg = load_config([*ed2, "--amp", "false", "--useadam8bit"]).config
     assert cfg.mixed_precision == "no" and cfg.optimizer == "adamw8bit"
     problems = problems_of([*ed2, "--cond_dropot", "0.1"])

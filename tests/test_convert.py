@@ -40,6 +40,7 @@ from convert.tables import STOCK_CONFIGS, UNET_PREFIX, stock_config_path  # noqa
 from convert.to_diffusers import convert_unet, meta_model  # noqa: E402
 from convert.to_original import diffusers_to_original  # noqa: E402
 from convert.tokenizer import clip_tokenizer
+from tests.conftest import first_fast
 
 TO_DIFFUSERS = REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"
 TO_ORIGINAL = REPO_ROOT / "utils" / "convert_diffusers_to_original_stable_diffusion.py"
@@ -165,8 +166,8 @@ def _diffusers_reference(checkpoint: Path, orig: TinyOriginal, yaml_path: Path) 
     return {name: getattr(pipe, name).state_dict() for name in COMPONENT_FILES}
 
 
-@pytest.mark.parametrize("fmt", ["ckpt", "safetensors", "fp16"])
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+@pytest.mark.parametrize("fmt", first_fast("ckpt", "safetensors", "fp16"))
+@pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family, fmt, capsys):
     args, checkpoint, dump = _stage_command(originals[family], tmp_path, fmt)
     assert _run_main(args, tmp_path) == 0, capsys.readouterr().err
@@ -212,7 +213,7 @@ def _check_against_diffusers(orig: TinyOriginal, tmp_path: Path, checkpoint: Pat
         assert all(torch.equal(ours[name][k], v.to(source_dtype)) for k, v in tensors.items()), name
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+@pytest.mark.parametrize("family", first_fast("sd1", "sd2-v"))
 def test_converted_model_runs_and_trains(originals, tmp_path, family, capsys):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
@@ -252,7 +253,7 @@ def test_half_stores_fp16(originals, tmp_path):
         assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], v.half()) for k, v in tensors.items())
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+@pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_round_trip_gives_back_the_same_file(originals, tmp_path, family):
     orig = originals[family]
     checkpoint = _write_original(orig, tmp_path / "in.ckpt", wrapped=True)
@@ -347,7 +348,7 @@ def test_a_yaml_reading_the_penultimate_layer_drops_the_last_block_as_diffusers_
     assert sidecar["cond_stage_config"]["params"]["layer"] == "penultimate"
 
 
-@pytest.mark.parametrize("family", ["sd1", "sd2", "sd2-v"])
+@pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_a_file_without_a_yaml_that_fits_converts_from_its_shapes(tiny_model, tmp_path, family):
     """A tiny file exported without its sidecar: no shipped yaml has its shapes, so the UNet and VAE
     configuration is read from the weights, and the folder loads to the same weights."""

@@ -23,7 +23,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from data.buckets import Bucket, bucket_table, fit_image, group_by_bucket, nearest_bucket
-from data.captions import CaptionError, read_caption, read_multiply, shuffle_tags, tokenize_captions
+from data.captions import CaptionError, read_caption, shuffle_tags, tokenize_captions
+from data.settings import read_multiply
 from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.encode import encode_posterior
 from data.errors import DataError
@@ -507,7 +508,7 @@ def test_training_loop_never_encodes_cached_latents(tiny_model, shapes_dir: Path
 def test_dry_run_counts_steps_without_models(messy: Path, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(REPO_ROOT / "train.py"), "--dry_run", "--data_root", str(messy),
-         "--resolution", "128", "--batch_size", "2", "--grad_accum", "2", "--resume_ckpt", "no_such_model"],
+         "--resolution", "128", "--batch_size", "2", "--grad_accum", "2", "--resume_ckpt", "someone/some-model"],
         cwd=tmp_path, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -561,8 +562,8 @@ def test_training_data_holds_out_validation_images(shapes_dir: Path, tiny_model,
                   validation_split=0.25, num_workers=0)
     data = build_training_data(cfg, models.tokenizer, models.vae)
     assert len(data.loader.dataset) == 6
-    assert [b["latents"].shape for b in data.validation] == [torch.Size([2, 4, 8, 8])]
-    assert data.validation[0]["input_ids"].shape == (2, 77)
+    assert [b["latents"].shape for b in data.validation["validation"]] == [torch.Size([2, 4, 8, 8])]
+    assert data.validation["validation"][0]["input_ids"].shape == (2, 77)
 
 
 # ---------------------------------------------------------------- data/ on its own

@@ -327,6 +327,7 @@ def test_broken_download_is_retried_by_the_client(hub, repo_folder):
     assert hub.served_count("owner/tiny", weights) == 2
 
 
+@pytest.mark.slow
 def test_download_broken_for_good_fails_clearly_and_a_rerun_completes_it(hub, repo_folder, tmp_path, monkeypatch):
     hub.add_repo("owner/tiny", repo_folder)
     weights = "unet/diffusion_pytorch_model.safetensors"
@@ -778,6 +779,7 @@ def test_an_inpainting_single_file_is_refused_before_it_is_converted(single_file
 # ------------------------------------------------------------------------- damaged ckpt_cache entries
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_entry_is_converted_again_from_its_source(single_files, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     checkpoint = place_single_file(single_files("sd1"), tmp_path / "models", "tiny.safetensors")

@@ -91,6 +91,17 @@ def test_loss_types():
     assert huber[1] == pytest.approx(0.05**2, rel=0.1)  # quadratic for small ones
 
 
+def test_everydream2_blends_of_mse_and_huber_by_noise_level():
+    """mse_huber: all MSE at t/T 1, all Huber (delta 1) at 0, halfway between at 0.5; huber_mse the reverse."""
+    pred, target = torch.tensor([[0.5, 3.0]] * 3), torch.zeros(3, 2)
+    mse, huber = pred**2, torch.where(pred.abs() < 1, 0.5 * pred**2, pred.abs() - 0.5)
+    level = torch.tensor([1.0, 0.0, 0.5])
+    blend = elementwise_loss(pred, target, "mse_huber", 0.1, level)
+    torch.testing.assert_close(blend, torch.stack([mse[0], huber[1], (mse[2] + huber[2]) / 2]))
+    reverse = elementwise_loss(pred, target, "huber_mse", 0.1, level)
+    torch.testing.assert_close(reverse, torch.stack([huber[0], mse[1], (mse[2] + huber[2]) / 2]))
+
+
 def test_clip_skip_and_embedding_perturbation(tiny_model):
     from transformers import CLIPTextModel
 

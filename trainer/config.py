@@ -19,16 +19,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.files import read_json_object
+from trainer import everydream2 as ed2
 from trainer.config_checks import validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "train.json"
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
-LossType = Literal["mse", "huber", "smooth_l1"]
+LossType = Literal["mse", "huber", "smooth_l1", "mse_huber", "huber_mse"]
 AttnType = Literal["sdp", "xformers"]
 EmaDevice = Literal["gpu", "cpu"]
-OptimizerName = Literal["adamw", "adamw8bit", "lion", "prodigy", "adafactor"]
+OptimizerName = Literal[
+    "adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor",
+    "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dadapt_adan",
+]
 PredictionTypeOverride = Literal["epsilon", "v_prediction"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -44,7 +48,8 @@ class TrainConfig:
     resume_ckpt: str = _key(
         "panopstor/EveryDream",
         "Base model: a diffusers folder, a name in ckpt_cache/ ('my_model' means ckpt_cache/my_model), a "
-        ".ckpt/.safetensors file (converted once into ckpt_cache/), or a Hugging Face repo id owner/name[@revision].",
+        ".ckpt/.safetensors file (converted once into ckpt_cache/), a Hugging Face repo id owner/name[@revision], "
+        "or findlast: the newest model saved under logdir.",
     )
     hf_repo_subfolder: str | None = _key(
         None, "Sub-folder of the Hugging Face repo in resume_ckpt that holds the diffusers model; null: its root."
@@ -58,14 +63,24 @@ class TrainConfig:
     grad_accum: int = _key(1, "Micro-steps accumulated into one optimizer step (effective batch = batch_size x this).")
     max_epochs: int = _key(30, "Passes over the data set.")
     max_steps: int = _key(0, "Stop after this many optimizer steps; 0 means no limit (max_epochs decides).")
-    lr: float = _key(1.5e-6, "Peak learning rate (UNet, and text encoder unless optimizer_config says otherwise).")
-    optimizer: OptimizerName = _key("adamw", "adamw, adamw8bit (bitsandbytes), lion, prodigy (use lr 1.0) or adafactor.")
+    lr: float | None = _key(
+        None, "Peak learning rate of the UNet (and of the text encoder unless optimizer_config sets its own); it wins "
+        "over optimizer_config's base lr, as in EveryDream2. null: that base lr, else 1.5e-6."
+    )
+    optimizer: OptimizerName = _key(
+        "adamw", "adamw, adamw8bit or lion8bit (bitsandbytes), lion, adafactor, or one that sets its own step size "
+        "(lr about 1.0): prodigy, dadapt_adam, dadapt_lion, dadapt_sgd, dadapt_adan."
+    )
     optimizer_config: str | None = _key(
-        None, "EveryDream2-style optimizer.json: per-model lr/betas/weight decay, text-encoder layer freezing."
+        None, "EveryDream2's optimizer.json: each model's optimizer, lr, schedule, betas, weight decay; text-encoder "
+        "layer freezing (docs/EVERYDREAM2.md)."
     )
     lr_scheduler: LRScheduler = _key("constant", "Learning-rate schedule over the run's optimizer steps.")
     lr_warmup_steps: int | None = _key(
         None, "Optimizer steps of linear warmup; null: none for constant, 2% of the run otherwise."
+    )
+    lr_decay_steps: int = _key(
+        0, "Optimizer steps over which cosine/linear/polynomial schedules decay (then they stay); 0: the whole run."
     )
     clip_grad_norm: float | None = _key(None, "Clip the gradient norm of the trained models to this; null: no clip.")
     seed: int = _key(555, "Seed for weights noise, timesteps, shuffling and crops; -1 picks a random one (logged).")
@@ -79,7 +94,12 @@ class TrainConfig:
     dry_run: bool = _key(False, "Scan data_root, print buckets, skipped files and steps per epoch, and exit.")
     validation_split: float = _key(0.0, "Share of data_root held out to measure a validation loss (e.g. 0.1); 0: none.")
     validation_data_root: str | None = _key(None, "A separate folder of validation images (wins over validation_split).")
-    validation_every_n_epochs: int = _key(1, "Compute the validation loss every this many epochs (and at the end).")
+    validation_every_n_epochs: float = _key(
+        1, "Compute the validation loss every this many epochs (0.5: twice an epoch), and at the end."
+    )
+    validation_config: str | None = _key(
+        None, "EveryDream2's validation json (split, folders, extra sets, stabilized train loss); wins over the above."
+    )
     disable_textenc_training: bool = _key(False, "Freeze the text encoder and train only the UNet.")
     gradient_checkpointing: bool = _key(True, "Recompute activations in backward: much less memory, ~20% slower.")
     attn_type: AttnType = _key("sdp", "Attention kernel: sdp (PyTorch SDPA) or xformers (needs the xformers package).")
@@ -94,7 +114,10 @@ class TrainConfig:
     enable_zero_terminal_snr: bool = _key(False, "Rescale betas to zero terminal SNR (v-prediction models only).")
     timestep_start: int = _key(0, "Train on timesteps from this one (inclusive).")
     timestep_end: int = _key(1000, "Train on timesteps below this one (exclusive).")
-    loss_type: LossType = _key("mse", "Loss on the prediction error: mse, or pseudo-Huber huber / smooth_l1.")
+    loss_type: LossType = _key(
+        "mse", "Loss on the prediction error: mse, pseudo-Huber huber / smooth_l1, or EveryDream2's blends of mse "
+        "and Huber by timestep: mse_huber (mse on noisy steps), huber_mse (the reverse)."
+    )
     huber_c: float = _key(0.1, "The c of the pseudo-Huber losses: errors beyond about c count linearly.")
     clip_skip: int = _key(0, "Condition on the k-th text-encoder layer from the end (2 = penultimate); 0: last.")
     embedding_perturbation: float = _key(0.0, "Std of Gaussian noise added to text embeddings while training.")
@@ -116,31 +139,22 @@ class TrainConfig:
     ema_update_interval: int = _key(1, "Update the EMA every this many optimizer steps.")
     ema_device: EmaDevice = _key("gpu", "Where the EMA weights live: gpu (the training device) or cpu (saves VRAM).")
     sample_prompts: str | None = _key(
-        None, "Prompts to sample during training: .txt (one per line) or .json (prompt, seed, cfg, size, steps)."
+        None, "Prompts to sample during training: .txt (one per line; empty: random training captions) or .json "
+        "(EveryDream2's: cfgs, scheduler, batch_size, samples with seed (-1 random), size, random_caption)."
     )
-    sample_steps: int = _key(300, "Sample the prompts every this many optimizer steps (and at the end).")
+    sample_steps: int = _key(
+        300, "Sample the prompts every this many optimizer steps (and at the end); the .json's "
+        "generate_samples_every_n_steps wins."
+    )
     wandb: bool = _key(False, "Also log to Weights & Biases (needs the wandb package and a login).")
+    gpuid: int | None = _key(
+        None, "The GPU to train on in a single-process run (sets CUDA_VISIBLE_DEVICES); null: the first, or what "
+        "CUDA_VISIBLE_DEVICES or accelerate launch choose."
+    )
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
-
-# Keys of EveryDream2's train.json (and its CLI) that mean something we express differently. Each maps the
-# ED2 value to our keys; the notice says what happened, once per key.
-ED2_TRANSLATIONS: dict[str, typing.Callable[[Any], dict[str, Any]]] = {
-    "amp": lambda on: {"mixed_precision": "fp16" if on else "no"},
-    "disable_amp": lambda off: {"mixed_precision": "no" if off else "fp16"},
-    "useadam8bit": lambda on: {"optimizer": "adamw8bit" if on else "adamw"},
-    "disable_xformers": lambda off: {"attn_type": "sdp" if off else "xformers"},
-}
-# EveryDream2 keys we do not support (yet): accepted and named in one warning, so ED2 configs load.
-ED2_UNSUPPORTED: frozenset[str] = frozenset(
-    """disable_unet_training ema_resume_model ema_sample_ema_model ema_sample_nonema_model ema_strength_target gpuid
-    latents_perturbation load_settings_every_epoch lowvram lr_decay_steps no_save_ckpt notebook
-    plugins rated_dataset rated_dataset_target_dropout_percent save_ckpts_from_n_epochs scale_lr train_sampler
-    validation_config write_schedule""".split()
-)
-
 
 class ConfigError(Exception):
     """The configuration has problems; `problems` lists each one as a full sentence."""
@@ -155,7 +169,8 @@ class ConfigError(Exception):
 class LoadedConfig:
     config: TrainConfig
     sources: dict[str, str]  # key -> where its value came from ("default", a json path, "command line")
-    notices: list[str]  # translations and ignored keys, to print before the run starts
+    notices: list[str]  # translations, to say before the run starts
+    warnings: list[str] = field(default_factory=list)  # EveryDream2 keys read but not used
 
 
 # ---------------------------------------------------------------- types
@@ -228,7 +243,7 @@ def _given(value: Any) -> str:
 
 
 def _closest_key(key: str) -> str:
-    known = [*FIELDS, *ED2_TRANSLATIONS, *ED2_UNSUPPORTED]  # a typo of an ED2 key is still a typo
+    known = [*FIELDS, *ed2.KNOWN_KEYS]  # a typo of an ED2 key is still a typo
     match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     return f"; did you mean '{match[0]}'?" if match else "; run 'python train.py --help' for the valid keys."
 
@@ -271,38 +286,60 @@ def default_config_path() -> Path:
 # ---------------------------------------------------------------- merge
 
 
-def _merge_layer(
-    raw: dict[str, Any],
-    source: str,
-    from_cli: bool,
-    values: dict[str, Any],
-    sources: dict[str, str],
-    problems: list[str],
-    notices: list[str],
-    ignored: list[str],
-) -> None:
-    for key, given in raw.items():
-        if key in ED2_TRANSLATIONS:
-            try:
-                ed2_value = True if given is None else (coerce_cli(bool, given) if from_cli else coerce_json(bool, given))
-            except _BadValue:
-                problems.append(f"{key}: got {_given(given)} (from {source}); expected bool.")
-                continue
-            for ours, value in ED2_TRANSLATIONS[key](ed2_value).items():
-                values[ours], sources[ours] = value, source
-                notices.append(f"{key}: {_given(ed2_value)} (EveryDream2 key) is read as {ours}: {_given(value)}.")
-            continue
-        if key in ED2_UNSUPPORTED:
-            ignored.append(key)
-            continue
-        if key not in FIELDS:
-            problems.append(f"{key}: unknown key (from {source}){_closest_key(key)}")
-            continue
+@dataclass
+class _Merge:
+    """The values merged so far, where each came from, and what merging said."""
+
+    values: dict[str, Any] = field(default_factory=lambda: {name: f.default for name, f in FIELDS.items()})
+    sources: dict[str, str] = field(default_factory=lambda: {name: "default" for name in FIELDS})
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    not_honoured: set[str] = field(default_factory=set)
+    null_notices: dict[str, str] = field(default_factory=dict)  # said only if no later source sets the key
+
+    def layer(self, raw: dict[str, Any], source: str, from_cli: bool) -> None:
+        """Merge one source. EveryDream2's translated keys go first, so that a key of ours given in the same
+        source wins over a translation (`attn_type` beside the old `disable_xformers`)."""
+        for key, given in raw.items():
+            if key in ed2.TRANSLATIONS:
+                self._translate(key, given, source, from_cli)
+        for key, given in raw.items():
+            if key in ed2.REFUSED_WHEN_SET and ed2.is_set(key, given):
+                self.problems.append(f"{key}: {_given(given)} (from {source}), an EveryDream2 key not supported here: "
+                                     f"{ed2.REFUSED_WHEN_SET[key]}.")
+            elif key in ed2.NOT_HONOURED and ed2.is_set(key, given):
+                self.not_honoured.add(key)
+            elif key in ed2.REFUSED_WHEN_SET or key in ed2.NOT_HONOURED:
+                pass  # EveryDream2's default: it asks for nothing
+            elif key not in FIELDS and key not in ed2.TRANSLATIONS:
+                self.problems.append(f"{key}: unknown key (from {source}){_closest_key(key)}")
+            elif key in FIELDS:
+                self._set(key, given, source, from_cli)
+
+    def _translate(self, key: str, given: Any, source: str, from_cli: bool) -> None:
+        tp, translation = ed2.TRANSLATIONS[key]
+        if given is None and not from_cli:
+            self.notices.append(f"{key}: null in {source} (EveryDream2 key) changes nothing.")
+            return
+        try:
+            value = True if given is None and tp is bool else (coerce_cli(tp, given) if from_cli else coerce_json(tp, given))
+        except (_BadValue, TypeError):
+            self.problems.append(f"{key}: got {_given(given)} (from {source}); expected {type_name(tp)}.")
+            return
+        for ours, translated in translation(value).items():
+            self.values[ours], self.sources[ours] = translated, source
+            self.notices.append(f"{key}: {_given(value)} (EveryDream2 key) is read as {ours}: {_given(translated)}.")
+
+    def _set(self, key: str, given: Any, source: str, from_cli: bool) -> None:
         tp = FIELD_TYPES[key]
         if given is None and not from_cli and not _is_optional(tp):
             # EveryDream2's files write null for "the default"
-            notices.append(f"{key}: null in {source} is read as the default, {_given(FIELDS[key].default)}.")
-            continue
+            self.null_notices[key] = f"{key}: null in {source} is read as the default, {_given(FIELDS[key].default)}."
+            return
+        if (key, given) in ed2.VALUE_TRANSLATIONS:
+            translated = ed2.VALUE_TRANSLATIONS[(key, given)]
+            self.notices.append(f"{key}: {_given(given)} (EveryDream2's value) is read as {_given(translated)}.")
+            given = translated
         try:
             if from_cli and given is None:
                 if tp is not bool:
@@ -312,9 +349,9 @@ def _merge_layer(
                 value = coerce_cli(tp, given) if from_cli else coerce_json(tp, given)
         except (_BadValue, TypeError):
             shown = "nothing" if given is None and from_cli else _given(given)
-            problems.append(f"{key}: got {shown} (from {source}); expected {type_name(tp)}.")
-            continue
-        values[key], sources[key] = value, source
+            self.problems.append(f"{key}: got {shown} (from {source}); expected {type_name(tp)}.")
+            return
+        self.values[key], self.sources[key] = value, source
 
 
 def load_config(argv: list[str]) -> LoadedConfig:
@@ -326,27 +363,22 @@ def load_config(argv: list[str]) -> LoadedConfig:
         problems.append("config: expected a path to a json file after --config.")
     config_path = Path(config_text) if config_text else default_config_path()
 
-    values = {name: f.default for name, f in FIELDS.items()}
-    sources = {name: "default" for name in FIELDS}
-    notices: list[str] = []
-    ignored: list[str] = []
+    merge = _Merge(problems=problems)
     raw_json, json_problems = _read_json(config_path)
-    problems += json_problems
-    _merge_layer(raw_json, str(config_path), False, values, sources, problems, notices, ignored)
-    _merge_layer(cli, "command line", True, values, sources, problems, notices, ignored)
+    merge.problems += json_problems
+    merge.layer(raw_json, str(config_path), from_cli=False)
+    merge.layer(cli, "command line", from_cli=True)
 
-    config = TrainConfig(**values)
-    problems += [
-        f"{key}: got {_given(getattr(config, key))} (from {sources[key]}); expected {expected}."
+    config = TrainConfig(**merge.values)
+    merge.problems += [
+        f"{key}: got {_given(getattr(config, key))} (from {merge.sources[key]}); expected {expected}."
         for key, expected in validate(config)
     ]
-    if problems:
-        raise ConfigError(problems)
-    if ignored:
-        notices.append(
-            "EveryDream2 keys not supported here, ignored: " + ", ".join(sorted(set(ignored))) + "."
-        )
-    return LoadedConfig(config, sources, notices)
+    if merge.problems:
+        raise ConfigError(merge.problems)
+    merge.notices += [notice for key, notice in merge.null_notices.items() if merge.sources[key] == "default"]
+    warnings = [ed2.not_honoured_warning(merge.not_honoured)] if merge.not_honoured else []
+    return LoadedConfig(config, merge.sources, merge.notices, warnings)
 
 
 # ---------------------------------------------------------------- output

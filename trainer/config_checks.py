@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.files import windows_path_hint
+
 if TYPE_CHECKING:
     from trainer.config import TrainConfig
 
@@ -31,7 +33,8 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
         bad.append(("hf_repo_subfolder", "a folder path inside the repo such as 'diffusers' or 'models/v1', or null"))
     data_root = Path(cfg.data_root)
     if not data_root.exists():
-        bad.append(("data_root", "an existing folder of training images (it does not exist)"))
+        bad.append(("data_root", "an existing folder of training images (it does not exist)"
+                    + windows_path_hint(cfg.data_root)))
     elif not data_root.is_dir():
         bad.append(("data_root", "a folder of training images (this is a file)"))
     if cfg.resolution < 64 or cfg.resolution % 64:
@@ -44,9 +47,13 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
     if not 0 <= cfg.validation_split < 1:
         bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
     if cfg.validation_data_root is not None and not Path(cfg.validation_data_root).is_dir():
-        bad.append(("validation_data_root", "an existing folder of validation images, or null"))
-    if cfg.validation_every_n_epochs < 1:
-        bad.append(("validation_every_n_epochs", "an integer >= 1"))
+        bad.append(("validation_data_root", "an existing folder of validation images, or null"
+                    + windows_path_hint(cfg.validation_data_root)))
+    if not cfg.validation_every_n_epochs > 0:
+        bad.append(("validation_every_n_epochs", "a number of epochs > 0, such as 1, 2 or 0.5 (twice an epoch)"))
+    if cfg.validation_config is not None and not Path(cfg.validation_config).is_file():
+        bad.append(("validation_config", "the path of an existing validation json (EveryDream2's), or null"
+                    + windows_path_hint(cfg.validation_config)))
     return bad
 
 
@@ -55,14 +62,19 @@ def _schedule(cfg: TrainConfig) -> Problems:
                      if getattr(cfg, key) < 1]
     bad += [(key, "an integer >= 0 (0 disables it)") for key in ("max_steps", "save_every_n_epochs")
             if getattr(cfg, key) < 0]
+    if cfg.lr_decay_steps < 0:
+        bad.append(("lr_decay_steps", "an integer >= 0 (0: decay over the whole run)"))
     if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
         bad.append(("lr_warmup_steps", "an integer >= 0, or null"))
-    if not cfg.lr > 0:
-        bad.append(("lr", "a learning rate > 0, such as 1.5e-6"))
+    if cfg.lr is not None and not cfg.lr > 0:
+        bad.append(("lr", "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"))
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         bad.append(("clip_grad_norm", "a norm > 0, or null for no clipping"))
     if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
-        bad.append(("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)"))
+        bad.append(("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)"
+                    + windows_path_hint(cfg.optimizer_config)))
+    if cfg.gpuid is not None and cfg.gpuid < 0:
+        bad.append(("gpuid", "a GPU index >= 0 (nvidia-smi lists them), or null"))
     if cfg.seed < -1:
         bad.append(("seed", "an integer >= 0, or -1 for a random seed"))
     return bad
@@ -99,7 +111,8 @@ def _outputs(cfg: TrainConfig) -> Problems:
         bad.append(("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null"))
     bad += [(key, "an integer >= 1") for key in ("ema_update_interval", "sample_steps") if getattr(cfg, key) < 1]
     if cfg.sample_prompts is not None and not Path(cfg.sample_prompts).is_file():
-        bad.append(("sample_prompts", "the path of an existing .txt or .json file of prompts, or null"))
+        bad.append(("sample_prompts", "the path of an existing .txt or .json file of prompts, or null"
+                    + windows_path_hint(cfg.sample_prompts)))
     if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
         bad.append(("resume_state", "a saved training state folder, 'findlast', or null"))
     for key in ("project_name", "run_name"):

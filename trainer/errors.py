@@ -17,3 +17,9 @@ class ProblemsError(UserError):
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
         super().__init__(f"{count} found {heading}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def file_problems(what: str, problems: list[str]) -> ProblemsError:
+    """Every problem of one file the config names (`what`: its key and path), each line naming the file, so that
+    the preflight can list them beside the others."""
+    return ProblemsError([f"{what}: {p}" for p in problems], heading=f"in {what}")

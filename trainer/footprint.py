@@ -17,9 +17,15 @@ OPTIMIZER_STATE_BYTES = {
     "adamw": 8.0,  # exp_avg + exp_avg_sq, fp32
     "adamw8bit": 2.0,  # both moments in 8 bits (bitsandbytes' block quantisation; its scales are noise)
     "lion": 4.0,  # one momentum
+    "lion8bit": 1.0,  # one momentum in 8 bits
     "prodigy": 16.0,  # exp_avg, exp_avg_sq, s and the initial weights
     "adafactor": 0.1,  # factored second moments: a row and a column per matrix
+    "dadapt_adam": 12.0,  # exp_avg, exp_avg_sq, s
+    "dadapt_lion": 8.0,  # exp_avg, s
+    "dadapt_sgd": 12.0,  # z, s, x0
+    "dadapt_adan": 20.0,  # exp_avg, exp_avg_sq, exp_avg_diff, s, previous_grad
 }
+UNKNOWN_OPTIMIZER_BYTES = 8.0
 # An original single file's keys per component (its EMA copy, model_ema.*, is not converted).
 COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "cond_stage_model."}
 MARGIN = 1.05  # configs, the tokenizer, safetensors headers, file-system blocks
@@ -49,9 +55,15 @@ def save_bytes(
         total += size.total * weight_bytes * copies  # the -ema folder (and its single file) is a whole model too
     if training_state:
         # accelerate's state: the trained weights in fp32, the optimizer's moments, the EMA's shadow weights
-        per_param = 4 + OPTIMIZER_STATE_BYTES.get(optimizer, 8.0) + (4 if ema else 0)
+        per_param = 4 + optimizer_state_bytes(optimizer) + (4 if ema else 0)
         total += size.trained * per_param
     return int(total * MARGIN) + FIXED_BYTES
+
+
+def optimizer_state_bytes(optimizer: str) -> float:
+    """Per trained parameter, for an optimizer name or 'unet_name+text_encoder_name' (each model its own: sized
+    as if every trained parameter had the larger state, which errs on the side of room)."""
+    return max(OPTIMIZER_STATE_BYTES.get(name, UNKNOWN_OPTIMIZER_BYTES) for name in optimizer.split("+"))
 
 
 def safetensors_numels(path: Path) -> dict[str, int]:

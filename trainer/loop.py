@@ -24,6 +24,7 @@ from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import SDModels
 from trainer.objective import compute_loss, encode_images, encode_prompts, row_generators, validation_loss
+from trainer.optim_build import tweak_grad_scaler
 from trainer.preflight import Preflight
 from trainer.metrics import LogWindow, log_scalars
 from trainer.resume import TrainerState
@@ -31,6 +32,7 @@ from trainer.sampling import generate_samples, write_samples
 from trainer.saving import check_weights, rescue, save
 from trainer.setup import Run, ema_weights, prepare_run, start_state
 from trainer.stops import Aborted, StopRequest
+from trainer.validation_plan import MAIN_SET, STABILIZED_SET
 
 
 @dataclass
@@ -97,8 +99,11 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
                 progress.set_postfix(loss=f"{log_scalars(run, window, grad_norm, state.global_step):.4f}",
                                      epoch=state.epoch)
                 window = LogWindow()
-            if state.global_step % cfg.sample_steps == 0 and state.global_step < run.total_steps:
+            if (run.prompts and state.global_step % run.prompts.every(cfg.sample_steps) == 0
+                    and state.global_step < run.total_steps):
                 sample(run, state.global_step)  # the last step's samples come after the final save
+            if validation_due(run, state) and state.global_step < run.total_steps:
+                validate(run, state.global_step)  # the last step's validation comes after the final save
             if cfg.ckpt_every_n_minutes and time.monotonic() - last_timed_save > 60 * cfg.ckpt_every_n_minutes:
                 save(run, state)
                 last_timed_save = time.monotonic()
@@ -107,8 +112,6 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
         # the epoch ran to its end; a save now resumes at the next epoch's start
         finished = state.epoch
         state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        if finished % cfg.validation_every_n_epochs == 0 and finished < cfg.max_epochs:
-            validate(run, state.global_step)
         if cfg.save_every_n_epochs and finished % cfg.save_every_n_epochs == 0 and finished < cfg.max_epochs:
             save(run, state, epoch=finished)
         if agreed_stop(run):  # a stop that came during the epoch's validation or save
@@ -147,14 +150,18 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
         run.guard.add_loss(loss)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
         grad_norm = None
-        if accelerator.sync_gradients and (run.cfg.clip_grad_norm or run.is_log_step(step)):
-            # with no clip asked, max_norm=inf only measures the norm (for the log)
+        logged = run.plan.log_grad_norm and run.is_log_step(step)
+        if accelerator.sync_gradients and (run.cfg.clip_grad_norm or logged):
+            # one clip over every trained parameter, both models together (also when each has its own
+            # optimizer); with no clip asked, max_norm=inf only measures the norm (for the log)
             params = [p for module in run.trained for p in module.parameters()]
             grad_norm = accelerator.clip_grad_norm_(params, run.cfg.clip_grad_norm or math.inf)
-        run.optimizer.step()
+        run.optimizer.step()  # one step of every model's optimizer (optim_build.ChainedOptimizer when split)
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
+        if accelerator.sync_gradients and run.plan.grad_scaler_tweaks:
+            tweak_grad_scaler(accelerator.scaler, step)  # fp16 only: otherwise there is no scaler
+    return loss.detach(), grad_norm if logged else None
 
 
 def start_epoch(run: Run, epoch: int, skip: int) -> torch.utils.data.DataLoader:
@@ -175,27 +182,42 @@ def agreed_stop(run: Run) -> bool:
     return bool(run.accelerator.reduce(flag, reduction="sum").item())
 
 
+def validation_due(run: Run, state: TrainerState) -> bool:
+    """Whether the optimizer step just taken is one after which the plan validates (EveryDream2's placing)."""
+    step_in_epoch = math.ceil(state.batches_in_epoch / run.cfg.grad_accum)
+    return bool(run.validation) and step_in_epoch in run.validation_plan.steps_in_epoch(state.epoch,
+                                                                                          run.steps_per_epoch)
+
+
 def validate(run: Run, step: int) -> None:
-    """The validation loss (fixed noise and timesteps) of the current weights, logged and printed. A failure
-    here is reported and the run goes on: validation must never cost a trained model."""
+    """The loss of each validation set (fixed noise and timesteps) with the current weights, logged and said. A
+    failure here is reported and the run goes on: validation must never cost a trained model."""
     if not run.validation:
         return
     unet, text_encoder = run.unwrapped()
     modes = [unet.training, text_encoder.training]
     unet.eval(), text_encoder.eval()
+    losses = {}
     try:
-        with run.accelerator.autocast():
-            loss = validation_loss(unet, text_encoder, run.noise_scheduler, run.validation,
-                                   run.accelerator.device, stop_requested=lambda: run.stop.requested)
+        for name, batches in run.validation.items():
+            with run.accelerator.autocast():
+                losses[name] = validation_loss(unet, text_encoder, run.noise_scheduler, batches,
+                                               run.accelerator.device, stop_requested=lambda: run.stop.requested)
     except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on
         warn(f"validation at step {step} failed ({type(err).__name__}: {first_line(err)}); skipped.")
         return
     finally:
         unet.train(modes[0]), text_encoder.train(modes[1])
-    if loss is None:  # stopped part way: no loss worth logging
+    if any(loss is None for loss in losses.values()):  # stopped part way: no loss worth logging
         return
-    run.accelerator.log({"loss/validation": loss}, step=step)
-    say(f"Validation loss at step {step}: {loss:.5f}")
+    run.accelerator.log({validation_tag(name): loss for name, loss in losses.items()}, step=step)
+    say(f"Validation loss at step {step}: " + ", ".join(
+        f"{loss:.5f}" if name == MAIN_SET else f"{name} {loss:.5f}" for name, loss in losses.items()))
+
+
+def validation_tag(name: str) -> str:
+    """The tensorboard tag of a validation set's loss: loss/validation, loss/train-stabilized, loss/validation-<set>."""
+    return f"loss/{name}" if name in (MAIN_SET, STABILIZED_SET) else f"loss/validation-{name}"
 
 
 def sample(run: Run, step: int) -> None:
@@ -207,21 +229,26 @@ def sample(run: Run, step: int) -> None:
         return
     try:
         _sample(run, step)
-    except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on
+    except (RuntimeError, OSError, ValueError, ImportError) as err:  # out of memory, a full disk: said, run goes on
         warn(f"sampling at step {step} failed ({type(err).__name__}: {first_line(err)}); skipped.")
 
 
 def _sample(run: Run, step: int) -> None:
+    settings, cfg = run.prompts, run.cfg
+    # one draw (captions, -1 seeds) for the model and its EMA, so the two compare image for image
+    drawn = settings.draw(cfg.resolution, cfg.batch_size, [item.caption for item in run.data.loader.dataset.items])
     tracker = run.accelerator.get_tracker("tensorboard", unwrap=True)
     for suffix, weights in [("", contextlib.nullcontext)] + ([("-ema", lambda: ema_weights(run))] if run.emas else []):
         if run.stop.requested:
             return
         with weights():
-            images = generate_samples(run.pipeline(), run.prompts, run.cfg.resolution, run.accelerator.device,
-                                      stop_requested=lambda: run.stop.requested)
+            images = generate_samples(run.pipeline(), drawn, run.accelerator.device, settings.batch(cfg.batch_size),
+                                      settings.scheduler, stop_requested=lambda: run.stop.requested,
+                                      clip_skip=cfg.clip_skip, progress=settings.show_progress_bars)
         if not images:
             return
-        grid = write_samples(images, run.prompts[: len(images)], run.run_dir / "samples", f"gs{step:05d}{suffix}")
-        for index, image in enumerate(images):
-            tracker.add_image(f"samples{suffix}/{index:02d}", np.asarray(image), step, dataformats="HWC")
+        grid = write_samples(images, drawn, run.run_dir / "samples", f"gs{step:05d}{suffix}", settings.scheduler)
+        for index, row in sorted(images.items()):  # a sample's cfgs side by side (one size: one height)
+            tracker.add_image(f"samples{suffix}/{index:02d}", np.hstack([np.asarray(i) for i in row]), step,
+                              dataformats="HWC")
         say(f"Samples at step {step}: {grid}")

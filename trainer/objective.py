@@ -138,13 +138,22 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.zeros_like(snr))
 
 
-def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType, huber_c: float) -> torch.Tensor:
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss_type: LossType, huber_c: float,
+                     noise_level: torch.Tensor | None = None) -> torch.Tensor:
     """Per-element error. huber/smooth_l1 are the pseudo-Huber losses of Khrapov & Popov 2024 ("Improving
     Diffusion Models's Data-Corruption Resistance using Scheduled Pseudo-Huber Loss"), as diffusers scripts use:
-    huber = 2c(sqrt(d^2 + c^2) - c) (about d^2 for small d, 2c|d| for large), smooth_l1 = the same / c."""
+    huber = 2c(sqrt(d^2 + c^2) - c) (about d^2 for small d, 2c|d| for large), smooth_l1 = the same / c.
+    mse_huber and huber_mse are EveryDream2's blends by each row's `noise_level` t/T (B,): mse_huber weighs the
+    squared error by t/T and torch's Huber loss (delta 1) by 1 - t/T, so noisy steps learn by MSE and nearly
+    clean ones by Huber, robust to outliers; huber_mse the other way round."""
     difference = prediction.float() - target.float()
     if loss_type == "mse":
         return difference**2
+    if loss_type in ("mse_huber", "huber_mse"):
+        level = noise_level.float().view(-1, *[1] * (difference.dim() - 1)).to(difference.device)
+        mse_share = level if loss_type == "mse_huber" else 1 - level
+        huber = torch.nn.functional.huber_loss(difference, torch.zeros_like(difference), reduction="none", delta=1.0)
+        return mse_share * difference**2 + (1 - mse_share) * huber
     pseudo_huber = 2 * (torch.sqrt(difference**2 + huber_c**2) - huber_c)
     if loss_type == "huber":
         return huber_c * pseudo_huber
@@ -207,7 +216,9 @@ def compute_loss(
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = training_target(scheduler, latents, noise, timesteps)
     # fp32 even under autocast: fp16 squares of small errors underflow
-    per_sample = elementwise_loss(prediction, target, objective.loss_type, objective.huber_c).mean(dim=(1, 2, 3))
+    noise_level = timesteps / scheduler.config.num_train_timesteps
+    per_sample = elementwise_loss(prediction, target, objective.loss_type, objective.huber_c,
+                                  noise_level).mean(dim=(1, 2, 3))
     if objective.min_snr_gamma:
         snr = signal_to_noise(scheduler, timesteps)
         per_sample = per_sample * min_snr_weights(snr, objective.min_snr_gamma, scheduler.config.prediction_type)

@@ -1,212 +1,309 @@
-"""Optimizers and learning-rate schedules, configured by train.json and an EveryDream2-style optimizer.json.
+"""The optimizer plan: which optimizer, settings and learning-rate schedule each model trains with, and which parts
+of the text encoder stay frozen, from train.json and an EveryDream2 optimizer.json (read by optimizer_json.py).
+What is planned here is built by optim_build.py; planning imports no torch (the preflight plans before any model).
 
-optimizer.json (`optimizer_config`) has a `base` section for the UNet (and the text encoder), optional
-`text_encoder_overrides` and `text_encoder_lr_scale`, and `text_encoder_freezing`. A non-null value there wins
-over train.json's `optimizer`/`lr`/`lr_scheduler`/`lr_warmup_steps`, and each such win is printed.
-The UNet and the text encoder are two parameter groups of one optimizer, so one LR schedule scales both.
+- train.json's `optimizer`, `lr`, `lr_scheduler`, `lr_warmup_steps`, `lr_decay_steps` are the defaults; a value
+  set in optimizer.json's `base` wins (each win over train.json's optimizer or lr is said).
+- The text encoder starts from `base` (its lr times `text_encoder_lr_scale` when that is set and the text encoder's
+  own lr is not), then `text_encoder_overrides` wins where set.
+- Where the two models differ only in lr, betas, epsilon or weight decay, they are two parameter groups of one
+  optimizer under one schedule. Where they differ in optimizer, optimizer-specific keys or schedule, each model
+  gets its own optimizer and schedule (optim_build.ChainedOptimizer). Adaptive optimizers (Prodigy, D-Adaptation)
+  estimate one step size per optimizer and cannot honour per-group rates, so there any difference splits them.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import math
 import typing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from common.console import warn
 from trainer.config import OptimizerName
-from trainer.errors import UserError
-
-if TYPE_CHECKING:  # torch is imported where optimizers are built: the preflight reads plans without it
-    import torch
+from trainer.errors import ProblemsError
+from trainer.optimizer_json import OptimizerFile, read_optimizer_file
 
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
-_SETTING_KEYS = ("optimizer", "lr", "lr_scheduler", "lr_decay_steps", "lr_warmup_steps", "betas", "epsilon", "weight_decay")
-_FREEZING_KEYS = ("freeze_embeddings", "freeze_front_n_layers", "freeze_final_layer_norm")
-_TOP_KEYS = {"doc", "base", "text_encoder_overrides", "text_encoder_lr_scale", "text_encoder_freezing",
-             "apply_grad_scaler_step_tweaks", "use_grad_scaler"}
+DEFAULT_BETAS = (0.9, 0.999)
+DEFAULT_LR = 1.5e-6  # train.json's lr null and no optimizer.json base lr
+INF = math.inf
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer name reads and which package provides it."""
+
+    package: str  # the pip package (requirements.txt) that provides it
+    group_keys: tuple[str, ...]  # the settings each parameter group carries besides lr and weight decay
+    options: dict[str, Any]  # the optimizer-specific keys it reads -> EveryDream2's default (None: the package's)
+    adaptive: bool = False  # estimates its own step size: lr multiplies it (about 1.0), one estimate per optimizer
+    betas: tuple[float, ...] = DEFAULT_BETAS  # the default, and how many it takes
+
+
+SPECS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec("torch", ("betas", "eps"), {}),
+    "adamw8bit": OptimizerSpec("bitsandbytes", ("betas", "eps"), {}),
+    "lion": OptimizerSpec("lion-pytorch", ("betas",), {}),
+    "lion8bit": OptimizerSpec("bitsandbytes", ("betas",), {}),
+    "adafactor": OptimizerSpec("transformers", (), {}),
+    # our prodigy keeps the package's defaults (EveryDream2 sets use_bias_correction and safeguard_warmup true)
+    "prodigy": OptimizerSpec("prodigyopt", ("betas", "eps"),
+                             {"d0": None, "growth_rate": None, "safeguard_warmup": None}, adaptive=True),
+    "dadapt_adam": OptimizerSpec("pytorch-optimizer", ("betas", "eps"),
+                                 {"d0": 1e-6, "growth_rate": INF, "decouple": True}, adaptive=True),
+    "dadapt_lion": OptimizerSpec("pytorch-optimizer", ("betas",), {"d0": 1e-6}, adaptive=True),
+    "dadapt_sgd": OptimizerSpec("pytorch-optimizer", (), {"d0": 1e-6, "growth_rate": INF, "momentum": 0.0},
+                                adaptive=True),
+    "dadapt_adan": OptimizerSpec("pytorch-optimizer", ("betas", "eps"),
+                                 {"d0": 1e-6, "growth_rate": INF, "no_prox": False}, adaptive=True,
+                                 betas=(0.98, 0.92, 0.99)),
+}
+assert set(SPECS) == set(OPTIMIZERS), "trainer/config.py OptimizerName and SPECS name the same optimizers"
+# EveryDream2 names with no well-kept package behind them -> (the nearest supported optimizer, why not)
+_DOWG = "its only package, dowg 0.3.1 (2023), is unmaintained and its author doubts that it is correct"
+REFUSED: dict[str, tuple[str, str]] = {
+    "adacoor": ("prodigy", "it is EveryDream2's own code, in no package"),
+    "coordinate_dowg": ("prodigy", _DOWG),
+    "scalar_dowg": ("prodigy", _DOWG),
+}
+OPTION_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
+ADAPTIVE_LR_HINT = 0.01  # below this an adaptive optimizer's lr (a multiplier of its own step size) is a likely slip
 
 
 @dataclass(frozen=True)
 class OptimizerSettings:
     optimizer: str = "adamw"
     lr: float = 1.5e-6
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, ...] | None = None  # None: the optimizer's default (SPECS)
     epsilon: float = 1e-8
     weight_decay: float = 0.01
+    options: dict[str, Any] = field(default_factory=dict)  # optimizer-specific keys set (d0, decouple, ...)
+
+    @property
+    def spec(self) -> OptimizerSpec:
+        return SPECS[self.optimizer]
+
+    def resolved_betas(self) -> tuple[float, ...]:
+        return self.betas if self.betas is not None else self.spec.betas
+
+    def resolved_options(self) -> dict[str, Any]:
+        """The optimizer-specific keys this optimizer reads, set or defaulted (None: the package's default)."""
+        return {key: self.options.get(key, default) for key, default in self.spec.options.items()}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    name: str = "constant"
+    warmup_steps: int | None = None  # None: 0 for constant, 2% of the decay otherwise; 0: no warmup
+    decay_steps: int | None = None  # None: the run's length. After them the rate stays at its end value.
+
+    def resolved(self, total_steps: int) -> tuple[int, int]:
+        """(warmup steps, decay steps) for a run of `total_steps`."""
+        decay = self.decay_steps if self.decay_steps is not None else total_steps
+        if self.warmup_steps is not None:
+            return self.warmup_steps, decay
+        return (0 if self.name == "constant" else math.ceil(0.02 * decay)), decay
+
+    def record(self) -> dict[str, Any]:
+        """As a training state records it (trainer/resume.py TrainingSetup.schedules)."""
+        return {"lr_scheduler": self.name, "lr_warmup_steps": self.warmup_steps, "lr_decay_steps": self.decay_steps}
 
 
 @dataclass(frozen=True)
 class TextEncoderFreezing:
-    freeze_embeddings: bool = False
-    freeze_front_n_layers: int | None = None  # negative: all but the last -n layers
+    """EveryDream2's text_encoder_freezing, with its defaults: the last n layers train (and the final layer norm),
+    the rest is frozen, the embeddings too unless said otherwise."""
+
+    unfreeze_last_n_layers: int | None = None  # None: every layer trains
+    freeze_front_n_layers: int | None = None  # deprecated (positive only here: negative ones become the above)
+    freeze_embeddings: bool | None = None  # None: frozen exactly when some layers are
     freeze_final_layer_norm: bool = False
+
+    def trained_layers(self, count: int) -> int:
+        """How many of the last of `count` encoder layers train."""
+        if self.unfreeze_last_n_layers is not None:
+            return min(count, self.unfreeze_last_n_layers)
+        if self.freeze_front_n_layers is not None:
+            return max(0, count - self.freeze_front_n_layers)
+        return count
+
+    def embeddings_frozen(self, count: int) -> bool:
+        if self.freeze_embeddings is not None:
+            return self.freeze_embeddings
+        return self.trained_layers(count) < count
+
+    @property
+    def freezes_anything(self) -> bool:
+        return self != TextEncoderFreezing(freeze_embeddings=False)
 
 
 @dataclass(frozen=True)
 class OptimizerPlan:
     unet: OptimizerSettings
     text_encoder: OptimizerSettings
-    lr_scheduler: str
-    lr_warmup_steps: int | None
-    freezing: TextEncoderFreezing
+    unet_schedule: LRSchedule
+    text_encoder_schedule: LRSchedule
+    freezing: TextEncoderFreezing = TextEncoderFreezing(freeze_embeddings=False)
+    train_text_encoder: bool = True
+    grad_scaler_tweaks: bool = False  # EveryDream2's fp16 grad-scaler settings (optim_build.GRAD_SCALER_*)
+    log_grad_norm: bool = True  # measure the gradient norm at log steps, for the log
 
+    @property
+    def separate(self) -> bool:
+        """Whether the text encoder gets an optimizer (and schedule) of its own."""
+        unet, te = self.unet, self.text_encoder
+        if not self.train_text_encoder:
+            return False
+        if unet.optimizer != te.optimizer or unet.resolved_options() != te.resolved_options():
+            return True
+        if self.unet_schedule != self.text_encoder_schedule:
+            return True
+        return unet.spec.adaptive and unet != te
 
-def _settings_from(section: dict[str, Any], base: OptimizerSettings, where: str) -> OptimizerSettings:
-    unknown = set(section) - set(_SETTING_KEYS)
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {list(_SETTING_KEYS)}.")
-    values = {k: section[k] for k in ("optimizer", "lr", "epsilon", "weight_decay") if section.get(k) is not None}
-    if section.get("betas") is not None:
-        values["betas"] = tuple(section["betas"])
-    return replace(base, **values)
+    @property
+    def label(self) -> str:
+        """The optimizer as a training state records it: its name, or 'unet+text_encoder' names when split."""
+        return f"{self.unet.optimizer}+{self.text_encoder.optimizer}" if self.separate else self.unet.optimizer
+
+    def describe(self) -> str:
+        if not self.separate:
+            return self.unet.optimizer
+        return f"{self.unet.optimizer} (UNet) + {self.text_encoder.optimizer} (text encoder), each its own"
 
 
 def plan_optimizers(cfg, notices: list[str] | None = None) -> OptimizerPlan:
-    """What to build, from train.json's keys and the optional optimizer.json."""
+    """What to build, from train.json's keys and the optional optimizer.json; every problem of the file at once."""
     notices = notices if notices is not None else []
-    base = OptimizerSettings(optimizer=cfg.optimizer, lr=cfg.lr)
-    plan = OptimizerPlan(base, base, cfg.lr_scheduler, cfg.lr_warmup_steps, TextEncoderFreezing())
-    if cfg.optimizer_config:
-        plan = _apply_optimizer_json(Path(cfg.optimizer_config), plan, notices)
-    for settings, who in ((plan.unet, "UNet"), (plan.text_encoder, "text encoder")):
-        if settings.optimizer not in OPTIMIZERS:
-            raise UserError(f"{who} optimizer {settings.optimizer!r} is unknown; expected one of {', '.join(OPTIMIZERS)}.")
-    if plan.unet.optimizer != plan.text_encoder.optimizer:
-        raise UserError(
-            f"optimizer.json asks for {plan.unet.optimizer} on the UNet and {plan.text_encoder.optimizer} on the text "
-            "encoder; this trainer uses one optimizer with two parameter groups. Set text_encoder_overrides.optimizer "
-            "to null (lr, betas, epsilon and weight_decay may still differ)."
-        )
+    settings = OptimizerSettings(optimizer=cfg.optimizer, lr=DEFAULT_LR if cfg.lr is None else cfg.lr)
+    schedule = LRSchedule(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.lr_decay_steps or None)  # train.json's 0: run
+    plan = OptimizerPlan(settings, settings, schedule, schedule, train_text_encoder=not cfg.disable_textenc_training)
+    problems: list[str] = []
+    found = read_optimizer_file(Path(cfg.optimizer_config), problems, notices) if cfg.optimizer_config else None
+    if found is not None:
+        plan = _apply_file(found, plan, problems, notices, cfg.lr)
+    if problems:
+        raise ProblemsError(problems, heading="in optimizer_config")  # each names the file and key
+    _say_slips(plan, notices)
     return plan
 
 
-def _apply_optimizer_json(path: Path, plan: OptimizerPlan, notices: list[str]) -> OptimizerPlan:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise UserError(f"optimizer_config {str(path)!r} does not exist; give the path of an optimizer.json or null.")
-    except json.JSONDecodeError as err:
-        raise UserError(f"optimizer_config {str(path)!r} is not valid json ({err.msg} at line {err.lineno}).")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(_TOP_KEYS)}.")
-    base_section = data.get("base") or {}
-    unet = _settings_from(base_section, plan.unet, f"{path} base")
-    for key in ("optimizer", "lr"):
-        if base_section.get(key) is not None and base_section[key] != getattr(plan.unet, key):
-            notices.append(f"{key} {base_section[key]} from {path} (train.json's {getattr(plan.unet, key)} is not used).")
+def _apply_file(found: OptimizerFile, plan: OptimizerPlan, problems: list[str], notices: list[str],
+                given_lr: float | None) -> OptimizerPlan:
+    """The file over train.json's settings, except a train.json (or command-line) lr, which wins over the file's
+    base lr, as in EveryDream2: its trainSD21.json sets lr 2e-6 over its optimizerSD21.json's 1e-6."""
+    name = found.name
+    for section, values in (("base", found.base), ("text_encoder_overrides", found.text_encoder)):
+        if "optimizer" in values and not _known_optimizer(values["optimizer"], f"{name} {section}.optimizer", problems):
+            del values["optimizer"]  # the rest is still checked, against the optimizer the model would get
+    if "optimizer" in found.base and found.base["optimizer"] != plan.unet.optimizer:
+        notices.append(f"optimizer {found.base['optimizer']} from {name} (train.json's {plan.unet.optimizer} is "
+                       "not used).")
+    if given_lr is not None and found.base.get("lr") not in (None, given_lr):
+        notices.append(f"lr {given_lr:g} from the config wins over {name} base.lr {found.base['lr']:g}, as in "
+                       "EveryDream2 (set lr null to use the file's).")
+        found = replace(found, base={**found.base, "lr": given_lr})
+    unet = _settings(found.base, plan.unet)
+    unet_schedule = _schedule(found.base, plan.unet_schedule)
     text_encoder = unet
-    lr_scale = data.get("text_encoder_lr_scale")
-    if lr_scale is not None:
-        text_encoder = replace(text_encoder, lr=unet.lr * float(lr_scale))
-    text_encoder = _settings_from(data.get("text_encoder_overrides") or {}, text_encoder, f"{path} text_encoder_overrides")
-    overrides = data.get("text_encoder_overrides") or {}
-    if overrides.get("lr_scheduler") not in (None, base_section.get("lr_scheduler"), plan.lr_scheduler):
-        raise UserError(f"{path}: text_encoder_overrides.lr_scheduler must be null; one schedule drives both models.")
-    freezing_section = data.get("text_encoder_freezing") or {}
-    unknown = set(freezing_section) - set(_FREEZING_KEYS)
-    if unknown:
-        raise UserError(f"{path} text_encoder_freezing: unknown key(s) {sorted(unknown)}; expected {list(_FREEZING_KEYS)}.")
-    freezing = TextEncoderFreezing(**{k: v for k, v in freezing_section.items() if v is not None})
-    return OptimizerPlan(
-        unet=unet,
-        text_encoder=text_encoder,
-        lr_scheduler=base_section.get("lr_scheduler") or plan.lr_scheduler,
-        lr_warmup_steps=base_section.get("lr_warmup_steps", plan.lr_warmup_steps),
-        freezing=freezing,
+    scale = found.top.get("text_encoder_lr_scale")
+    if scale is not None and "lr" in found.text_encoder:
+        notices.append(f"{name} text_encoder_lr_scale is not used: text_encoder_overrides.lr sets the rate itself.")
+    elif scale is not None:
+        text_encoder = replace(unet, lr=unet.lr * scale)
+    text_encoder = _settings(found.text_encoder, text_encoder)
+    plan = OptimizerPlan(
+        unet, text_encoder, unet_schedule, _schedule(found.text_encoder, unet_schedule),
+        freezing=_freezing(found, problems, notices), train_text_encoder=plan.train_text_encoder,
+        # absent from an optimizer.json means on, as in EveryDream2, so its files train as they did there
+        grad_scaler_tweaks=found.top.get("apply_grad_scaler_step_tweaks", True),
+        log_grad_norm=found.top.get("log_grad_norm", True),
     )
+    _check_settings(found, plan, problems, notices)
+    return plan
 
 
-def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing) -> None:
-    """requires_grad=False on the parts of a CLIP text encoder that optimizer.json freezes."""
-    if freezing.freeze_embeddings:
-        text_encoder.embeddings.requires_grad_(False)
-    if freezing.freeze_final_layer_norm:
-        text_encoder.final_layer_norm.requires_grad_(False)
-    if freezing.freeze_front_n_layers is not None:
-        layers = text_encoder.encoder.layers
-        n = freezing.freeze_front_n_layers
-        count = n if n >= 0 else max(0, len(layers) + n)
-        for layer in layers[:count]:
-            layer.requires_grad_(False)
+def _known_optimizer(value: str, where: str, problems: list[str]) -> bool:
+    if value in SPECS:
+        return True
+    if value in REFUSED:
+        nearest, why = REFUSED[value]
+        problems.append(f"{where}: {value} is not supported here ({why}); the nearest supported optimizer is "
+                        f"{nearest}. Supported: {', '.join(OPTIMIZERS)}.")
+        return False
+    names = [*OPTIMIZERS, *REFUSED]
+    close = (difflib.get_close_matches(value, names, n=1, cutoff=0.6) or [n for n in names if value in n]
+             or difflib.get_close_matches(value, names, n=1, cutoff=0.4))
+    guess = f"did you mean {close[0]}? " if close else ""
+    problems.append(f"{where}: optimizer {value!r} is unknown; {guess}expected one of {', '.join(OPTIMIZERS)}.")
+    return False
 
 
-def _group(params: list[torch.nn.Parameter], settings: OptimizerSettings, name: str) -> dict[str, Any]:
-    group: dict[str, Any] = {"params": params, "lr": settings.lr, "weight_decay": settings.weight_decay, "name": name}
-    if settings.optimizer != "adafactor":
-        group["betas"] = settings.betas
-    if settings.optimizer in ("adamw", "adamw8bit", "prodigy"):
-        group["eps"] = settings.epsilon
-    return group
+def _settings(section: dict[str, Any], start: OptimizerSettings) -> OptimizerSettings:
+    values = {key: section[key] for key in ("optimizer", "lr", "betas", "epsilon", "weight_decay") if key in section}
+    options = {**start.options, **{key: section[key] for key in OPTION_KEYS if key in section}}
+    return replace(start, **values, options=options)
 
 
-def _adamw8bit_class():
-    """bitsandbytes' 8-bit AdamW, or None with the reason when it cannot run here."""
-    import torch
-
-    try:
-        import bitsandbytes as bnb
-
-        probe = torch.nn.Parameter(torch.zeros(256, device="cuda" if torch.cuda.is_available() else "cpu"))
-        probe.grad = torch.zeros_like(probe)
-        bnb.optim.AdamW8bit([probe]).step()
-        return bnb.optim.AdamW8bit
-    except Exception as err:  # any failure of an optional native library means: fall back, and say why
-        warn(f"adamw8bit needs bitsandbytes, which cannot run here ({type(err).__name__}: {err}); "
-              "using 32-bit AdamW instead (more optimizer memory, same maths).")
-        return None
+def _schedule(section: dict[str, Any], start: LRSchedule) -> LRSchedule:
+    return LRSchedule(section.get("lr_scheduler", start.name), section.get("lr_warmup_steps", start.warmup_steps),
+                      section.get("lr_decay_steps", start.decay_steps))
 
 
-def build_optimizer(
-    plan: OptimizerPlan, unet: torch.nn.Module, text_encoder: torch.nn.Module | None
-) -> torch.optim.Optimizer:
-    """One optimizer over the trainable parameters: a UNet group and, when trained, a text-encoder group."""
-    groups = [_group([p for p in unet.parameters() if p.requires_grad], plan.unet, "unet")]
-    if text_encoder is not None:
-        groups.append(_group([p for p in text_encoder.parameters() if p.requires_grad], plan.text_encoder, "text_encoder"))
-    import torch
-
-    name = plan.unet.optimizer
-    if name == "adamw8bit":
-        optimizer_class = _adamw8bit_class()
-        if optimizer_class is not None:
-            return optimizer_class(groups)
-        name = "adamw"
-    if name == "adamw":
-        return torch.optim.AdamW(groups)
-    if name == "lion":
-        from lion_pytorch import Lion
-
-        return Lion(groups)
-    if name == "prodigy":
-        from prodigyopt import Prodigy
-
-        return Prodigy(groups)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        # a fixed lr, like the other optimizers here; Adafactor's own relative-step schedule would ignore ours
-        return Adafactor(groups, scale_parameter=False, relative_step=False, warmup_init=False)
-    raise AssertionError(name)
+def _freezing(found: OptimizerFile, problems: list[str], notices: list[str]) -> TextEncoderFreezing:
+    given, where = found.freezing, f"{found.name} text_encoder_freezing"
+    unfreeze, front = given.get("unfreeze_last_n_layers"), given.get("freeze_front_n_layers")
+    if front is not None:
+        notices.append(f"{where}.freeze_front_n_layers is deprecated; use unfreeze_last_n_layers instead "
+                       "(freeze_front_n_layers -2 is unfreeze_last_n_layers 2).")
+        if unfreeze is not None:
+            problems.append(f"{where}: both unfreeze_last_n_layers and the deprecated freeze_front_n_layers are set; "
+                            "keep unfreeze_last_n_layers only.")
+        elif front < 0:
+            unfreeze, front = -front, None
+    front = front or None  # freezing the front 0 layers freezes nothing
+    embeddings = given.get("freeze_embeddings")
+    if embeddings is None and unfreeze is None and front is None:
+        embeddings = False
+    freezing = TextEncoderFreezing(unfreeze, front, embeddings, given.get("freeze_final_layer_norm", False))
+    if unfreeze == 0 and freezing.embeddings_frozen(1) and freezing.freeze_final_layer_norm:
+        problems.append(f"{where} freezes the whole text encoder (no layer, no embeddings, no final layer norm); "
+                        "set disable_textenc_training true instead, or unfreeze something.")
+    return freezing
 
 
-def warmup_steps(plan: OptimizerPlan, total_steps: int) -> int:
-    if plan.lr_warmup_steps is not None:
-        return plan.lr_warmup_steps
-    return 0 if plan.lr_scheduler == "constant" else math.ceil(0.02 * total_steps)
+def _check_settings(found: OptimizerFile, plan: OptimizerPlan, problems: list[str], notices: list[str]) -> None:
+    """What only makes sense per optimizer: the number of betas, the optimizer-specific keys."""
+    models = [("base", found.base, plan.unet)]
+    if plan.train_text_encoder:
+        models.append(("text_encoder_overrides", found.text_encoder, plan.text_encoder))
+    elif found.text_encoder or found.freezing:
+        notices.append(f"{found.name}: text_encoder_overrides and text_encoder_freezing are not used: "
+                       "disable_textenc_training is true.")
+    for section, given, settings in models:
+        where = f"{found.name} {section}"
+        betas, count = settings.resolved_betas(), len(settings.spec.betas)
+        if len(betas) != count:
+            origin = (f"{where}.betas" if "betas" in given
+                      else f"{found.name} base.betas (inherited by the text encoder)")
+            problems.append(f"{origin}: got {list(betas)}; expected {count} numbers for {settings.optimizer}, "
+                            f"such as {list(settings.spec.betas)}.")
+        for key in OPTION_KEYS:
+            if key in given and key not in settings.spec.options:
+                readers = [n for n, spec in SPECS.items() if key in spec.options]
+                notices.append(f"{where}.{key} is not read by {settings.optimizer} (only by {', '.join(readers)}).")
 
 
-def build_lr_scheduler(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, total_steps: int):
-    """diffusers' schedules, stepped once per optimizer step: the loop prepares it with split_batches, so
-    accelerate steps it once per step whatever the process count (not once per process)."""
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(
-        plan.lr_scheduler,
-        optimizer,
-        num_warmup_steps=warmup_steps(plan, total_steps),
-        num_training_steps=total_steps,
-    )
+def _say_slips(plan: OptimizerPlan, notices: list[str]) -> None:
+    """Settings that work but are most likely not what was meant, wherever they were set."""
+    models = [(plan.unet, plan.unet_schedule, "UNet")]
+    if plan.separate:
+        models.append((plan.text_encoder, plan.text_encoder_schedule, "text encoder"))
+    for settings, schedule, who in models:
+        if settings.spec.adaptive and settings.lr < ADAPTIVE_LR_HINT:
+            notices.append(f"{who}: {settings.optimizer} sets its own step size and lr multiplies it; lr "
+                           f"{settings.lr:g} is far below the usual 0.1 to 1.0.")
+        if schedule.name == "constant" and schedule.warmup_steps:
+            notices.append(f"{who}: lr_warmup_steps {schedule.warmup_steps} has no effect with lr_scheduler "
+                           "constant; use constant_with_warmup to warm up.")

@@ -18,23 +18,26 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+from common.console import say
 from common.files import free_bytes, human_bytes, place_problem
 from data.errors import DataError
 from data.latent_cache import choose_cache_dir
-from data.options import DataOptions
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
-from data.validation import validation_items
+from data.validation import validation_sets
 from trainer import footprint
-from trainer.ckpt_cache import CKPT_CACHE
+from trainer.ckpt_cache import CKPT_CACHE, cache_entry, not_found_message
 from trainer.config import TrainConfig
 from trainer.errors import ProblemsError, UserError
+from trainer.everydream2 import FIND_LAST
+from trainer.hub import parse_repo_id
 from trainer.optim import OptimizerPlan, plan_optimizers
-from trainer.prompts import SamplePrompt, read_sample_prompts
+from trainer.prompts import SampleSettings, read_sample_prompts
+from trainer.validation_plan import ValidationPlan, plan_validation
 from trainer.resume import (
     TrainerState,
     TrainingSetup,
@@ -65,16 +68,58 @@ class Preflight:
     """What the preflight found, for the run to use."""
 
     scan: Scan  # the training images (validation images held out)
-    validation: list[ImageItem]
+    validation: dict[str, list[ImageItem]]  # set name -> images (trainer/validation_plan.py)
     run_dir: Path  # planned; made once the model has loaded
     save_dir: Path
     cache_dir: Path | None  # None: cache_latents is off
     steps_per_epoch: int
     total_steps: int
     optimizer: OptimizerPlan
-    prompts: list[SamplePrompt]
+    prompts: SampleSettings | None  # None: no sample_prompts
     resume: ResumePlan | None
+    validation_plan: ValidationPlan = field(default_factory=ValidationPlan)
     notices: list[str] = field(default_factory=list)
+
+
+
+def resolve_find_last(cfg: TrainConfig) -> TrainConfig:
+    """resume_ckpt "findlast" (EveryDream2's "continue from my newest save") as the newest complete saved model
+    under logdir (and save_ckpt_dir), said; any other resume_ckpt as it is. In a multi-process run only the main
+    process's answer counts (train.py passes its config to the others)."""
+    if cfg.resume_ckpt != FIND_LAST:
+        return cfg
+    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+    found = find_last_model(search)
+    if found is None:
+        where = " or ".join(dict.fromkeys(str(d) for d in search))
+        raise UserError(f"resume_ckpt findlast: there is no saved model under {where} yet. Train from a base model "
+                        "first (resume_ckpt: a model folder, a .safetensors/.ckpt file or a Hub id), with the same "
+                        "logdir, then findlast continues from its newest save.")
+    say(f"resume_ckpt findlast: continuing from {found}, the newest saved model under {search[0]}.")
+    return replace(cfg, resume_ckpt=str(found))
+
+
+def resumed_seed(cfg: TrainConfig) -> int | None:
+    """The seed of the training state that resume_state names, when it recorded one: a resumed run with seed -1
+    goes on with it, so the rest of its epoch keeps its order. None when there is none (the preflight then says
+    what is wrong with resume_state, if anything)."""
+    if not cfg.resume_state:
+        return None
+    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+    try:
+        setup = read_trainer_state(find_training_state(cfg.resume_state, search)).setup
+    except (UserError, OSError, ValueError, TypeError):
+        return None
+    return setup.seed if setup else None
+
+
+def find_last_model(search: list[Path]) -> Path | None:
+    """The newest complete saved model under the `search` folders: a diffusers folder (its model_index.json),
+    not an EMA twin, not a partial save (hidden; saves appear whole, trainer/checkpoints.py)."""
+    found = [index.parent for folder in search if folder.is_dir() for index in folder.rglob("model_index.json")
+             if not any(part.startswith(".") for part in index.relative_to(folder).parts)
+             and not index.parent.name.endswith("-ema")]
+    return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime_ns, default=None)
 
 
 def run_dir_path(cfg: TrainConfig) -> Path:
@@ -98,13 +143,14 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     def attempt(check, *args):
         try:
             return check(*args)
-        except (UserError, DataError) as err:
-            problems.append(str(err))
+        except (UserError, DataError) as err:  # a file's several problems are listed one by one
+            problems.extend(err.problems if isinstance(err, ProblemsError) else [str(err)])
             return None
 
     scan = attempt(scan_data_root, Path(cfg.data_root), cfg.resolution)
-    split = attempt(validation_items, DataOptions.from_config(cfg), scan) if scan else None
-    train_scan, validation = split or (scan, [])
+    validation_plan = attempt(plan_validation, cfg, notices)
+    split = attempt(held_out_sets, cfg, validation_plan, scan) if scan and validation_plan else None
+    train_scan, validation = split or (scan, {})
     save_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
     unplaceable = place_problems(cfg, run_dir, save_dir)
     problems += unplaceable
@@ -114,11 +160,15 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
         notices += [notice] if notice else []
         problem = place_problem(cache_dir, "latent_cache_dir") if cfg.latent_cache_dir else None
         problems += [problem] if problem else []
+    problems += model_source_problems(cfg)
     plan = attempt(plan_optimizers, cfg, notices)
-    prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else []
+    prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else None
     problems += missing_packages(cfg)
     steps_per_epoch, total_steps = (count_steps(batches_per_epoch(train_scan.items, cfg.batch_size * num_processes),
                                                 cfg) if train_scan else (0, 0))
+    if train_scan and not total_steps:
+        problems.append(f"data_root {cfg.data_root}: no image would be trained, since every image has multiply 0 in "
+                        "its folder or image settings; give some images a multiply > 0.")
     if plan is not None and not unplaceable:
         problems += room_problems(cfg, save_dir, plan)
     resume = attempt(plan_resume, cfg, plan, total_steps, cfg.batch_size * num_processes, notices) \
@@ -126,7 +176,14 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     if problems:
         raise ProblemsError(problems)
     return Preflight(train_scan, validation, run_dir, save_dir, cache_dir, steps_per_epoch, total_steps, plan,
-                     prompts or [], resume, notices)
+                     prompts, resume, validation_plan, notices)
+
+
+def held_out_sets(cfg: TrainConfig, plan: ValidationPlan, scan: Scan) -> tuple[Scan, dict[str, list[ImageItem]]]:
+    """The training images, and each validation set of the plan, scanned (and the main one held out)."""
+    seed = cfg.seed if plan.seed is None else plan.seed
+    return validation_sets(scan, cfg.resolution, seed, plan.split, plan.data_root, plan.extra, plan.stabilize,
+                           names=plan.folder_role, split_key=plan.split_key)
 
 
 def place_problems(cfg: TrainConfig, run_dir: Path, save_dir: Path) -> list[str]:
@@ -141,6 +198,16 @@ def place_problems(cfg: TrainConfig, run_dir: Path, save_dir: Path) -> list[str]
         problem = place_problem(folder, role)
         problems += [problem] if problem else []
     return problems
+
+
+def model_source_problems(cfg: TrainConfig) -> list[str]:
+    """resume_ckpt, when it can be nothing: no folder or file here, no name in ckpt_cache/, and no Hub repo id
+    (one with no '/' cannot be). Said now, not after the wait for torch and the model load."""
+    given = Path(cfg.resume_ckpt).expanduser()
+    cached = cache_entry(cfg.resume_ckpt)
+    if given.exists() or cached.exists() or parse_repo_id(cfg.resume_ckpt):
+        return []
+    return [not_found_message(cfg.resume_ckpt, given, cached)]
 
 
 def missing_packages(cfg: TrainConfig) -> list[str]:
@@ -175,7 +242,7 @@ def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
         return []
     needed = footprint.save_bytes(size, half=not cfg.save_full_precision, single_file=cfg.save_single_file,
                                   ema=cfg.ema_decay_rate is not None, training_state=cfg.save_optimizer,
-                                  optimizer=plan.unet.optimizer)
+                                  optimizer=plan.label)
     free = free_bytes(save_dir)
     if free >= needed:
         return []
@@ -193,9 +260,11 @@ def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, famil
                   architecture: str = "") -> TrainingSetup:
     trained = ("unet",) if cfg.disable_textenc_training else ("unet", "text_encoder")
     lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
-    return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.unet.optimizer,
-                         cfg.ema_decay_rate is not None, lr, plan.lr_scheduler, plan.lr_warmup_steps, total_steps,
-                         cfg.grad_accum)
+    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule}
+    return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.label,
+                         cfg.ema_decay_rate is not None, lr, plan.unet_schedule.name, plan.unet_schedule.warmup_steps,
+                         total_steps, cfg.grad_accum, schedules={group: schedules[group].record() for group in lr},
+                         seed=cfg.seed)
 
 
 def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,
@@ -250,14 +319,30 @@ def check_resume_fits_model(resume: ResumePlan | None, family: str, architecture
 # ---------------------------------------------------------------- the dry run
 
 
+def optimizer_line(plan: OptimizerPlan, total_steps: int) -> str:
+    """The optimizer plan in one line: each trained model's optimizer, rate and schedule."""
+    def one(settings, schedule) -> str:
+        warmup, decay = schedule.resolved(total_steps)
+        # diffusers' constant schedule has no warmup (a warmup set with it is said to do nothing)
+        shape = f"{schedule.name} (warmup {warmup}, decay over {decay} steps)" if schedule.name != "constant" \
+            else "constant"
+        return f"{settings.optimizer} lr {settings.lr:g}, {shape}"
+
+    models = [("UNet", plan.unet, plan.unet_schedule)]
+    if plan.train_text_encoder:
+        models.append(("text encoder", plan.text_encoder, plan.text_encoder_schedule))
+    kind = "one optimizer per model" if plan.separate else "one optimizer"
+    return f"Dry run: {kind}: " + "; ".join(f"{who} {one(s, schedule)}" for who, s, schedule in models) + "."
+
+
 def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -> list[str]:
     """What `--dry_run` prints: the data plan and where the run would write."""
-    from data.schedule import epoch_items
+    from data.schedule import batches_per_bucket, epoch_items
 
     lines = preflight.scan.report()
     per_bucket = epoch_items(preflight.scan.items, cfg.seed, 0)
     batch = cfg.batch_size * num_processes
-    batches = {bucket: math.ceil(len(rows) / batch) for bucket, rows in sorted(per_bucket.items())}
+    batches = dict(sorted(batches_per_bucket(preflight.scan.items, batch).items()))  # batch_id groups apart
     samples = sum(len(rows) for rows in per_bucket.values())
     lines.append("Data: per epoch, images (with repeats) / batches per bucket: "
                  + ", ".join(f"{b} {len(per_bucket[b])}/{n}" for b, n in batches.items()))
@@ -268,6 +353,22 @@ def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -
     )
     lines.append(f"Dry run: the run folder would be {preflight.run_dir}, saves in {preflight.save_dir}"
                  + (f", the latent cache in {preflight.cache_dir}" if preflight.cache_dir else "") + ".")
+    lines.append(optimizer_line(preflight.optimizer, preflight.total_steps))
+    plan = preflight.validation_plan
+    if preflight.validation:
+        sets = ", ".join(f"{name} {len(items)} images" for name, items in preflight.validation.items())
+        first = plan.steps_in_epoch(1, preflight.steps_per_epoch)
+        when = (f"after steps {', '.join(map(str, first))} of each epoch" if plan.every_n_epochs < 1 else
+                f"at the end of every {plan.every_n_epochs:g} epoch(s)")
+        lines.append(f"Dry run: validation sets: {sets}; measured {when}, and at the end.")
+    if preflight.prompts:
+        prompts = preflight.prompts
+        requests = prompts.requests(cfg.batch_size)
+        images = sum(len(r.cfgs) for r in requests)
+        what = "random training caption(s)" if not prompts.samples else "sample prompt(s)"
+        lines.append(f"Dry run: {len(requests)} {what} ({images} images with their cfgs) every "
+                     f"{prompts.every(cfg.sample_steps)} steps and at the end, scheduler "
+                     f"{prompts.scheduler or 'of the model'}.")
     if preflight.resume:
         lines.append(f"Dry run: would resume from {preflight.resume.state_dir} at step "
                      f"{preflight.resume.saved.global_step}.")

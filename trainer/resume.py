@@ -7,8 +7,8 @@ EMA) plus `trainer_state.json`, which holds the loop's position and the setup it
 - what a state can only continue with (the model's architecture, which modules train, the text-encoder
   freezing, the optimizer, EMA on or off) must match, or the resume is refused naming what differs and how to
   go on (a save's folder is also a model: `--resume_ckpt <save>` starts anew from its weights);
-- what may change (learning rates, betas, weight decay, the LR schedule and warmup, max_epochs/max_steps, the
-  global batch, grad_accum) is honoured and said in one line;
+- what may change (learning rates, betas, weight decay, each model's LR schedule, warmup and decay steps,
+  max_epochs/max_steps, the global batch, grad_accum) is honoured and said in one line;
 - a state that has nothing left to train under this config is refused rather than ending at once with exit 0.
 
 The checks that need only the config run in the preflight, before any model loads; the architecture check runs
@@ -29,7 +29,9 @@ from trainer.errors import UserError
 STATE_DIR = "training_state"
 STATE_FILE = "trainer_state.json"
 # Keys of an optimizer's param groups that the config sets; the rest (Prodigy's d, ...) is the optimizer's state.
-CONFIGURED_GROUP_KEYS = ("initial_lr", "betas", "eps", "weight_decay")
+CONFIGURED_GROUP_KEYS = ("initial_lr", "betas", "eps", "weight_decay", "momentum", "growth_rate", "weight_decouple",
+                         "safeguard_warmup")
+SCHEDULE_KEYS = ("lr_scheduler", "lr_warmup_steps", "lr_decay_steps")
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,16 @@ class TrainingSetup:
     family: str
     architecture: str  # a hash of every UNet and text-encoder parameter's name and shape
     trained: tuple[str, ...]
-    freezing: dict[str, Any]
-    optimizer: str
+    freezing: dict[str, Any]  # trainer/optim.py TextEncoderFreezing as a dict
+    optimizer: str  # its name, or 'unet_name+text_encoder_name' when each model has its own (optim.OptimizerPlan.label)
     ema: bool
     lr: dict[str, float]  # per parameter group
-    lr_scheduler: str
+    lr_scheduler: str  # the UNet's (older states: the one schedule of both)
     lr_warmup_steps: int | None
     total_steps: int
     grad_accum: int
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per group: SCHEDULE_KEYS; {}: older state
+    seed: int | None = None  # the run's seed (a -1 resolved); None: an older state
 
     FIXED = ("trained", "freezing", "optimizer", "ema")  # checked from the config alone (preflight)
 
@@ -69,8 +73,21 @@ class TrainerState:
         data = json.loads(text)
         setup = data.pop("setup", None)
         if setup is not None:
-            setup = TrainingSetup(**{**setup, "trained": tuple(setup["trained"])})
+            setup = TrainingSetup(**{**setup, "trained": tuple(setup["trained"]),
+                                     "freezing": upgraded_freezing(setup["freezing"])})
         return cls(**data, setup=setup)
+
+
+def upgraded_freezing(freezing: dict[str, Any]) -> dict[str, Any]:
+    """A state's text-encoder freezing as this version records it. States saved before unfreeze_last_n_layers
+    recorded freeze_front_n_layers (negative: all but the last n) and an explicit freeze_embeddings."""
+    if "unfreeze_last_n_layers" in freezing:
+        return freezing
+    front = freezing.get("freeze_front_n_layers")
+    return {"unfreeze_last_n_layers": -front if front is not None and front < 0 else None,
+            "freeze_front_n_layers": front if front is not None and front > 0 else None,
+            "freeze_embeddings": bool(freezing.get("freeze_embeddings")),
+            "freeze_final_layer_norm": bool(freezing.get("freeze_final_layer_norm"))}
 
 
 def architecture_hash(*modules) -> str:
@@ -138,13 +155,38 @@ def honoured_changes(saved: TrainingSetup, current: TrainingSetup, saved_batch: 
     """The settings that changed and will be honoured, as 'what saved -> now'."""
     changes = [f"lr ({group}) {saved.lr[group]:g} -> {lr:g}" for group, lr in current.lr.items()
                if group in saved.lr and saved.lr[group] != lr]
-    for key in ("lr_scheduler", "lr_warmup_steps", "total_steps", "grad_accum"):
-        if getattr(saved, key) != getattr(current, key):
+    changes += schedule_changes(saved, current)
+    for key in ("total_steps", "grad_accum", "seed"):
+        if getattr(saved, key) not in (None, getattr(current, key)):
             changes.append(f"{key} {_shown(getattr(saved, key))} -> {_shown(getattr(current, key))}")
+    if saved.seed not in (None, current.seed):
+        changes[-1] += " (the rest of the data order and noise follow the new seed)"
     if saved_batch and saved_batch != batch:
         changes.append(f"global batch {saved_batch} -> {batch} samples (the epoch in progress is re-planned in the "
                        "new batches and goes on after the samples already trained)")
     return changes
+
+
+def schedule_changes(saved: TrainingSetup, current: TrainingSetup) -> list[str]:
+    """Each schedule setting that changed, named once when it changed alike for every group, else per group."""
+    def of(setup: TrainingSetup, group: str) -> dict[str, Any]:
+        legacy = {"lr_scheduler": setup.lr_scheduler, "lr_warmup_steps": setup.lr_warmup_steps, "lr_decay_steps": None}
+        return setup.schedules.get(group, legacy)  # older states: one schedule drove every group
+
+    changes = []
+    for key in SCHEDULE_KEYS:
+        moved = {group: (of(saved, group)[key], of(current, group)[key]) for group in current.lr}
+        moved = {group: pair for group, pair in moved.items() if pair[0] != pair[1]}
+        if len(set(moved.values())) == 1 and len(moved) == len(current.lr):
+            then, now = next(iter(moved.values()))
+            changes.append(f"{key} {_setting(then)} -> {_setting(now)}")
+        else:
+            changes += [f"{key} ({group}) {_setting(then)} -> {_setting(now)}" for group, (then, now) in moved.items()]
+    return changes
+
+
+def _setting(value: Any) -> str:
+    return "default" if value is None else _shown(value)
 
 
 def _comparable(value: Any) -> Any:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    GradScalerKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -23,9 +29,16 @@ from trainer.errors import UserError
 from trainer.guard import WeightGuard
 from trainer.models import ModelInfo, SDModels
 from trainer.objective import Objective, zero_terminal_snr_schedulers
-from trainer.optim import build_lr_scheduler, build_optimizer, freeze_text_encoder_parts
+from trainer.optim import OptimizerPlan
+from trainer.optim_build import (
+    GRAD_SCALER_START,
+    build_lr_scheduler,
+    build_optimizer,
+    freeze_text_encoder_parts,
+    tweak_grad_scaler,
+)
 from trainer.preflight import Preflight, count_steps, current_setup
-from trainer.prompts import SamplePrompt
+from trainer.prompts import SampleSettings
 from trainer.resume import (
     TrainerState,
     TrainingSetup,
@@ -37,6 +50,7 @@ from trainer.resume import (
 )
 from trainer.sampling import sd_pipeline
 from trainer.stops import StopRequest
+from trainer.validation_plan import ValidationPlan
 
 
 @dataclass
@@ -54,8 +68,9 @@ class Run:
     sample_scheduler: SchedulerMixin  # the model's own inference scheduler, saved with it
     info: ModelInfo
     trained: list[torch.nn.Module]
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
+    optimizer: torch.optim.Optimizer  # one, or one per model chained into one (optim_build.ChainedOptimizer)
+    lr_scheduler: object  # each parameter group's own schedule
+    plan: OptimizerPlan
     loader: torch.utils.data.DataLoader
     data: TrainingData
     objective: Objective
@@ -65,8 +80,10 @@ class Run:
     guard: WeightGuard
     setup: TrainingSetup  # recorded with every training state, checked on resume
     owner: str  # the main process's owner tag: every process writes a save's parts into one partial folder
-    prompts: list[SamplePrompt] = field(default_factory=list)
-    validation: list = field(default_factory=list)  # fixed validation batches
+    prompts: SampleSettings | None = None  # None: no sample_prompts
+    validation: dict = field(default_factory=dict)  # set name -> fixed validation batches
+    validation_plan: ValidationPlan = field(default_factory=ValidationPlan)  # when validation runs
+    steps_per_epoch: int = 1
     emas: list = field(default_factory=list)  # (EMAModel, module) pairs
     stop: StopRequest = field(default_factory=StopRequest)
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
@@ -85,8 +102,12 @@ class Run:
         return step % self.cfg.log_step == 0 or step == self.total_steps
 
 
-def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path) -> Accelerator:
+def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path,
+                     grad_scaler_tweaks: bool = False) -> Accelerator:
+    """`grad_scaler_tweaks`: start fp16's grad scaler as EveryDream2 does (optim_build.GRAD_SCALER_START); the
+    other precisions have no scaler."""
     trackers = ["tensorboard"] + (["wandb"] if cfg.wandb else [])
+    scaler = [GradScalerKwargs(**GRAD_SCALER_START)] if grad_scaler_tweaks and precision == "fp16" else []
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -97,7 +118,7 @@ def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path) -> Acceler
         # also makes accelerate step the LR schedule once per optimizer step whatever the process count.
         dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
         # clip_skip >= 2 leaves the text encoder's last layers out of the graph; DDP must be told to expect that
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.clip_skip > 1)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.clip_skip > 1), *scaler],
     )
 
 
@@ -118,7 +139,9 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, fre
         models.text_encoder.to(device)
     else:
         models.text_encoder.train()
-        freeze_text_encoder_parts(models.text_encoder, freezing)
+        frozen = freeze_text_encoder_parts(models.text_encoder, freezing)
+        if frozen:
+            say(frozen)
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if not cfg.disable_textenc_training:
@@ -178,9 +201,9 @@ def ema_weights(run: Run):
 def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path, preflight: Preflight,
                 precision: str) -> Run:
     """Accelerator, frozen/trained modules, optimizer, LR schedule, EMA and the guard, all prepared."""
-    accelerator = make_accelerator(cfg, precision, run_dir)
-    set_seed(cfg.seed)
     plan = preflight.optimizer
+    accelerator = make_accelerator(cfg, precision, run_dir, plan.grad_scaler_tweaks)
+    set_seed(cfg.seed)
     unet = set_up_modules(cfg, models, accelerator.device, plan.freezing)
     noise_scheduler, sample_scheduler = schedulers(cfg, models)
     train_text_encoder = not cfg.disable_textenc_training
@@ -194,20 +217,21 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         cfg, accelerator, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
         vae=models.vae, tokenizer=models.tokenizer, noise_scheduler=noise_scheduler,
         sample_scheduler=sample_scheduler, info=models.info, trained=trained, optimizer=optimizer,
-        lr_scheduler=lr_scheduler, loader=loader, data=data, objective=Objective.from_config(cfg),
+        lr_scheduler=lr_scheduler, plan=plan, loader=loader, data=data, objective=Objective.from_config(cfg),
         total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
         guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
                           half_saves=not cfg.save_full_precision, device=accelerator.device),
         setup=current_setup(cfg, plan, total_steps, models.info.family,
                             architecture_hash(models.unet, models.text_encoder)),
         owner=owner, prompts=preflight.prompts, validation=data.validation,
+        validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
     say(f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
-        f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.unet.optimizer}, "
+        f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.describe()}, "
         f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}.")
     return run
 
@@ -223,6 +247,8 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
     state_dir = preflight.resume.state_dir
     saved = load_training_state(run.accelerator, state_dir)
     restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
+    if run.plan.grad_scaler_tweaks:  # a state saved without them has the scaler's plain settings
+        tweak_grad_scaler(run.accelerator.scaler, saved.global_step, catch_up=True)
     state = continue_position(saved, batch_samples)
     run.last_save, run.last_state = state_dir.parent, state_dir
     say(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
