@@ -73,6 +73,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     from trainer.models import load_models
     from trainer.precision import component_dtypes, training_precision
     from trainer.preflight import check_model_fits, resolve_find_last, run_dir_path, run_preflight
+    from trainer.setup import refuse_sharding_without_accelerators
 
     # One process, or one per device under `accelerate launch` (docs/DISTRIBUTED.md). What a process would pick
     # alone (the seed for -1, the run folder's time stamp) all take from the main process; what goes into shared
@@ -80,6 +81,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     # process writes first, and the others then only read it.
     processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # read as Accelerator reads it
     configure_console(main=processes.is_main_process)
+    refuse_sharding_without_accelerators()
     # every process resolves findlast (a missing save stops them all); the main process's answers count
     cfg, run_dir = broadcast_object_list([resolve_find_last(pick_seed(cfg, say)), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model

@@ -102,6 +102,20 @@ class Run:
         return step % self.cfg.log_step == 0 or step == self.total_steps
 
 
+def refuse_sharding_without_accelerators() -> None:
+    """An FSDP launch (docs/accelerate/fsdp.yaml) on a machine without GPUs: accelerate cannot build its FSDP
+    plugin there. Said in one line with accelerate's reason, before any model loads."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return
+    try:
+        FullyShardedDataParallelPlugin()
+    except RuntimeError as err:
+        raise UserError(f"FSDP needs GPUs (or other accelerators); accelerate says: {err} On CPUs, launch with "
+                        "--multi_gpu (DDP; ACCELERATE_USE_CPU=1), which trains the same (docs/DISTRIBUTED.md).") from None
+
+
 def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path,
                      grad_scaler_tweaks: bool = False) -> Accelerator:
     """`grad_scaler_tweaks`: start fp16's grad scaler as EveryDream2 does (optim_build.GRAD_SCALER_START); the
