@@ -24,6 +24,14 @@ def validate(cfg: TrainConfig) -> Problems:
     return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg)]
 
 
+def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
+    """An optional file (or folder) the config names, when it is named and not there."""
+    path = getattr(cfg, key)
+    if path is None or (Path(path).is_dir() if folder else Path(path).is_file()):
+        return []
+    return [(key, expected + windows_path_hint(path))]
+
+
 def _model_and_data(cfg: TrainConfig) -> Problems:
     bad: Problems = []
     if not cfg.resume_ckpt.strip():
@@ -46,14 +54,10 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
     bad += [(key, "an integer >= 0") for key in ("keep_tags", "num_workers") if getattr(cfg, key) < 0]
     if not 0 <= cfg.validation_split < 1:
         bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
-    if cfg.validation_data_root is not None and not Path(cfg.validation_data_root).is_dir():
-        bad.append(("validation_data_root", "an existing folder of validation images, or null"
-                    + windows_path_hint(cfg.validation_data_root)))
+    bad += _missing(cfg, "validation_data_root", "an existing folder of validation images, or null", folder=True)
     if not cfg.validation_every_n_epochs > 0:
         bad.append(("validation_every_n_epochs", "a number of epochs > 0, such as 1, 2 or 0.5 (twice an epoch)"))
-    if cfg.validation_config is not None and not Path(cfg.validation_config).is_file():
-        bad.append(("validation_config", "the path of an existing validation json (EveryDream2's), or null"
-                    + windows_path_hint(cfg.validation_config)))
+    bad += _missing(cfg, "validation_config", "the path of an existing validation json (EveryDream2's), or null")
     return bad
 
 
@@ -70,9 +74,7 @@ def _schedule(cfg: TrainConfig) -> Problems:
         bad.append(("lr", "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"))
     if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
         bad.append(("clip_grad_norm", "a norm > 0, or null for no clipping"))
-    if cfg.optimizer_config is not None and not Path(cfg.optimizer_config).is_file():
-        bad.append(("optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)"
-                    + windows_path_hint(cfg.optimizer_config)))
+    bad += _missing(cfg, "optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
     if cfg.gpuid is not None and cfg.gpuid < 0:
         bad.append(("gpuid", "a GPU index >= 0 (nvidia-smi lists them), or null"))
     if cfg.seed < -1:
@@ -110,9 +112,7 @@ def _outputs(cfg: TrainConfig) -> Problems:
     if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
         bad.append(("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null"))
     bad += [(key, "an integer >= 1") for key in ("ema_update_interval", "sample_steps") if getattr(cfg, key) < 1]
-    if cfg.sample_prompts is not None and not Path(cfg.sample_prompts).is_file():
-        bad.append(("sample_prompts", "the path of an existing .txt or .json file of prompts, or null"
-                    + windows_path_hint(cfg.sample_prompts)))
+    bad += _missing(cfg, "sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
     if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
         bad.append(("resume_state", "a saved training state folder, 'findlast', or null"))
     for key in ("project_name", "run_name"):
