@@ -50,11 +50,21 @@ def choose_gpu(cfg: TrainConfig) -> None:
     say(f"Config: gpuid {cfg.gpuid}: training on that GPU (CUDA_VISIBLE_DEVICES={cfg.gpuid}).")
 
 
+def fit_to_device(cfg: TrainConfig, processes: int) -> TrainConfig:
+    """The config's per-device `null`/`auto` settings made concrete for this machine, and said."""
+    from trainer.device_defaults import Device, resolve
+
+    cfg, lines = resolve(cfg, Device.here(processes))
+    for line in lines:
+        say(line)
+    return cfg
+
+
 def dry_run(cfg: TrainConfig) -> int:
     """The preflight and the data plan only: no model is loaded and diffusers is never imported."""
     from trainer.preflight import plan_lines, resolve_find_last, run_dir_path, run_preflight
 
-    cfg = resolve_find_last(pick_seed(cfg, say))
+    cfg = fit_to_device(resolve_find_last(pick_seed(cfg, say)), processes=1)
     preflight = run_preflight(cfg, run_dir_path(cfg))
     for line in [*preflight.notices, *plan_lines(cfg, preflight), "Preflight: every check passed."]:
         say(line)
@@ -83,6 +93,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     configure_console(main=processes.is_main_process)
     refuse_sharding_without_accelerators()
     # every process resolves findlast (a missing save stops them all); the main process's answers count
+    cfg = fit_to_device(cfg, processes.num_processes)
     cfg, run_dir = broadcast_object_list([resolve_find_last(pick_seed(cfg, say)), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model
     for notice in preflight.notices:

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from data.dataset import build_dataloader, build_training_data  # noqa: E402
 from data.options import DataOptions  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.device_defaults import for_this_machine  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
 from trainer.preflight import run_preflight  # noqa: E402
@@ -94,13 +95,13 @@ def main() -> None:
         tmp = Path(tmp)
         model_dir = save_tiny_model(tmp / "model", "sd1")
         data = make_shapes_dataset(tmp / "data", images_per_concept=args.images // 2, size=args.resolution)
-        base = dataclasses.replace(
+        base = for_this_machine(dataclasses.replace(
             TrainConfig(), data_root=str(data), resolution=args.resolution, batch_size=args.batch_size, max_epochs=3,
             # num_workers 0: all data work happens in this process, so its CPU time counts it; on a shared
             # machine CPU-seconds are steadier than wall time
             mixed_precision="no", gradient_checkpointing=False, num_workers=0, logdir=str(tmp / "logs"),
             latent_cache_dir=str(tmp / "cache"), save_ckpt_dir=str(tmp / "saves"),
-        )
+        ))
         modes = {
             "cache off": dataclasses.replace(base, cache_latents=False),
             "cache on, 1st run": base,

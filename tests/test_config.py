@@ -102,7 +102,7 @@ def test_every_problem_reported_together(tmp_path: Path, data_root: Path):
     assert "lr: got 'fast' (from " in text and "expected float" in text
     assert "batch_size: got -1 (from command line); expected an integer >= 1." in text
     assert "resolution: got 500 (from command line); expected a multiple of 64" in text
-    assert 'mixed_precision: got \'fp8\' (from command line); expected "no" | "fp16" | "bf16".' in text
+    assert 'mixed_precision: got \'fp8\' (from command line); expected "auto" | "no" | "fp16" | "bf16".' in text
     assert "max_epochs: got 'two' (from command line); expected int." in text
 
 
@@ -157,7 +157,7 @@ def test_help_lists_every_key_with_type_and_default():
     for name, f in FIELDS.items():
         assert f"--{name} " in text
     assert "--resolution INT" in text and "(default: 512)" in text
-    assert "--mixed_precision {no,fp16,bf16}" in text
+    assert "--mixed_precision {auto,no,fp16,bf16}" in text
 
 
 def run_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:

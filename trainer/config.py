@@ -25,7 +25,7 @@ from trainer.config_checks import validate
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "train.json"
 
-MixedPrecision = Literal["no", "fp16", "bf16"]
+MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
 LossType = Literal["mse", "huber", "smooth_l1", "mse_huber", "huber_mse"]
 AttnType = Literal["sdp", "xformers"]
 EmaDevice = Literal["gpu", "cpu"]
@@ -88,7 +88,10 @@ class TrainConfig:
     shuffle_tags: bool = _key(False, "Shuffle a caption's comma-separated tags each step, keeping the first chunk.")
     keep_tags: int = _key(0, "With shuffle_tags: also keep this many tags after the first chunk in place.")
     cond_dropout: float = _key(0.04, "Probability of training a step's image on the empty caption (for CFG).")
-    num_workers: int = _key(2, "DataLoader worker processes preparing batches ahead; 0: load in the main process.")
+    num_workers: int | None = _key(
+        None, "DataLoader worker processes preparing batches ahead; 0: load in the main process. null: chosen for the "
+        "device: 0 on a CPU (the training step uses every core), else up to 8 per process, one core left free."
+    )
     cache_latents: bool = _key(True, "Encode each image once with the frozen VAE and reuse the latents from disk.")
     latent_cache_dir: str | None = _key(None, "Folder of cached latents; null: <data_root>/.latent_cache.")
     dry_run: bool = _key(False, "Scan data_root, print buckets, skipped files and steps per epoch, and exit.")
@@ -101,11 +104,34 @@ class TrainConfig:
         None, "EveryDream2's validation json (split, folders, extra sets, stabilized train loss); wins over the above."
     )
     disable_textenc_training: bool = _key(False, "Freeze the text encoder and train only the UNet.")
-    gradient_checkpointing: bool = _key(True, "Recompute activations in backward: much less memory, ~20% slower.")
+    gradient_checkpointing: bool | None = _key(
+        None, "Recompute activations in backward: much less memory, ~20% slower. null: on for a GPU, off on a CPU "
+        "(there memory is rarely the limit and the recomputation costs ~18% a step)."
+    )
     attn_type: AttnType = _key("sdp", "Attention kernel: sdp (PyTorch SDPA) or xformers (needs the xformers package).")
-    torch_compile: bool = _key(False, "torch.compile the UNet: faster steps after a slow first one (CUDA).")
+    torch_compile: bool = _key(
+        False, "torch.compile each of the UNet's blocks (regional compilation): faster steps after slower first ones."
+    )
+    channels_last: bool | None = _key(
+        None, "Hold the UNet and its inputs in channels-last memory format (faster convolutions on tensor cores). "
+        "null: on for a CUDA GPU, off on a CPU."
+    )
     mixed_precision: MixedPrecision = _key(
-        "fp16", "Autocast precision on GPU: no, fp16 or bf16 (fp16 on a CPU-only machine falls back to no)."
+        "auto", "Autocast precision: no, fp16 or bf16 (fp16 needs CUDA: elsewhere it falls back to no). auto: bf16 on "
+        "GPUs that have it, else fp16; no (fp32) on a CPU."
+    )
+    text_embedding_cache: bool = _key(
+        True, "With a frozen text encoder, encode each distinct caption once and reuse its embedding (kept on the "
+        "device); off with shuffle_tags, whose captions rarely repeat."
+    )
+    fused_backward: bool = _key(
+        False, "Step each parameter's optimizer as soon as its gradient is ready and free the gradient (OneTrainer's "
+        "fused back pass): no memory for gradients. Not with grad_accum > 1, clip_grad_norm, fp16, several "
+        "processes, or optimizers that look at all parameters at once (prodigy, dadapt_*)."
+    )
+    vram_gb: float | None = _key(
+        None, "Memory per device to plan for, in GiB: the dry run's memory plan says which settings to change when "
+        "the run would not fit. null: the GPU's own memory (no check on a CPU)."
     )
     # the objective (trainer/objective.py documents each formula and its paper)
     min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")

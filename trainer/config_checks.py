@@ -51,7 +51,10 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
         bad.append(("flip_p", "a probability from 0 to 1"))
     if not 0.0 <= cfg.cond_dropout <= 1.0:
         bad.append(("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)"))
-    bad += [(key, "an integer >= 0") for key in ("keep_tags", "num_workers") if getattr(cfg, key) < 0]
+    if cfg.keep_tags < 0:
+        bad.append(("keep_tags", "an integer >= 0"))
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        bad.append(("num_workers", "an integer >= 0, or null (chosen for the device)"))
     if not 0 <= cfg.validation_split < 1:
         bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
     bad += _missing(cfg, "validation_data_root", "an existing folder of validation images, or null", folder=True)
@@ -77,6 +80,8 @@ def _schedule(cfg: TrainConfig) -> Problems:
     bad += _missing(cfg, "optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
     if cfg.gpuid is not None and cfg.gpuid < 0:
         bad.append(("gpuid", "a GPU index >= 0 (nvidia-smi lists them), or null"))
+    if cfg.vram_gb is not None and not cfg.vram_gb > 0:
+        bad.append(("vram_gb", "GiB of memory per device > 0, such as 8 or 24, or null (the GPU's own)"))
     if cfg.seed < -1:
         bad.append(("seed", "an integer >= 0, or -1 for a random seed"))
     return bad

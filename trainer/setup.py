@@ -25,6 +25,7 @@ from common.console import say
 from common.files import owner_tag
 from data.dataset import TrainingData
 from trainer.config import TrainConfig
+from trainer.device_defaults import require_resolved
 from trainer.errors import UserError
 from trainer.guard import WeightGuard
 from trainer.models import ModelInfo, SDModels
@@ -215,6 +216,7 @@ def ema_weights(run: Run):
 def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path, preflight: Preflight,
                 precision: str) -> Run:
     """Accelerator, frozen/trained modules, optimizer, LR schedule, EMA and the guard, all prepared."""
+    require_resolved(cfg)
     plan = preflight.optimizer
     accelerator = make_accelerator(cfg, precision, run_dir, plan.grad_scaler_tweaks)
     set_seed(cfg.seed)
