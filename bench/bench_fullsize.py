@@ -9,9 +9,10 @@ process; it prints
 - peak RSS against the floor of that run: trained parameters x (fp32 weight + fp32 gradient + optimizer state
   bytes) + frozen parameters x their bytes (the VAE, fp32 on a CPU);
 - the optimizer state's bytes per trained parameter, read from the saved state (8-bit state: about 2);
-- bytes the process wrote against the size of what it left on disk (1.0: each tensor written once).
+- bytes the process wrote against the size of what it left on disk (1.0: each tensor written once);
+- the peak the run's memory plan predicted (trainer/memory_plan.py), and its ratio to the measured peak.
 
-    python bench/bench_fullsize.py [--keep-dir DIR] [--models sd15 sd21v] [--optimizers adamw adamw8bit]
+    python bench/bench_fullsize.py [--keep-dir DIR] [--models sd15 sd21v] [--optimizers adamw adamw8bit adamw8bit+fused]
 
 About 2-3 minutes and up to 17 GiB of memory per run on 2 CPU cores.
 """
@@ -64,14 +65,17 @@ def make_checkpoint(name: str, path: Path) -> None:
         shutil.copyfile(REPO_ROOT / yaml, path.with_suffix(".yaml"))
 
 
-def train_once(work: Path, checkpoint: Path, optimizer: str, data: Path) -> dict:
-    """One `python train.py` process: its wall time, peak RSS, bytes written, and what it saved."""
-    run = f"{checkpoint.stem}-{optimizer}"
+def train_once(work: Path, checkpoint: Path, variant: str, data: Path) -> dict:
+    """One `python train.py` process: its wall time, peak RSS, bytes written, what it saved, and the peak its
+    memory plan predicted. `variant`: an optimizer name, with "+fused" for fused_backward."""
+    optimizer, fused = variant.removesuffix("+fused"), variant.endswith("+fused")
+    run = f"{checkpoint.stem}-{variant.replace('+', '-')}"
     shutil.rmtree(work / "logs" / run, ignore_errors=True)  # a kept work folder's earlier run (and its saves)
     argv = [sys.executable, str(REPO_ROOT / "train.py"), "--resume_ckpt", str(checkpoint), "--data_root", str(data),
             "--resolution", "64", "--batch_size", "1", "--max_steps", "2", "--optimizer", optimizer,
             "--gradient_checkpointing", "false", "--save_optimizer", "--logdir", str(work / "logs"),
-            "--run_name", run, "--latent_cache_dir", str(work / f"cache-{checkpoint.stem}"), "--num_workers", "0"]
+            "--run_name", run, "--latent_cache_dir", str(work / f"cache-{checkpoint.stem}"), "--num_workers", "0",
+            "--fused_backward", str(fused).lower()]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -80,8 +84,10 @@ def train_once(work: Path, checkpoint: Path, optimizer: str, data: Path) -> dict
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"train.py with {checkpoint.name}, {optimizer} failed:\n{out[-3000:]}")
     saved = [Path(line.split("Saved model: ", 1)[1].strip()) for line in out.splitlines() if "Saved model: " in line]
+    plan = next(line for line in out.splitlines() if line.startswith("Memory plan ("))
     return {"wall": time.perf_counter() - start, "peak": usage.ru_maxrss * 1024, "written": usage.ru_oublock * 512,
-            "save": saved[-1], "run_dir": work / "logs" / run, "latent_cache": work / f"cache-{checkpoint.stem}"}
+            "save": saved[-1], "run_dir": work / "logs" / run, "latent_cache": work / f"cache-{checkpoint.stem}",
+            "plan": float(plan.split(" GiB peak")[0].rsplit(" ", 1)[1]) * GiB}
 
 
 def folder_bytes(*paths: Path) -> int:
@@ -95,18 +101,21 @@ def report(name: str, optimizer: str, result: dict, cache: Path) -> str:
     counts = footprint.component_numels_in_folder(cache)
     trained, frozen = counts["unet"] + counts["text_encoder"], counts["vae"]
     state = next(result["save"].rglob(STATE_FILE)).stat().st_size / trained
-    floor = trained * (4 + 4 + state) + frozen * 4
+    gradients = 0 if optimizer.endswith("+fused") else 4  # fused_backward never holds the gradients
+    floor = trained * (4 + gradients + state) + frozen * 4
     first = not result.get("reused_cache")  # the first run of a model also converted it and filled the latent cache
     outputs = folder_bytes(result["run_dir"], *([cache, result["latent_cache"]] if first else []))
-    return (f"{name:7}{optimizer:11}{trained / 1e6:9.0f}M{result['peak'] / GiB:9.2f}{floor / GiB:9.2f}"
-            f"{result['peak'] / floor:8.2f}x{state:10.2f}{result['written'] / max(outputs, 1):10.2f}{result['wall']:8.0f}")
+    return (f"{name:7}{optimizer:16}{trained / 1e6:9.0f}M{result['peak'] / GiB:9.2f}{floor / GiB:9.2f}"
+            f"{result['peak'] / floor:8.2f}x{result['plan'] / GiB:9.2f}{result['plan'] / result['peak']:9.2f}"
+            f"{state:10.2f}{result['written'] / max(outputs, 1):10.2f}{result['wall']:8.0f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep-dir", default=None, help="work here and keep the files (default: a temp dir)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--optimizers", nargs="+", default=["adamw", "adamw8bit"])
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "adamw8bit"],
+                        help="optimizer names; NAME+fused trains with fused_backward (e.g. adamw8bit+fused)")
     parser.add_argument("--generate", nargs=2, metavar=("MODEL", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
@@ -139,8 +148,8 @@ def run(work: Path, models: list[str], optimizers: list[str]) -> None:
             result = train_once(work, checkpoint, optimizer, data)
             result["reused_cache"] = index > 0  # the first run converted the file; the others found it converted
             rows.append(report(name, optimizer, result, work / "ckpt_cache" / name))
-    print(f"\n{'model':7}{'optim':11}{'trained':>10}{'peak GiB':>9}{'floor':>9}{'ratio':>9}{'state B/p':>10}"
-          f"{'wr/out':>10}{'wall s':>8}")
+    print(f"\n{'model':7}{'optim':16}{'trained':>10}{'peak GiB':>9}{'floor':>9}{'ratio':>9}{'plan GiB':>9}"
+          f"{'plan/pk':>9}{'state B/p':>10}{'wr/out':>10}{'wall s':>8}")
     print("\n".join(rows))
 
 

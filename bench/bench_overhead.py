@@ -1,15 +1,19 @@
 """Trainer overhead: our training step against a bare PyTorch loop, side by side in one run.
 
-Both train the same model (text encoder and UNet), the same batch size and resolution, with torch's AdamW at
-the same settings. The bare loop is the least a training step can be: fixed latents and token ids already in
-memory, noise, forward, MSE, backward, step. Ours is a real `train()` run (accelerate, the bucket data loader
-reading the latent cache, per-sample noise, the nan check, logging). A step's time is the median interval
-between consecutive UNet forwards after a warm-up, measured by a pre-forward hook in both.
+Ours runs as a user would: the config's defaults, resolved for this machine as train.py resolves them
+(trainer/device_defaults.py: precision, gradient checkpointing, loader workers, channels_last), and the threads'
+wait policy train.py sets; the bench fixes only the model, data, batch size, resolution and step count. Both
+train the same models (text encoder and UNet) with the same resolved precision, checkpointing and memory format,
+and the same optimizer: torch's AdamW with the learning rate ours plans, fused where torch has the kernel, as
+ours builds it (trainer/optim_build.py). The bare loop is the least a training step can be: fixed latents and
+token ids already in memory, noise, forward, MSE, backward, step. Ours is a real `train()` run (accelerate, the
+bucket data loader reading the latent cache, per-sample noise, the divergence guard, logging). A step's time is
+the median interval between consecutive UNet forwards after a warm-up, measured by a pre-forward hook in both.
 
-    python bench/bench_overhead.py [--steps 30] [--batch_size 4]
+    python bench/bench_overhead.py [--steps 30] [--batch_size 4] [--rounds 2]
 
 Models: "tiny" (the test model, 64px) and "small SD-shaped" (SD1's four UNet levels, two resnets per level,
-cross-attention on the first three, at reduced width, 128px). Goal: ours / bare <= 1.05.
+cross-attention on the first three, at reduced width, 128px). Goal: ours / bare <= 1.02.
 
 The last column is the divergence guard's share of our step (trainer/guard.py: the loss and the largest weight
 checked after every optimizer step, on the device): its `after_step` timed alone over the same trained
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -27,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py sets it, before torch loads: both loops share it
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -35,9 +41,13 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from data.dataset import build_training_data  # noqa: E402
 from data.options import DataOptions  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.device_defaults import for_this_machine  # noqa: E402
 from trainer.guard import WeightGuard  # noqa: E402
 from trainer.loop import train  # noqa: E402
 from trainer.models import load_models  # noqa: E402
+from trainer.optim import plan_optimizers  # noqa: E402
+from trainer.optim_build import fused_kernels_fit  # noqa: E402
+from trainer.precision import COMPUTE_DTYPES, component_dtypes, training_precision  # noqa: E402
 from trainer.preflight import run_preflight  # noqa: E402
 from trainer.synthetic import make_shapes_dataset  # noqa: E402
 from trainer.tiny import TEXT_WIDTH, make_tiny_pipeline  # noqa: E402
@@ -74,22 +84,26 @@ def step_times(stamps: list[float]) -> float:
     return statistics.median(intervals)
 
 
-def time_ours(model_dir: Path, data_root: Path, work: Path, args, resolution: int) -> float:
-    cfg = dataclasses.replace(
+def user_config(model_dir: Path, data_root: Path, work: Path, args, resolution: int) -> TrainConfig:
+    """The defaults, resolved for this machine; only what the bench must fix is set."""
+    return for_this_machine(dataclasses.replace(
         TrainConfig(), resume_ckpt=str(model_dir), data_root=str(data_root), resolution=resolution,
-        batch_size=args.batch_size, max_steps=args.steps, max_epochs=10_000, mixed_precision="no",
-        gradient_checkpointing=False, lr=1e-5, log_step=25, sample_steps=10**9, save_single_file=False,
-        logdir=str(work / "logs"), latent_cache_dir=str(work / "cache"), num_workers=args.num_workers,
-    )
+        batch_size=args.batch_size, max_steps=args.steps, logdir=str(work / "logs"),
+        latent_cache_dir=str(work / "cache"),
+    ))
+
+
+def time_ours(cfg: TrainConfig, work: Path) -> float:
     run_dir = work / "run"
     preflight = run_preflight(cfg, run_dir)
-    models = load_models(str(model_dir))
+    precision = training_precision(cfg.mixed_precision)
+    models = load_models(cfg.resume_ckpt, dtypes=component_dtypes(cfg, precision))
     data = build_training_data(DataOptions.from_config(cfg), models.tokenizer, models.vae,
                                cache_dir=preflight.cache_dir, scan=preflight.scan, held_out=preflight.validation)
     stamps: list[float] = []
     models.unet.register_forward_pre_hook(lambda module, inputs: stamps.append(time.perf_counter()))
     run_dir.mkdir(parents=True)
-    train(cfg, models, data, run_dir, preflight, "no")
+    train(cfg, models, data, run_dir, preflight, precision)
     return step_times(stamps)
 
 
@@ -108,24 +122,39 @@ def time_guard(model_dir: Path, calls: int = 50) -> float:
     return statistics.median(times)
 
 
-def time_bare(model_dir: Path, args, resolution: int) -> float:
-    models = load_models(str(model_dir))
-    unet, text_encoder, scheduler = models.unet.train(), models.text_encoder.train(), models.noise_scheduler
+def time_bare(cfg: TrainConfig, lr: float) -> float:
+    """The same models, precision, checkpointing, memory format and optimizer as ours, and nothing else."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = training_precision(cfg.mixed_precision)
+    models = load_models(cfg.resume_ckpt)
+    unet, text_encoder, scheduler = models.unet.to(device), models.text_encoder.to(device), models.noise_scheduler
+    unet.train(), text_encoder.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        text_encoder.activation_checkpointing_enable()
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    unet.to(memory_format=memory_format)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    latent = resolution // 8
-    latents = torch.randn(args.batch_size, 4, latent, latent)
-    input_ids = torch.randint(0, 49408, (args.batch_size, 77))
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused_kernels_fit([{"params": params}], device) or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    latent = cfg.resolution // 8
+    latents = torch.randn(cfg.batch_size, 4, latent, latent, device=device)
+    input_ids = torch.randint(0, 49408, (cfg.batch_size, 77), device=device)
     stamps: list[float] = []
     unet.register_forward_pre_hook(lambda module, inputs: stamps.append(time.perf_counter()))
-    for _ in range(args.steps):
+    for _ in range(cfg.max_steps):
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, 1000, (args.batch_size,))
-        states = text_encoder(input_ids)[0]
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, states).sample
-        F.mse_loss(prediction.float(), noise).backward()
-        optimizer.step()
+        timesteps = torch.randint(0, 1000, (cfg.batch_size,), device=device)
+        with torch.autocast(device.type, COMPUTE_DTYPES[precision], enabled=precision != "no"):
+            states = text_encoder(input_ids)[0]
+            noisy = scheduler.add_noise(latents, noise, timesteps).contiguous(memory_format=memory_format)
+            prediction = unet(noisy, timesteps, states).sample
+        scaler.scale(F.mse_loss(prediction.float(), noise)).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     stamps.append(time.perf_counter())  # bounds the last step like the next step's forward would
     return step_times(stamps)
 
@@ -134,10 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=4)
-    parser.add_argument("--num_workers", type=int, default=0, help="our loader's workers (0: in the main process)")
     parser.add_argument("--models", default="tiny,small")
+    parser.add_argument("--rounds", type=int, default=2, help="ours, then bare, this many times over")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -145,15 +173,21 @@ def main() -> None:
             resolution = 64 if kind == "tiny" else 128
             model_dir = save_model(tmp / f"model-{kind}", kind)
             data_root = make_shapes_dataset(tmp / f"data-{kind}", images_per_concept=8, size=resolution)
-            ours_first = time_ours(model_dir, data_root, tmp / f"ours-{kind}-a", args, resolution)
-            bare = time_bare(model_dir, args, resolution)
-            ours = time_ours(model_dir, data_root, tmp / f"ours-{kind}-b", args, resolution)
-            bare_second = time_bare(model_dir, args, resolution)
-            guard = time_guard(model_dir)
-            # ours, bare, ours, bare: the median of each pair evens out a machine that speeds up or slows down
-            rows.append((kind, resolution, (ours_first + ours) / 2, (bare + bare_second) / 2, guard))
-    print(f"\nTrainer overhead, batch {args.batch_size}, fp32, AdamW, {torch.get_num_threads()} CPU threads, "
-          f"{'CUDA' if torch.cuda.is_available() else 'CPU'}; median step time after {WARMUP} warm-up steps:")
+            configs = [user_config(model_dir, data_root, tmp / f"ours-{kind}-{i}", args, resolution)
+                       for i in range(args.rounds)]
+            lr = plan_optimizers(configs[0]).unet.lr
+            # ours, bare, ours, bare, ...: the median of each side evens out a machine that speeds up or slows down
+            ours, bare = [], []
+            for i, cfg in enumerate(configs):
+                ours.append(time_ours(cfg, tmp / f"ours-{kind}-{i}"))
+                bare.append(time_bare(cfg, lr))
+            rows.append((kind, resolution, statistics.median(ours), statistics.median(bare), time_guard(model_dir)))
+    cfg = configs[0]
+    print(f"\nTrainer overhead, batch {args.batch_size}, as a user runs it on this machine: mixed_precision "
+          f"{cfg.mixed_precision}, gradient_checkpointing {cfg.gradient_checkpointing}, num_workers {cfg.num_workers}, "
+          f"channels_last {cfg.channels_last}, AdamW (fused where torch has it) in both, {torch.get_num_threads()} "
+          f"threads, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, {'CUDA' if torch.cuda.is_available() else 'CPU'}; "
+          f"median step time after {WARMUP} warm-up steps:")
     print(f"{'model':<8} {'px':>4} {'ours ms':>9} {'bare ms':>9} {'ours/bare':>10} {'guard ms':>9} {'guard/ours':>11}")
     for kind, resolution, ours, bare, guard in rows:
         print(f"{kind:<8} {resolution:>4} {ours * 1e3:>9.1f} {bare * 1e3:>9.1f} {ours / bare:>10.3f} "

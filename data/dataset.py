@@ -1,12 +1,18 @@
 """The training DataLoader: scanned images -> per-epoch bucket batches -> tensors the loop takes.
 
 Each batch is one of (all rows share one bucket size H x W, multiples of 64):
-    {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,), "seed": [B ints]}  cache off
-    {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...]}  on
+    {"input_ids": (B, 77), "pixel_values": (B, 3, H, W) in [-1, 1], "loss_weight": (B,), "seed": [B ints],
+     "caption_ids": [B bytes]}  cache off
+    {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...],
+     "caption_ids": [...]}  cache on
 `loss_weight` is 0 for the rows that fill a group's last batch (see data/schedule.py), else the image's
 loss_scale (1 unless its data files set one): trainer/objective.py `compute_loss` multiplies each row's loss by it
 and divides the sum by the batch size. `seed` is each row's `Draw.seed`, from which the objective draws that
-row's noise (trainer/objective.py `row_generators`).
+row's noise (trainer/objective.py `row_generators`). `caption_ids` are the bytes of each row's token ids, kept on
+the host: the key by which a frozen text encoder's states are reused (trainer/text_cache.py). Bytes, not tuples of
+ints: accelerate walks every element of a tuple on its way to the device, 77 per row, each step.
+
+On a CUDA machine batches come in pinned memory, so that their copy to the GPU can be queued without blocking.
 
 With N processes the sampler yields global batches of N x batch_size rows from one bucket and accelerate
 (`split_batches`) gives process i the i-th slice: together the processes train exactly the batches one process
@@ -38,6 +44,10 @@ from data.scan import ImageItem, Scan, own_or_run, scan_data_root
 from data.schedule import Draw, batches_per_epoch, epoch_batches
 from data.workers import ignore_stop_signals
 
+# Captions tokenized once and reused (the tokenizer is the largest part of preparing a row); a bound for shuffled
+# tags, whose captions rarely repeat: ~1 KiB each.
+MAX_TOKENIZED = 65536
+
 
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by `Draw` (from BucketBatchSampler), not by int: a row needs its flip and seed too."""
@@ -57,6 +67,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.keep_tags = options.keep_tags
         self.latents = latents  # (item index, flip) -> cache entry
         self.scaling_factor = scaling_factor
+        self._token_ids: dict[str, torch.Tensor] = {}  # caption -> its token ids (each worker has its own)
 
     def __len__(self) -> int:
         return len(self.items)  # distinct images; an epoch's length (with repeats) is the sampler's
@@ -76,8 +87,16 @@ class TrainDataset(torch.utils.data.Dataset):
         loss_scale = self.items[draw.index].loss_scale
         return draw.weight if loss_scale is None else draw.weight * loss_scale
 
+    def token_ids(self, caption: str) -> torch.Tensor:
+        ids = self._token_ids.get(caption)
+        if ids is None:
+            ids = tokenize_captions(self.tokenizer, [caption])[0]
+            if len(self._token_ids) < MAX_TOKENIZED:
+                self._token_ids[caption] = ids
+        return ids
+
     def __getitem__(self, draw: Draw) -> dict[str, torch.Tensor]:
-        input_ids = tokenize_captions(self.tokenizer, [self.caption(draw)])[0]
+        input_ids = self.token_ids(self.caption(draw))
         row = {"input_ids": input_ids, "loss_weight": torch.tensor(self.loss_weight(draw)), "seed": draw.seed}
         if self.latents is None:
             item = self.items[draw.index]
@@ -91,9 +110,11 @@ class TrainDataset(torch.utils.data.Dataset):
 
 def collate(rows: list[dict]) -> dict:
     """torch's default collation, except that row seeds stay a list of ints: they seed CPU generators, and as a
-    tensor accelerate would move them to the GPU, to be read back (a sync) every step."""
+    tensor accelerate would move them to the GPU, to be read back (a sync) every step. The rows' token ids are
+    also kept on the host, as bytes (`caption_ids`), for the same reason."""
     seeds = [row.pop("seed") for row in rows]
-    return {**torch.utils.data.default_collate(rows), "seed": seeds}
+    caption_ids = [row["input_ids"].numpy().tobytes() for row in rows]
+    return {**torch.utils.data.default_collate(rows), "seed": seeds, "caption_ids": caption_ids}
 
 
 class BucketBatchSampler(torch.utils.data.Sampler[list[Draw]]):

@@ -103,10 +103,11 @@ def test_schedule_does_not_depend_on_workers_or_processes(shapes_dir: Path):
     batches (each process takes half of each) are the one-process loader's batches of twice the size."""
     from data.dataset import build_dataloader
     from trainer.config import TrainConfig
-from trainer.device_defaults import for_this_machine
+    from trainer.device_defaults import for_this_machine
     from convert.tokenizer import clip_tokenizer
 
-    cfg = for_this_machine(dataclasses.replace(TrainConfig(), data_root=str(shapes_dir), resolution=64, cache_latents=False))
+    cfg = for_this_machine(dataclasses.replace(TrainConfig(), data_root=str(shapes_dir), resolution=64,
+                                               cache_latents=False))
 
     def epoch_seeds(batch_size: int, num_workers: int, num_processes: int) -> list[list[int]]:
         loader = build_dataloader(dataclasses.replace(cfg, batch_size=batch_size, num_workers=num_workers),

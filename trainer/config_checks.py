@@ -21,7 +21,7 @@ _NAME_OK = re.compile(r"^[\w.\-]+$")
 
 def validate(cfg: TrainConfig) -> Problems:
     """Impossible values as (key, what is expected instead); empty when the config can run."""
-    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg)]
+    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg)]
 
 
 def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
@@ -125,4 +125,21 @@ def _outputs(cfg: TrainConfig) -> Problems:
         # one folder name: no separators, and never "." or "..", which would write into logdir or its parent
         if name is not None and (not _NAME_OK.match(name) or not name.strip(".")):
             bad.append((key, "a single folder name of letters, digits, '_', '-' and '.' (not '.' or '..')"))
+    return bad
+
+
+def _fused_backward(cfg: TrainConfig) -> Problems:
+    """What a step inside backward cannot do (trainer/fused_backward.py says why)."""
+    if not cfg.fused_backward:
+        return []
+    bad: Problems = []
+    if cfg.grad_accum > 1:
+        bad.append(("grad_accum", "1 with fused_backward (each gradient is used and freed at once: nothing to "
+                                  "accumulate), or turn fused_backward off"))
+    if cfg.clip_grad_norm is not None:
+        bad.append(("clip_grad_norm", "null with fused_backward (clipping needs every gradient before any step), or "
+                                      "turn fused_backward off"))
+    if cfg.mixed_precision == "fp16":
+        bad.append(("mixed_precision", "bf16, no or auto with fused_backward (fp16's loss scaler must see every "
+                                       "gradient before any step), or turn fused_backward off"))
     return bad

@@ -33,6 +33,7 @@ class Device:
     bf16: bool  # the GPU computes bf16 natively
     cpu_cores: int  # cores this process may use
     processes: int = 1  # processes sharing the machine (accelerate launch)
+    memory: int | None = None  # the GPU's own memory in bytes; None on a CPU
 
     @classmethod
     def here(cls, processes: int = 1) -> Device:
@@ -40,7 +41,15 @@ class Device:
         import torch
 
         gpu = torch.cuda.is_available()
-        return cls(gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), cpu_cores=usable_cores(), processes=processes)
+        return cls(gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), cpu_cores=usable_cores(), processes=processes,
+                   memory=torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory if gpu else None)
+
+    def planned(self, vram_gb: float | None) -> Device:
+        """The device a dry run plans for: this one, or, when vram_gb is given on a machine without a GPU, a
+        GPU with that memory (the plan answers "would this fit my GPU?")."""
+        if self.gpu or vram_gb is None:
+            return self
+        return dataclasses.replace(self, gpu=True, bf16=True, memory=int(vram_gb * 2**30))
 
 
 def usable_cores() -> int:
@@ -55,10 +64,13 @@ def resolve(cfg: TrainConfig, device: Device) -> tuple[TrainConfig, list[str]]:
     chosen: dict[str, object] = {}
     reasons: list[str] = []
     if cfg.mixed_precision == "auto":
-        chosen["mixed_precision"] = ("bf16" if device.bf16 else "fp16") if device.gpu else "no"
-        reasons.append("mixed_precision " + {"bf16": "bf16 (the GPU has it: fp32's range, no loss scaling)",
-                                             "fp16": "fp16 (this GPU has no fast bf16)",
-                                             "no": "no (fp32: fp16 autocast needs CUDA)"}[chosen["mixed_precision"]])
+        half = "fp16" if not cfg.fused_backward else "no"  # fp16's loss scaler cannot work inside backward
+        chosen["mixed_precision"] = ("bf16" if device.bf16 else half) if device.gpu else "no"
+        reasons.append("mixed_precision " + (
+            "bf16 (the GPU has it: fp32's range, no loss scaling)" if chosen["mixed_precision"] == "bf16" else
+            "fp16 (this GPU has no fast bf16)" if chosen["mixed_precision"] == "fp16" else
+            "no (fp32: fused_backward cannot use fp16, and this GPU has no fast bf16)" if device.gpu else
+            "no (fp32: fp16 autocast needs CUDA)"))
     if cfg.gradient_checkpointing is None:
         chosen["gradient_checkpointing"] = device.gpu
         reasons.append("gradient_checkpointing " + ("on (GPU memory is the limit)" if device.gpu else

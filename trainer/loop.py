@@ -53,6 +53,8 @@ def train(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path,
         run.stop = stop
         try:
             train_steps(run, state, started or time.monotonic())
+            if run.text_cache is not None:
+                say(run.text_cache.describe())
             final = finish(run, state)
         except KeyboardInterrupt:
             raise Aborted(f"aborted by a second Ctrl-C at step {state.global_step}: nothing more was saved. "
@@ -143,14 +145,14 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
     generators = row_generators(batch["seed"])  # each sample's own noise: the same in any batch, on any process
     with accelerator.accumulate(*run.trained):
         latents = batch["latents"] if "latents" in batch else encode_images(run.vae, batch["pixel_values"], generators)
-        with torch.set_grad_enabled(not run.cfg.disable_textenc_training), accelerator.autocast():
-            encoder_hidden_states = encode_prompts(run.text_encoder, batch["input_ids"], run.cfg.clip_skip)
+        encoder_hidden_states = text_states(run, batch)
         loss = compute_loss(run.unet, run.noise_scheduler, latents, encoder_hidden_states, generators,
                             run.objective, batch.get("loss_weight"))
         run.guard.add_loss(loss)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
         grad_norm = None
-        logged = run.plan.log_grad_norm and run.is_log_step(step)
+        # fused_backward steps and frees each gradient inside backward: there is no norm left to measure
+        logged = run.plan.log_grad_norm and run.is_log_step(step) and not run.cfg.fused_backward
         if accelerator.sync_gradients and (run.cfg.clip_grad_norm or logged):
             # one clip over every trained parameter, both models together (also when each has its own
             # optimizer); with no clip asked, max_norm=inf only measures the norm (for the log)
@@ -162,6 +164,15 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
         if accelerator.sync_gradients and run.plan.grad_scaler_tweaks:
             tweak_grad_scaler(accelerator.scaler, step)  # fp16 only: otherwise there is no scaler
     return loss.detach(), grad_norm if logged else None
+
+
+def text_states(run: Run, batch: dict) -> torch.Tensor:
+    """The text encoder's states for the batch's captions: from the cache when the encoder is frozen and the run
+    keeps one (trainer/text_cache.py), else encoded now (with gradients when the encoder trains)."""
+    with torch.set_grad_enabled(not run.cfg.disable_textenc_training), run.accelerator.autocast():
+        if run.text_cache is not None:
+            return run.text_cache(batch["input_ids"], batch["caption_ids"])
+        return encode_prompts(run.text_encoder, batch["input_ids"], run.cfg.clip_skip)
 
 
 def start_epoch(run: Run, epoch: int, skip: int) -> torch.utils.data.DataLoader:

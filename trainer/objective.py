@@ -1,7 +1,8 @@
 """The denoising objective: noise a latent, ask the UNet for the scheduler's target, weigh the error.
 
 Pure functions of (models, batch, generator): with the same generator the same loss comes out. Each option
-is a named helper with the formula it implements and where it comes from.
+is a named helper with the formula it implements and where it comes from. Random numbers are drawn on the CPU
+(runs repeat on any device) and reach a GPU without making the host wait (`to_device`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Objective:
     huber_c: float = 0.1
     embedding_perturbation: float = 0.0
     clip_skip: int = 0
+    channels_last: bool = False  # the UNet's input in channels-last memory format (the UNet is held in it too)
 
     @classmethod
     def from_config(cls, cfg) -> "Objective":
@@ -56,6 +58,15 @@ def row_generators(seeds: Iterable[int]) -> list[torch.Generator]:
 
 def _noise_seed(seed: int) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/noise".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. A plain copy to a GPU makes the host wait for everything queued before it (torch
+    synchronises the stream after a pageable copy), which would cost a host sync each step; from pinned memory
+    the copy is queued like a kernel, and torch keeps the pinned buffer until the copy has run."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def randn(shape: Sequence[int], generator: Generators) -> torch.Tensor:
@@ -93,7 +104,7 @@ def sample_noise(latents: torch.Tensor, objective: Objective, generator: Generat
     noise = offset_noise(latents.shape, objective.zero_frequency_noise_ratio, generator)
     if objective.pyramid_noise_discount:
         noise = pyramid_noise(noise, objective.pyramid_noise_discount, generator)
-    return noise.to(latents.device, latents.dtype)
+    return to_device(noise, latents.device).to(latents.dtype)
 
 
 def sample_timesteps(batch_size: int, start: int, end: int, generator: Generators) -> torch.Tensor:
@@ -170,7 +181,7 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generators) 
     """Pixels in [-1, 1] -> latents sampled from the VAE's posterior with each row's own generator, scaled to
     about unit variance (fp32, whatever dtype the frozen VAE is held in)."""
     mean, std = encode_posterior(vae, pixel_values, recover_overflow=False)
-    return scaled_latents(mean, std, randn(mean.shape, generators).to(mean.device), vae.config.scaling_factor)
+    return scaled_latents(mean, std, to_device(randn(mean.shape, generators), mean.device), vae.config.scaling_factor)
 
 
 def encode_prompts(text_encoder: CLIPTextModel, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
@@ -187,7 +198,7 @@ def perturb_embeddings(states: torch.Tensor, amount: float, generator: Generator
     captions (EveryDream2's embedding_perturbation)."""
     if not amount:
         return states
-    noise = randn(states.shape, generator).to(states.device, states.dtype)
+    noise = to_device(randn(states.shape, generator), states.device).to(states.dtype)
     return states + amount * noise
 
 
@@ -210,8 +221,10 @@ def compute_loss(
     loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch."""
     noise = sample_noise(latents, objective, generator)
     end = min(objective.timestep_end, scheduler.config.num_train_timesteps)
-    timesteps = sample_timesteps(latents.shape[0], objective.timestep_start, end, generator).to(latents.device)
+    timesteps = to_device(sample_timesteps(latents.shape[0], objective.timestep_start, end, generator), latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if objective.channels_last:  # the layout the UNet's weights are in: its convolutions then convert nothing
+        noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
     encoder_hidden_states = perturb_embeddings(encoder_hidden_states, objective.embedding_perturbation, generator)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = training_target(scheduler, latents, noise, timesteps)

@@ -17,7 +17,11 @@ COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 def training_precision(requested: str) -> str:
     """The mixed precision to run with: fp16 autocast needs CUDA, so a CPU-only machine trains in fp32 rather
-    than fail, and says so (bf16 works on CPUs)."""
+    than fail, and says so (bf16 works on CPUs). `requested` is concrete: "auto" was resolved for the device
+    (trainer/device_defaults.py: bf16 on GPUs that compute it natively, else fp16; no on a CPU)."""
+    if requested not in COMPUTE_DTYPES:  # a programming error: the config skipped device_defaults.resolve
+        raise ValueError(f"mixed_precision {requested!r} is not one of {', '.join(COMPUTE_DTYPES)}: resolve the "
+                         "config for the device first (trainer.device_defaults.resolve)")
     if requested == "fp16" and not torch.cuda.is_available():
         warn("mixed_precision fp16 needs a CUDA GPU; none found, so this run trains in fp32.")
         return "no"

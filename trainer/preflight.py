@@ -164,6 +164,11 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     plan = attempt(plan_optimizers, cfg, notices)
     prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else None
     problems += missing_packages(cfg)
+    if cfg.fused_backward and plan is not None:
+        from trainer.fused_backward import problems as fused_backward_problems
+
+        problems += fused_backward_problems([plan.unet.optimizer, plan.text_encoder.optimizer], num_processes,
+                                            cfg.mixed_precision)
     steps_per_epoch, total_steps = (count_steps(batches_per_epoch(train_scan.items, cfg.batch_size * num_processes),
                                                 cfg) if train_scan else (0, 0))
     if train_scan and not total_steps:

@@ -1,5 +1,10 @@
 """Setting a run up: the accelerator, which parts train, the optimizer and its LR schedule, EMA, the divergence
 guard, and where a resumed run starts. Everything the loop and its helpers share is in one `Run`.
+
+Also the speed paths a config turns on (each is said in the log, and each trains what the plain path trains):
+channels_last, regional torch.compile of the UNet's repeated blocks, cudnn's autotuner and TF32 on CUDA,
+pinned batches copied without blocking, fused AdamW (optim_build.py), and the text-embedding cache
+(text_cache.py) when the text encoder is frozen.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from trainer.objective import Objective, zero_terminal_snr_schedulers
 from trainer.optim import OptimizerPlan
 from trainer.optim_build import (
     GRAD_SCALER_START,
+    ChainedOptimizer,
     build_lr_scheduler,
     build_optimizer,
     freeze_text_encoder_parts,
@@ -51,6 +57,7 @@ from trainer.resume import (
 )
 from trainer.sampling import sd_pipeline
 from trainer.stops import StopRequest
+from trainer.text_cache import TextEmbeddingCache
 from trainer.validation_plan import ValidationPlan
 
 
@@ -61,7 +68,7 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Accelerator
-    unet: torch.nn.Module  # prepared (and compiled when asked)
+    unet: torch.nn.Module  # prepared (its repeated blocks compiled in place when asked)
     text_encoder: torch.nn.Module  # prepared when trained
     vae: torch.nn.Module
     tokenizer: object
@@ -89,6 +96,7 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
     last_state: Path | None = None  # the newest complete training state
+    text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
 
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
@@ -131,7 +139,10 @@ def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path,
         # The sampler yields global batches (batch_size x processes, data/dataset.py) and split_batches gives
         # each process its slice, so N processes train exactly what one process with N x the batch would; it
         # also makes accelerate step the LR schedule once per optimizer step whatever the process count.
-        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed),
+        # non_blocking: batches come pinned on a GPU machine (data/dataset.py), and their copy to the GPU is then
+        # queued without the host waiting for the previous step to finish.
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=cfg.seed,
+                                                  non_blocking=True),
         # clip_skip >= 2 leaves the text encoder's last layers out of the graph; DDP must be told to expect that
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.clip_skip > 1), *scaler],
     )
@@ -142,10 +153,10 @@ def freeze(module: torch.nn.Module) -> None:
     module.eval()
 
 
-def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> torch.nn.Module:
+def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> list[str]:
     """Frozen parts without gradients on the device (in the dtype they were loaded in: the compute precision),
-    trained parts in train mode, kernels and checkpointing as configured. Returns the UNet to train: compiled
-    when torch_compile asks for it."""
+    trained parts in train mode (accelerate's prepare moves them), kernels, checkpointing and the speed paths as
+    configured. Returns the speed paths taken, for the log."""
     freeze(models.vae)
     models.vae.to(device)
     models.unet.train()
@@ -166,10 +177,38 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, fre
             models.unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ValueError, RuntimeError, NotImplementedError) as err:  # installed, but cannot run here
             raise UserError(f"attn_type xformers could not be enabled ({err}); use attn_type sdp.") from None
-    if torch.cuda.is_available():  # TF32 matmuls: ~free speed on Ampere+, precision well within fp16's
+    return speed_paths(cfg, models.unet, device)
+
+
+def speed_paths(cfg: TrainConfig, unet: torch.nn.Module, device: torch.device) -> list[str]:
+    """The UNet's memory format and compilation, and CUDA's kernel choices; returns what was turned on."""
+    taken = []
+    if device.type == "cuda":
+        # TF32 matmuls: ~free speed on Ampere+, precision well within fp16's. cudnn's autotuner times each
+        # convolution's algorithms once per input shape: bucketing keeps the shapes few, so it pays off at once.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return torch.compile(models.unet) if cfg.torch_compile else models.unet
+        torch.backends.cudnn.benchmark = True
+        taken.append("TF32 matmuls, cudnn benchmark (a few bucket shapes, each tuned once)")
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)  # its inputs follow (objective.compute_loss)
+        taken.append("channels_last UNet")
+    if cfg.torch_compile:
+        taken.append(compile_regions(unet))
+    return taken
+
+
+def compile_regions(unet: torch.nn.Module) -> str:
+    """torch.compile of the UNet's repeated blocks, each in place (regional compilation: PyTorch's recipe "Reducing
+    torch.compile cold start compilation time with regional compilation"), through diffusers' own
+    `compile_repeated_blocks`: its transformer blocks, whose few shapes (one per UNet level, bucket sizes as
+    dynamic dimensions) compile into a handful of graphs. In place, parameter names, saving and unwrapping stay
+    those of the plain UNet. Not the resnets, nor whole down/up blocks: with torch 2.13 the resnets' dozen channel
+    layouts pass dynamo's recompile limit (8) and fall back to eager, and a whole down block with dynamic sizes
+    fails in inductor ("cannot determine truth value of Relational")."""
+    unet.compile_repeated_blocks()
+    blocks = sum(getattr(module, "_compiled_call_impl", None) is not None for module in unet.modules())
+    return f"torch.compile of the UNet's {blocks} repeated transformer blocks (the first steps compile)"
 
 
 def schedulers(cfg: TrainConfig, models: SDModels) -> tuple[DDPMScheduler, SchedulerMixin]:
@@ -220,10 +259,13 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     plan = preflight.optimizer
     accelerator = make_accelerator(cfg, precision, run_dir, plan.grad_scaler_tweaks)
     set_seed(cfg.seed)
-    unet = set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    taken = set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    unet = models.unet  # the UNet the run trains (modules are set up in place)
     noise_scheduler, sample_scheduler = schedulers(cfg, models)
     train_text_encoder = not cfg.disable_textenc_training
-    optimizer = build_optimizer(plan, unet, models.text_encoder if train_text_encoder else None)
+    optimizer = build_optimizer(plan, unet, models.text_encoder if train_text_encoder else None, accelerator.device,
+                                fused_backward=cfg.fused_backward)
+    taken += fused_kernels(optimizer)
     total_steps = count_steps(len(data.loader), cfg)[1]
     lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps)
     to_prepare = [unet] + ([models.text_encoder] if train_text_encoder else [])
@@ -241,15 +283,41 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
                             architecture_hash(models.unet, models.text_encoder)),
         owner=owner, prompts=preflight.prompts, validation=data.validation,
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
+        text_cache=text_embedding_cache(cfg, models.text_encoder),
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
     say(f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
-        f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.describe()}, "
+        f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.describe()}{' (fused backward)' if cfg.fused_backward else ''}, "
         f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}.")
+    say_speed_paths(run, taken)
     return run
+
+
+def say_speed_paths(run: Run, taken: list[str]) -> None:
+    """One log line naming the speed paths the run takes (`taken`: those set up with the modules and optimizer)."""
+    if run.accelerator.device.type == "cuda" and run.data.loader.pin_memory:
+        taken = [*taken, "pinned batches copied to the GPU without blocking"]
+    if run.text_cache is not None:
+        taken = [*taken, "text-embedding cache (frozen text encoder: each distinct caption encoded once)"]
+    if taken:
+        say(f"Speed paths: {'; '.join(taken)}.")
+
+
+def text_embedding_cache(cfg: TrainConfig, text_encoder: torch.nn.Module) -> TextEmbeddingCache | None:
+    """The cache when it can only save work: a frozen encoder, and captions that repeat (shuffled tags rarely do)."""
+    if cfg.text_embedding_cache and cfg.disable_textenc_training and not cfg.shuffle_tags:
+        return TextEmbeddingCache(text_encoder, cfg.clip_skip)
+    return None
+
+
+def fused_kernels(optimizer: torch.optim.Optimizer) -> list[str]:
+    """'fused AdamW' (optim_build.py) when the run's optimizers step in torch's fused kernels."""
+    parts = optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
+    fused = [type(part).__name__ for part in parts if part.defaults.get("fused")]
+    return [f"fused {' + '.join(fused)} step"] if fused else []
 
 
 def start_state(run: Run, preflight: Preflight) -> TrainerState:

@@ -1,0 +1,158 @@
+"""The memory plan (trainer/memory_plan.py, trainer/activations.py): its arithmetic by hand, its trace against a
+real forward pass, the model read from files without loading it, its advice, and the dry run that prints it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import run_train
+from trainer.activations import ActivationProfile, SavedTensor, trace
+from trainer.memory_plan import (
+    CONTEXT_TOKENS,
+    GIB,
+    RUNTIME_BYTES,
+    ModelParams,
+    Settings,
+    advice,
+    model_params_of,
+    model_params_on_disk,
+    plan_memory,
+    replay,
+)
+
+
+def hand_profile() -> ActivationProfile:
+    """Five ops; op 2 to 4 a checkpointed region whose input (40 bytes) enters at op 2."""
+    return ActivationProfile(
+        saved=[SavedTensor(100, 1, None, True), SavedTensor(1000, 2, 0, True), SavedTensor(50, 3, 0, False),
+               SavedTensor(300, 5, None, True)],
+        regions=[(2, 4)], region_inputs=[(0, 40, 2)], params_last_use=[(1, 10), (3, 20), (5, 5)], ops=5,
+        weight_copies=50,
+    )
+
+
+def test_replay_without_checkpointing_by_hand():
+    # batch 2: per-sample tensors double, the weight copy (50) does not: 200 + 2000 + 50 + 600 at the forward's end
+    # (autocast's cache, 50 in all, holds no more than backward keeps);
+    # backward's first op (5) adds its gradient (5 x 4 bytes) before freeing what op 5 saved
+    assert replay(hand_profile(), batch=2, checkpointing=False, fused_backward=False) == (2850, 2870)
+    # fused: no gradient is ever held
+    assert replay(hand_profile(), batch=2, checkpointing=False, fused_backward=True) == (2850, 2850)
+
+
+def test_replay_with_checkpointing_by_hand():
+    # forward: outside tensors 200 + 600, region input 2 x 40, and autocast's cached weight copy 50 = 930;
+    # backward at op 3: outside 200 + input 80 + gradients 20 + 80, and the region recomputed: 2000 + 50 = 2430
+    assert replay(hand_profile(), batch=2, checkpointing=True, fused_backward=False) == (930, 2430)
+
+
+def test_trace_counts_what_a_real_forward_keeps(tiny_model):
+    """The meta-device trace equals the bytes autograd really keeps in a real fp32 forward on the CPU."""
+    from trainer.models import load_models
+
+    models = load_models(str(tiny_model("sd1")))
+    unet, text_encoder = models.unet.train(), models.text_encoder.train()
+    weights = {p.untyped_storage()._cdata for m in (unet, text_encoder) for p in m.parameters()}
+    kept: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage()._cdata not in weights:
+            kept.setdefault(tensor.untyped_storage()._cdata, tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        states = text_encoder(torch.zeros(1, CONTEXT_TOKENS, dtype=torch.long))[0]
+        prediction = unet(torch.randn(1, 4, 16, 16), torch.tensor([10]), states).sample
+        F.mse_loss(prediction, torch.randn_like(prediction))
+    real = sum(t.untyped_storage().nbytes() for t in kept.values())
+    profile = trace(dict(unet.config), text_encoder.config.to_dict(), resolution=128, precision="no")
+    assert sum(s.nbytes for s in profile.saved) == real
+    assert len(profile.params_last_use) == sum(1 for m in (unet, text_encoder) for _ in m.parameters())
+
+
+def test_half_precision_keeps_half_copies_of_trained_weights(tiny_model):
+    model = model_params_on_disk(str(tiny_model("sd1")))
+    profile = trace(model.unet_config, None, resolution=64, precision="bf16")
+    # autocast's cache: a half copy of every weight and bias a matmul or convolution reads, once; not of the
+    # norms' (norms run in fp32, as under CUDA's autocast)
+    in_norms = sum(p.numel() for name, p in _meta_unet(model).named_parameters() if "norm" in name)
+    assert profile.weight_copies == 2 * (model.unet - in_norms)
+    # backward keeps fewer: no bias copy, nor the weights of ops whose input needs no gradient (conv_in's)
+    saved_copies = sum(s.nbytes for s in profile.saved if not s.per_sample)
+    assert 0.9 * profile.weight_copies < saved_copies < profile.weight_copies
+
+
+def _meta_unet(model: ModelParams):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(model.unet_config)
+
+
+def test_plan_parts_are_counts_times_bytes(tiny_model):
+    model = model_params_on_disk(str(tiny_model("sd1")))
+    settings = Settings(batch=2, resolution=64, precision="bf16", optimizer="adamw8bit", gradient_checkpointing=True,
+                        train_text_encoder=False, ema_on_device=True, text_cache_entries=3, gpu=True)
+    plan = plan_memory(model, settings)
+    assert plan.parts == {
+        "weights": model.unet * 4 + (model.vae + model.text_encoder) * 2,
+        "optimizer state": model.unet * 2,
+        "EMA": model.unet * 4,
+        "DDP buckets": 0,
+        "text cache": 3 * CONTEXT_TOKENS * model.text_width * 2,
+        "runtime": RUNTIME_BYTES["gpu"],
+    }
+    assert plan.peak == int((plan.static + max(plan.forward_peak, plan.backward_peak)) * plan.slack)
+    bigger = plan_memory(model, dataclasses.replace(settings, batch=4))
+    assert bigger.forward_peak > plan.forward_peak and bigger.static == plan.static
+
+
+def test_advice_changes_settings_in_order_until_the_plan_fits(tiny_model):
+    model = model_params_on_disk(str(tiny_model("sd1")))
+    settings = Settings(batch=8, resolution=128, precision="bf16", optimizer="adamw", gradient_checkpointing=False,
+                        train_text_encoder=True)
+    peak = plan_memory(model, settings).peak
+    assert advice(model, settings, budget=peak) == []
+    steps = advice(model, settings, budget=peak - 1)
+    assert [words for words, _ in steps] == ["gradient_checkpointing true"]
+    fits_after_two = plan_memory(model, dataclasses.replace(settings, gradient_checkpointing=True,
+                                                            optimizer="adamw8bit")).peak
+    steps = advice(model, settings, budget=fits_after_two)
+    assert [words for words, _ in steps] == ["gradient_checkpointing true", "optimizer adamw8bit"]
+    assert steps[-1][1] == fits_after_two and all(a > b for (_, a), (_, b) in zip(steps, steps[1:]))
+
+
+def test_model_read_from_files_equals_the_loaded_model(tiny_model, tmp_path: Path):
+    """A diffusers folder and an original single file are read from their configs and headers (no weights)."""
+    from convert import export_single_file
+    from trainer.models import load_models
+
+    folder = tiny_model("sd2-v")
+    export_single_file(folder, tmp_path / "tiny.safetensors")
+    loaded = model_params_of(load_models(str(folder)))
+    for model in (model_params_on_disk(str(folder)), model_params_on_disk(str(tmp_path / "tiny.safetensors"))):
+        assert (model.unet, model.text_encoder, model.vae) == (loaded.unet, loaded.text_encoder, loaded.vae)
+        for key in ("block_out_channels", "attention_head_dim", "cross_attention_dim", "layers_per_block"):
+            assert list(_tuple(model.unet_config[key])) == list(_tuple(loaded.unet_config[key])), key
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"):
+            assert model.text_encoder_config[key] == loaded.text_encoder_config[key], key
+    assert model_params_on_disk("someone/not-downloaded") is None
+
+
+def _tuple(value):
+    return value if isinstance(value, (list, tuple)) else (value,)
+
+
+def test_dry_run_prints_the_plan_and_what_to_change(tiny_model, shapes_dir: Path, tmp_path: Path):
+    result = run_train(["--dry_run", "--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir),
+                        "--resolution", "64", "--batch_size", "8", "--vram_gb", "0.6"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plan = next(line for line in result.stdout.splitlines() if line.startswith("Memory plan (GPU, bf16"))
+    assert "batch 8 at 64px, gradient checkpointing on" in plan  # planned for a GPU: the GPU's defaults
+    warning = next(line for line in result.stderr.splitlines() if "Memory plan:" in line)
+    assert "does not fit 0.60 GiB per device" in warning and "optimizer adamw8bit" in warning
+    assert 0.6 * GIB < float(plan.split(" GiB peak")[0].split()[-1]) * GIB
