@@ -107,6 +107,10 @@ def test_plan_parts_are_counts_times_bytes(tiny_model):
         "runtime": RUNTIME_BYTES["gpu"],
     }
     assert plan.peak == int((plan.static + max(plan.forward_peak, plan.backward_peak)) * plan.slack)
+    assert plan.save_peak == 0  # a save gathers its copy in host memory, not the GPU's
+    on_cpu = plan_memory(model, dataclasses.replace(settings, gpu=False, save_bytes=4))
+    assert on_cpu.save_peak == (model.unet + model.text_encoder + model.vae) * 4
+    assert on_cpu.parts["runtime"] == RUNTIME_BYTES["cpu"]
     bigger = plan_memory(model, dataclasses.replace(settings, batch=4))
     assert bigger.forward_peak > plan.forward_peak and bigger.static == plan.static
 

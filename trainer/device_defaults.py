@@ -86,7 +86,7 @@ def resolve(cfg: TrainConfig, device: Device) -> tuple[TrainConfig, list[str]]:
     if not chosen:
         return cfg, []
     where = "GPU" if device.gpu else "CPU"
-    return dataclasses.replace(cfg, **chosen), [f"Device defaults for this {where}: " + "; ".join(reasons) + "."]
+    return dataclasses.replace(cfg, **chosen), [f"Device defaults for a {where}: " + "; ".join(reasons) + "."]
 
 
 def for_this_machine(cfg: TrainConfig, processes: int = 1) -> TrainConfig:

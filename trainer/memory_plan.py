@@ -62,6 +62,7 @@ class Settings:
     text_cache_entries: int = 0  # distinct captions whose embeddings the cache holds
     processes: int = 1
     gpu: bool = True
+    save_bytes: int = 2  # per parameter of a save's weights (fp16; 4 with save_full_precision)
 
     @classmethod
     def from_config(cls, cfg, optimizer_label: str, text_cache_entries: int = 0, processes: int = 1,
@@ -71,7 +72,7 @@ class Settings:
                    train_text_encoder=not cfg.disable_textenc_training,
                    ema_on_device=cfg.ema_decay_rate is not None and cfg.ema_device == "gpu",
                    fused_backward=cfg.fused_backward, text_cache_entries=text_cache_entries, processes=processes,
-                   gpu=gpu)
+                   gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class MemoryPlan:
     forward_peak: int  # activations (and weight copies) at the end of the forward pass
     backward_peak: int  # activations + gradients at the worst point of backward (the optimizer step included)
     slack: float
+    save_peak: int = 0  # a save's copy of the weights in their save dtype: in host memory, so on a CPU only
 
     @property
     def static(self) -> int:
@@ -87,12 +89,13 @@ class MemoryPlan:
 
     @property
     def peak(self) -> int:
-        return int((self.static + max(self.forward_peak, self.backward_peak)) * self.slack)
+        return int((self.static + max(self.forward_peak, self.backward_peak, self.save_peak)) * self.slack)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {gib(n)}" for name, n in self.parts.items() if n)
+        save = f", the save's copy of the weights {gib(self.save_peak)}" if self.save_peak else ""
         return (f"{gib(self.peak)} GiB peak per device: {parts}; then activations {gib(self.forward_peak)} at the "
-                f"forward's end, activations+gradients {gib(self.backward_peak)} at backward's worst")
+                f"forward's end, activations+gradients {gib(self.backward_peak)} at backward's worst{save}")
 
 
 def gib(n: float) -> str:
@@ -116,7 +119,9 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
         "runtime": RUNTIME_BYTES["gpu" if settings.gpu else "cpu"],
     }
     forward, backward = replay(profile, settings.batch, settings.gradient_checkpointing, settings.fused_backward)
-    return MemoryPlan(parts, forward, backward, ALLOCATOR_SLACK)
+    # a save gathers the weights in their save dtype in host memory: a GPU's memory never holds that copy
+    save = 0 if settings.gpu else (model.unet + model.text_encoder + model.vae) * settings.save_bytes
+    return MemoryPlan(parts, forward, backward, ALLOCATOR_SLACK, save)
 
 
 def replay(profile, batch: int, checkpointing: bool, fused_backward: bool) -> tuple[int, int]:
