@@ -44,6 +44,7 @@ COMMON = ["--batch_size", "2", "--max_epochs", "3", "--lr", "1e-4", "--save_full
           "false", "--disable_textenc_training", "--cond_dropout", "0", *FAST]
 
 
+@pytest.mark.slow
 def test_trains_the_same_weights_as_the_ordinary_step(tiny_model, shapes_dir: Path, tmp_path: Path):
     common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), *COMMON, "--max_steps", "4"]
     ordinary = run_train([*common, "--logdir", "ordinary"], cwd=tmp_path)
@@ -67,12 +68,16 @@ def test_exact_resume(tiny_model, shapes_dir: Path, tmp_path: Path):
     assert_same_weights(saved_paths(straight.stdout)[-1], saved_paths(resumed.stdout)[-1])
 
 
-@pytest.mark.parametrize("args, expected", [
+REFUSALS = [
+    (["--optimizer", "prodigy"], "fused_backward: prodigy estimates one step size from all parameters together"),
     (["--grad_accum", "2"], "grad_accum: got 2 (from command line); expected 1 with fused_backward"),
     (["--clip_grad_norm", "1"], "clip_grad_norm: got 1.0 (from command line); expected null with fused_backward"),
     (["--mixed_precision", "fp16"], "mixed_precision: got 'fp16' (from command line); expected bf16, no or auto"),
-    (["--optimizer", "prodigy"], "fused_backward: prodigy estimates one step size from all parameters together"),
-])
+]
+
+
+@pytest.mark.parametrize("args, expected",  # the first in the default tier, the others with --run-slow
+                         [REFUSALS[0], *(pytest.param(*r, marks=pytest.mark.slow) for r in REFUSALS[1:])])
 def test_what_it_cannot_combine_with_is_refused_before_loading(args, expected, tiny_model, shapes_dir: Path,
                                                                 tmp_path: Path):
     result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--fused_backward",
