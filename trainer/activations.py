@@ -93,7 +93,8 @@ class _Tracer(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _cast(self, value, dtype):
-        if dtype is None or not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dtype == dtype:
+        if (dtype is None or not isinstance(value, torch.Tensor) or not value.is_floating_point()
+                or value.dtype == dtype):
             return value
         cast = value.to(dtype)
         if isinstance(value, torch.nn.Parameter):  # kept, as autocast's cache keeps it, so no address is reused

@@ -82,7 +82,8 @@ def resolve(cfg: TrainConfig, device: Device) -> tuple[TrainConfig, list[str]]:
                                                     f"({device.cpu_cores} cores, {device.processes} process(es))"))
     if cfg.channels_last is None:
         chosen["channels_last"] = device.gpu
-        reasons.append("channels_last " + ("on (tensor-core convolutions)" if device.gpu else "off (a CPU gains nothing)"))
+        reasons.append("channels_last " + ("on (tensor-core convolutions)" if device.gpu else
+                                           "off (a CPU gains nothing)"))
     if not chosen:
         return cfg, []
     where = "GPU" if device.gpu else "CPU"

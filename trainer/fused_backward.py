@@ -32,7 +32,8 @@ class FusedBackwardOptimizer(ChainedOptimizer):
     def __init__(self, groups: list[dict], make: Callable[[list[dict]], torch.optim.Optimizer]):
         per_parameter = [(param, make([{**group, "params": [param]}])) for group in groups for param in group["params"]]
         super().__init__([optimizer for _, optimizer in per_parameter])
-        self.hooks = [param.register_post_accumulate_grad_hook(_stepper(optimizer)) for param, optimizer in per_parameter]
+        self.hooks = [param.register_post_accumulate_grad_hook(_stepper(optimizer))
+                      for param, optimizer in per_parameter]
 
     def step(self, closure=None):
         return closure() if closure is not None else None
