@@ -263,9 +263,13 @@ def test_a_resume_ckpt_that_can_be_nothing_is_refused_by_the_dry_run(tmp_path: P
 # ---------------------------------------------------------------- the shipped files, in real processes
 
 
+FAST_SHIPPED = {"train.json", "chain1.json", "chain2.json"}
+
+
 @needs_shipped
-@pytest.mark.parametrize("config", [*CURRENT, *(pytest.param(p, marks=pytest.mark.slow) for p in HISTORY)],
-                         ids=lambda p: str(p.relative_to(SHIPPED)))
+@pytest.mark.parametrize("config", [  # the plain train.json and the findlast chains in the default tier
+    *(p if p.name in FAST_SHIPPED else pytest.param(p, marks=pytest.mark.slow) for p in CURRENT),
+    *(pytest.param(p, marks=pytest.mark.slow) for p in HISTORY)], ids=lambda p: str(p.relative_to(SHIPPED)))
 def test_every_shipped_train_json_dry_runs(config: Path, ed2_folder: Path, shapes_dir: Path, tiny_model):
     """Only data_root and resume_ckpt on the command line (and findlast for the chained files' resume_ckpt)."""
     relative = config.relative_to(SHIPPED)
