@@ -84,3 +84,15 @@ def test_what_it_cannot_combine_with_is_refused_before_loading(args, expected, t
                         "--dry_run", *args], cwd=tmp_path)
     assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_state_saved_without_it_is_refused_before_loading(tiny_model, shapes_dir: Path, tmp_path: Path):
+    """One optimizer state per parameter cannot continue one optimizer's state (nor the reverse): said by the
+    preflight, naming the setting."""
+    common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), *COMMON, "--logdir", "logs"]
+    first = run_train([*common, "--max_steps", "2", "--save_optimizer"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_train([*common, "--max_steps", "4", "--resume_state", "findlast", "--fused_backward"], cwd=tmp_path)
+    assert resumed.returncode == 2 and "fused_backward: off then, on now" in resumed.stderr, resumed.stderr[-2000:]
+    assert "Model source" not in resumed.stdout and "Traceback" not in resumed.stderr

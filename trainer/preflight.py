@@ -269,7 +269,7 @@ def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, famil
     return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.label,
                          cfg.ema_decay_rate is not None, lr, plan.unet_schedule.name, plan.unet_schedule.warmup_steps,
                          total_steps, cfg.grad_accum, schedules={group: schedules[group].record() for group in lr},
-                         seed=cfg.seed)
+                         seed=cfg.seed, fused_backward=cfg.fused_backward)
 
 
 def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,

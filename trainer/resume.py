@@ -51,8 +51,9 @@ class TrainingSetup:
     grad_accum: int
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per group: SCHEDULE_KEYS; {}: older state
     seed: int | None = None  # the run's seed (a -1 resolved); None: an older state
+    fused_backward: bool = False  # one optimizer state per parameter (trainer/fused_backward.py); older: False
 
-    FIXED = ("trained", "freezing", "optimizer", "ema")  # checked from the config alone (preflight)
+    FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward")  # checked from the config alone (preflight)
 
 
 @dataclass

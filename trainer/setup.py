@@ -316,7 +316,7 @@ def text_embedding_cache(cfg: TrainConfig, text_encoder: torch.nn.Module) -> Tex
 def fused_kernels(optimizer: torch.optim.Optimizer) -> list[str]:
     """'fused AdamW' (optim_build.py) when the run's optimizers step in torch's fused kernels."""
     parts = optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    fused = [type(part).__name__ for part in parts if part.defaults.get("fused")]
+    fused = dict.fromkeys(type(part).__name__ for part in parts if part.defaults.get("fused"))  # once per class
     return [f"fused {' + '.join(fused)} step"] if fused else []
 
 
