@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from convert.tokenizer import CLIP_MAX_LENGTH as CONTEXT_TOKENS  # the prompt's token count
+
 HALF_OPS = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.mm, torch.addmm, torch.Tensor.matmul,
             torch.Tensor.__matmul__}  # CUDA autocast's lower-precision list, as SD's modules call it
 FP32_OPS = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax}  # autocast's fp32 list
 REGION_CLASSES = ("ResnetBlock2D", "BasicTransformerBlock", "CLIPEncoderLayer")  # what checkpointing recomputes
-CONTEXT_TOKENS = 77
 
 
 @dataclass

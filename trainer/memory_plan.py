@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from convert.tokenizer import CLIP_MAX_LENGTH as CONTEXT_TOKENS  # the prompt's token count
 from trainer.footprint import optimizer_state_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +30,6 @@ GIB = 2**30
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 RUNTIME_BYTES = {"gpu": int(0.6 * GIB), "cpu": int(1.0 * GIB)}  # CUDA context + kernels; the process's own RSS
 ALLOCATOR_SLACK = 1.05  # the caching allocator's fragmentation on a GPU, and malloc's on a CPU
-CONTEXT_TOKENS = 77
 
 
 @dataclass(frozen=True)
