@@ -12,8 +12,10 @@ from __future__ import annotations
 import functools
 import gzip
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # the constants below are read by the dry run, which must not import transformers
+    from transformers import CLIPTokenizer
 
 BPE_VOCAB_PATH = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SIZE = 49408
@@ -54,6 +56,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """The CLIP tokenizer SD uses. SD1 pads with `<|endoftext|>`; SD2 (OpenCLIP) repos pad with `!`."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = clip_vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab), merges=list(merges), pad_token=pad_token, model_max_length=CLIP_MAX_LENGTH
