@@ -33,6 +33,7 @@ OptimizerName = Literal[
     "adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "adafactor",
     "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dadapt_adan",
 ]
+LoraTargets = Literal["attn", "attn_ff", "all"]
 PredictionTypeOverride = Literal["epsilon", "v_prediction"]
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -132,6 +133,31 @@ class TrainConfig:
     vram_gb: float | None = _key(
         None, "Memory per device to plan for, in GiB: the dry run's memory plan says which settings to change when "
         "the run would not fit. null: the GPU's own memory (no check on a CPU)."
+    )
+    # LoRA (trainer/lora.py, docs/LORA.md): small adapters on a frozen base, saved as one kohya-format file
+    lora_rank: int = _key(
+        0, "LoRA mode: train rank-r adapters on the frozen base model instead of the model itself, and save them as "
+        "one .safetensors file for AUTOMATIC1111, ComfyUI and diffusers (e.g. 16). 0: full fine-tune."
+    )
+    lora_alpha: float | None = _key(
+        None, "LoRA scale numerator: each update is up @ down x alpha / rank. null: the rank (scale 1)."
+    )
+    lora_dropout: float = _key(0.0, "Dropout on each adapter's input while training (0 to <1).")
+    lora_targets: LoraTargets = _key(
+        "attn_ff", "Layers that get adapters: attn (attention projections), attn_ff (attention, feed-forward and "
+        "the transformer's proj_in/out: kohya's default), all (also every resnet, down- and upsampler "
+        "convolution: LoCon)."
+    )
+    lora_text_encoder: bool = _key(
+        False, "LoRA mode: also train adapters on the text encoder's attention and MLP layers; false: it is frozen."
+    )
+    lora_unet_lr: float | None = _key(None, "LoRA mode: the UNet adapters' learning rate (e.g. 1e-4); null: lr.")
+    lora_text_encoder_lr: float | None = _key(
+        None, "LoRA mode: the text-encoder adapters' learning rate (e.g. 5e-5); null: the text encoder's lr."
+    )
+    lora_init: str | None = _key(
+        None, "LoRA mode: start the adapters from this kohya-format .safetensors file (its rank and alpha must "
+        "match lora_rank and lora_alpha); null: fresh adapters (up weights zero: the base's outputs)."
     )
     # the objective (trainer/objective.py documents each formula and its paper)
     min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")
@@ -402,12 +428,28 @@ def load_config(argv: list[str]) -> LoadedConfig:
     ]
     if merge.problems:
         raise ConfigError(merge.problems)
+    if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (config_checks refuses a contradiction)
+        config = dataclasses.replace(config, disable_textenc_training=not config.lora_text_encoder)
     merge.notices += [notice for key, notice in merge.null_notices.items() if merge.sources[key] == "default"]
     warnings = [ed2.not_honoured_warning(merge.not_honoured)] if merge.not_honoured else []
     return LoadedConfig(config, merge.sources, merge.notices, warnings)
 
 
 # ---------------------------------------------------------------- output
+
+
+def lora_alpha(cfg: TrainConfig) -> float:
+    """LoRA's alpha as trained: lora_alpha, or the rank when null (a scale of 1)."""
+    return float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+
+
+def lora_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What a LoRA training state can only continue with (trainer/resume.py TrainingSetup.lora): the adapters'
+    shapes and scale ({} for a full fine-tune). Dropout and rates may change."""
+    if not cfg.lora_rank:
+        return {}
+    return {"rank": cfg.lora_rank, "alpha": lora_alpha(cfg), "targets": cfg.lora_targets,
+            "text_encoder": cfg.lora_text_encoder}
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

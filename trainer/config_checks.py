@@ -21,7 +21,7 @@ _NAME_OK = re.compile(r"^[\w.\-]+$")
 
 def validate(cfg: TrainConfig) -> Problems:
     """Impossible values as (key, what is expected instead); empty when the config can run."""
-    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg)]
+    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg), *_lora(cfg)]
 
 
 def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
@@ -142,4 +142,33 @@ def _fused_backward(cfg: TrainConfig) -> Problems:
     if cfg.mixed_precision == "fp16":
         bad.append(("mixed_precision", "bf16, no or auto with fused_backward (fp16's loss scaler must see every "
                                        "gradient before any step), or turn fused_backward off"))
+    return bad
+
+
+LORA_ONLY = ("lora_alpha", "lora_unet_lr", "lora_text_encoder_lr", "lora_init")  # meaningless without lora_rank
+
+
+def _lora(cfg: TrainConfig) -> Problems:
+    """LoRA mode's keys: sound values, and none set without lora_rank (a run that would silently train the whole
+    model instead of adapters)."""
+    bad: Problems = []
+    if cfg.lora_rank < 0:
+        bad.append(("lora_rank", "an adapter rank > 0 such as 8, 16 or 32, or 0 for a full fine-tune"))
+    if not cfg.lora_rank:
+        bad += [(key, f"null without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
+                for key in LORA_ONLY if getattr(cfg, key) is not None]
+        if cfg.lora_text_encoder:
+            bad.append(("lora_text_encoder", "false without lora_rank, or set lora_rank such as 16"))
+        return bad
+    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        bad.append(("lora_alpha", "a number > 0 (the rank, or 1 as kohya's default), or null for the rank"))
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad.append(("lora_dropout", "a probability from 0 to below 1"))
+    for key in ("lora_unet_lr", "lora_text_encoder_lr"):
+        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
+            bad.append((key, "a learning rate > 0 such as 1e-4, or null"))
+    if cfg.lora_text_encoder and cfg.disable_textenc_training:
+        bad.append(("disable_textenc_training", "false with lora_text_encoder true (in LoRA mode lora_text_encoder "
+                                                "alone decides whether the text encoder trains)"))
+    bad += _missing(cfg, "lora_init", "an existing kohya-format LoRA .safetensors file, or null")
     return bad

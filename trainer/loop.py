@@ -93,8 +93,8 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
             if state.global_step == first_step:
                 say(f"First step done {time.monotonic() - started:.1f} s after start.")
             if run.emas and state.global_step % cfg.ema_update_interval == 0:
-                for ema, module in run.emas:
-                    ema.step(module.parameters())
+                for ema, params in run.emas:
+                    ema.step(params)
             progress.update(1)
             if run.is_log_step(state.global_step):  # the loss is read here only: no host sync per step
                 check_weights(run)

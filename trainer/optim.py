@@ -69,6 +69,7 @@ REFUSED: dict[str, tuple[str, str]] = {
     "scalar_dowg": ("prodigy", _DOWG),
 }
 OPTION_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
+LORA_LR_HINT = 1e-5  # below this LoRA adapters barely move: likely a full fine-tune's lr left in place
 ADAPTIVE_LR_HINT = 0.01  # below this an adaptive optimizer's lr (a multiplier of its own step size) is a likely slip
 
 
@@ -183,6 +184,8 @@ def plan_optimizers(cfg, notices: list[str] | None = None) -> OptimizerPlan:
     found = read_optimizer_file(Path(cfg.optimizer_config), problems, notices) if cfg.optimizer_config else None
     if found is not None:
         plan = _apply_file(found, plan, problems, notices, cfg.lr)
+    if cfg.lora_rank:
+        plan = _lora_rates(plan, cfg.lora_unet_lr, cfg.lora_text_encoder_lr, notices)
     if problems:
         raise ProblemsError(problems, heading="in optimizer_config")  # each names the file and key
     _say_slips(plan, notices)
@@ -293,6 +296,22 @@ def _check_settings(found: OptimizerFile, plan: OptimizerPlan, problems: list[st
             if key in given and key not in settings.spec.options:
                 readers = [n for n, spec in SPECS.items() if key in spec.options]
                 notices.append(f"{where}.{key} is not read by {settings.optimizer} (only by {', '.join(readers)}).")
+
+
+def _lora_rates(plan: OptimizerPlan, unet_lr: float | None, text_encoder_lr: float | None,
+                notices: list[str]) -> OptimizerPlan:
+    """LoRA mode's own rates (lora_unet_lr, lora_text_encoder_lr) over the plan's, where set. Adapters start at
+    zero and train at rates near 1e-4; a full fine-tune's rate (1.5e-6 by default) leaves them almost where they
+    started, which a run would only show as a model that learned nothing."""
+    if unet_lr is not None:
+        plan = replace(plan, unet=replace(plan.unet, lr=unet_lr))
+    if text_encoder_lr is not None:
+        plan = replace(plan, text_encoder=replace(plan.text_encoder, lr=text_encoder_lr))
+    if not plan.unet.spec.adaptive and plan.unet.lr < LORA_LR_HINT:
+        notices.append(f"LoRA: the UNet's adapters train at lr {plan.unet.lr:g}, a full fine-tune's rate; adapters "
+                       f"usually train at 1e-4 to 5e-4 (set lora_unet_lr, and lora_text_encoder_lr for the text "
+                       "encoder's).")
+    return plan
 
 
 def _say_slips(plan: OptimizerPlan, notices: list[str]) -> None:

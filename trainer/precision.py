@@ -1,8 +1,8 @@
 """The precision a run computes in, and the dtype each part of the model is held in.
 
 Trained weights are fp32 masters whatever dtype the model file stores (mixed precision casts them per op, and
-the optimizer updates them in full precision). Frozen parts (the VAE; the text encoder when it is not trained)
-are only ever run forward, so they are held in the compute precision itself: half the memory, no per-op casts.
+the optimizer updates them in full precision). Frozen parts (the VAE; the text encoder when it is not trained;
+in LoRA mode the whole base) are only ever run forward, so they are held in the compute precision itself: half the memory, no per-op casts.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ def training_precision(requested: str) -> str:
 
 
 def component_dtypes(cfg, precision: str) -> ComponentDtypes:
-    """The UNet (always trained) in fp32; the VAE in the compute dtype; the text encoder in fp32 when it is
-    trained, else in the compute dtype."""
+    """The UNet (trained) in fp32; the VAE in the compute dtype; the text encoder in fp32 when it is trained,
+    else in the compute dtype. In LoRA mode the whole base is frozen, so all of it is in the compute dtype (its
+    adapters are fp32: trainer/lora.py)."""
     frozen = COMPUTE_DTYPES[precision]
+    if cfg.lora_rank:
+        return ComponentDtypes(unet=frozen, text_encoder=frozen, vae=frozen)
     text_encoder = frozen if cfg.disable_textenc_training else torch.float32
     return ComponentDtypes(unet=torch.float32, text_encoder=text_encoder, vae=frozen)

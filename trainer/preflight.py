@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from common.console import say
+from common.console import first_line, say
 from common.files import free_bytes, human_bytes, place_problem
+from convert.lora_kohya import adapter_file_problems
 from data.errors import DataError
 from data.latent_cache import choose_cache_dir
 from data.scan import ImageItem, Scan, scan_data_root
@@ -31,7 +32,7 @@ from data.schedule import batches_per_epoch
 from data.validation import validation_sets
 from trainer import footprint
 from trainer.ckpt_cache import CKPT_CACHE, cache_entry, not_found_message
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, lora_alpha, lora_record
 from trainer.errors import ProblemsError, UserError
 from trainer.everydream2 import FIND_LAST
 from trainer.hub import parse_repo_id
@@ -164,6 +165,7 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     plan = attempt(plan_optimizers, cfg, notices)
     prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else None
     problems += missing_packages(cfg)
+    problems += lora_init_problems(cfg) if cfg.lora_init else []
     if cfg.fused_backward and plan is not None:
         from trainer.fused_backward import problems as fused_backward_problems
 
@@ -215,6 +217,21 @@ def model_source_problems(cfg: TrainConfig) -> list[str]:
     return [not_found_message(cfg.resume_ckpt, given, cached)]
 
 
+def lora_init_problems(cfg: TrainConfig) -> list[str]:
+    """lora_init's file against lora_rank, lora_alpha and lora_text_encoder, from its tensors' shapes and alphas."""
+    from safetensors import safe_open
+
+    path = Path(cfg.lora_init)
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # pt: kohya files may hold bf16, numpy has none
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            alphas = {key: float(handle.get_tensor(key)) for key in shapes if key.endswith(".alpha")}
+    except (OSError, ValueError, TypeError) as err:  # safetensors raises its own error types on damage
+        return [f"lora_init {path}: not a readable .safetensors file ({first_line(err)})."]
+    problems = adapter_file_problems(shapes, alphas, cfg.lora_rank, lora_alpha(cfg), cfg.lora_text_encoder)
+    return [f"lora_init {path}: {problem}." for problem in problems]
+
+
 def missing_packages(cfg: TrainConfig) -> list[str]:
     asked = {"wandb": cfg.wandb, "attn_type": cfg.attn_type == "xformers"}
     return [f"{key}: asks for the {package} package, which is not installed; {fix}."
@@ -241,7 +258,10 @@ def known_model_size(cfg: TrainConfig) -> footprint.ModelSize | None:
 
 def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
                   size: footprint.ModelSize | None = None) -> list[str]:
-    """Whether the disk where saves go has room for one save of the model (of `size`, or as read from its files)."""
+    """Whether the disk where saves go has room for one save of the model (of `size`, or as read from its files).
+    A LoRA save holds only adapters (MBs) whose size is known once they exist: each save checks its room then."""
+    if cfg.lora_rank:
+        return []
     size = size or known_model_size(cfg)
     if size is None:
         return []
@@ -262,14 +282,14 @@ def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
 
 
 def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, family: str = "",
-                  architecture: str = "") -> TrainingSetup:
+                  architecture: str = "", base: str = "") -> TrainingSetup:
     trained = ("unet",) if cfg.disable_textenc_training else ("unet", "text_encoder")
     lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
     schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule}
     return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.label,
                          cfg.ema_decay_rate is not None, lr, plan.unet_schedule.name, plan.unet_schedule.warmup_steps,
                          total_steps, cfg.grad_accum, schedules={group: schedules[group].record() for group in lr},
-                         seed=cfg.seed, fused_backward=cfg.fused_backward)
+                         seed=cfg.seed, fused_backward=cfg.fused_backward, lora=lora_record(cfg), base=base)
 
 
 def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,

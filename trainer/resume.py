@@ -52,8 +52,10 @@ class TrainingSetup:
     schedules: dict[str, dict[str, Any]] = field(default_factory=dict)  # per group: SCHEDULE_KEYS; {}: older state
     seed: int | None = None  # the run's seed (a -1 resolved); None: an older state
     fused_backward: bool = False  # one optimizer state per parameter (trainer/fused_backward.py); older: False
+    lora: dict[str, Any] = field(default_factory=dict)  # LoRA mode's adapter shapes (config.lora_record); {}: full
+    base: str = ""  # LoRA mode: sha256 of the base's weights the adapters were trained on (trainer/lora.py)
 
-    FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward")  # checked from the config alone (preflight)
+    FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward", "lora")  # checked from the config alone (preflight)
 
 
 @dataclass

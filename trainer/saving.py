@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list
+from safetensors.torch import save_file
 
 from common.console import say, warn
 from common.files import atomic_folder, free_bytes, human_bytes, partial_path, remove
@@ -39,7 +40,8 @@ from trainer.checkpoints import (
 from trainer.errors import UserError
 from trainer.guard import Breakage, DivergedError
 from trainer.resume import STATE_DIR, TrainerState
-from trainer.setup import Run, ema_weights
+from trainer.lora import file_metadata, file_tensors
+from trainer.setup import Run, adapted_modules, ema_weights
 
 
 def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str = "", with_state: bool = False) -> Path:
@@ -56,7 +58,8 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     pipeline = run.pipeline()
     dtype = torch.float32 if cfg.save_full_precision else torch.float16
     partial = partial_path(path, run.owner)
-    agree(run, lambda: _write_model(run, partial, pipeline, dtype), path, step=state.global_step, partial=partial)
+    agree(run, lambda: _write_model(run, partial, pipeline, dtype, state, path.name), path, step=state.global_step,
+          partial=partial)
     if with_state:
         agree(run, lambda: _save_training_state(run, partial), path, step=state.global_step, partial=partial,
               every_process=True)
@@ -65,13 +68,13 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     else:
         agree(run, lambda: _finish(partial, path, None, run), path, step=state.global_step, partial=partial)
     run.last_save = path
-    say(f"Saved model: {path}")
+    _say_saved(run, path)
     if run.emas:
         twin = path.with_name(path.name + "-ema")
         with ema_weights(run):
-            agree(run, lambda: _write_whole(run, twin, pipeline, dtype), twin, step=state.global_step)
-        say(f"Saved model: {twin}")
-    if cfg.save_single_file:
+            agree(run, lambda: _write_whole(run, twin, pipeline, dtype, state), twin, step=state.global_step)
+        _say_saved(run, twin)
+    if cfg.save_single_file and not run.adapters:  # a LoRA save is its one file
         for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
             agree(run, lambda folder=folder: _single_file(run, folder), folder, step=state.global_step, complete=True)
     if cfg.max_saves and not prefix and accelerator.is_main_process:
@@ -84,32 +87,58 @@ def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
     unet, text_encoder = run.unwrapped()
     trained = sum(p.numel() for m in run.trained for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for m in (unet, text_encoder, run.vae) for p in m.parameters())
-    size = footprint.ModelSize(trained=trained, frozen=total - trained)
-    needed = footprint.save_bytes(size, half=not run.cfg.save_full_precision, single_file=run.cfg.save_single_file,
+    size = footprint.ModelSize(trained=trained, frozen=0 if run.adapters else total - trained)  # LoRA: adapters only
+    single_file = run.cfg.save_single_file and not run.adapters
+    needed = footprint.save_bytes(size, half=not run.cfg.save_full_precision, single_file=single_file,
                                   ema=bool(run.emas), training_state=with_state, optimizer=run.setup.optimizer)
     path.parent.mkdir(parents=True, exist_ok=True)
     return room_problem(path.parent, needed)
 
 
-def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype) -> str | None:
-    weights = _weights(run, pipeline, dtype)
+def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype, state: TrainerState,
+                 name: str) -> str | None:
+    """The model (LoRA mode: the adapter file) into the partial folder a save becomes; a text when it cannot be."""
+    weights = _lora_weights(run, dtype) if run.adapters else _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
     remove(partial)
     partial.mkdir(parents=True)
-    write_model_folder(partial, pipeline, weights, dtype)
+    _write(run, partial, pipeline, weights, dtype, state, name)
     return None
 
 
-def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype) -> str | None:
-    weights = _weights(run, pipeline, dtype)
+def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype, state: TrainerState) -> str | None:
+    weights = _lora_weights(run, dtype) if run.adapters else _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
     with atomic_folder(path, owner=run.owner) as partial:
-        write_model_folder(partial, pipeline, weights, dtype)
+        _write(run, partial, pipeline, weights, dtype, state, path.name)
     return None
+
+
+def _write(run: Run, folder: Path, pipeline, weights: dict, dtype: torch.dtype, state: TrainerState,
+           name: str) -> None:
+    """A diffusers model folder, or in LoRA mode the folder's one adapter file `<name>.safetensors`."""
+    if not run.adapters:
+        write_model_folder(folder, pipeline, weights, dtype)
+        return
+    metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
+                             images=len(run.data.loader.dataset), base_hash=run.base_hash, name=name)
+    save_file(weights["lora"], str(folder / f"{name}.safetensors"), metadata=metadata)
+
+
+def _lora_weights(run: Run, dtype: torch.dtype) -> dict:
+    unet, text_encoder = run.unwrapped()
+    return {"lora": file_tensors(adapted_modules(unet, text_encoder, run.cfg), run.adapters.settings, dtype)}
+
+
+def _say_saved(run: Run, path: Path) -> None:
+    if run.adapters:
+        say(f"Saved LoRA: {path / (path.name + '.safetensors')}")
+    else:
+        say(f"Saved model: {path}")
 
 
 def _weights(run: Run, pipeline, dtype: torch.dtype) -> dict:

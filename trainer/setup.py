@@ -33,6 +33,7 @@ from trainer.config import TrainConfig
 from trainer.device_defaults import require_resolved
 from trainer.errors import UserError
 from trainer.guard import WeightGuard
+from trainer.lora import Adapters, LoraSettings, adapter_parameters, add_adapters, base_hash, keep_states_to_adapters
 from trainer.models import ModelInfo, SDModels
 from trainer.objective import Objective, zero_terminal_snr_schedulers
 from trainer.optim import OptimizerPlan
@@ -53,6 +54,7 @@ from trainer.resume import (
     configured_hyperparameters,
     continue_position,
     load_training_state,
+    refusal,
     restore_configured_hyperparameters,
 )
 from trainer.sampling import sd_pipeline
@@ -97,6 +99,8 @@ class Run:
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
     last_state: Path | None = None  # the newest complete training state
     text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
+    adapters: Adapters | None = None  # LoRA mode: the adapters trained on the frozen base (trainer/lora.py)
+    base_hash: str = ""  # LoRA mode: the base's weight files' sha256, written into each adapter file
 
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
@@ -153,10 +157,10 @@ def freeze(module: torch.nn.Module) -> None:
     module.eval()
 
 
-def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> list[str]:
+def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> tuple[list[str], Adapters | None]:
     """Frozen parts without gradients on the device (in the dtype they were loaded in: the compute precision),
-    trained parts in train mode (accelerate's prepare moves them), kernels, checkpointing and the speed paths as
-    configured. Returns the speed paths taken, for the log."""
+    trained parts in train mode (accelerate's prepare moves them), LoRA adapters in LoRA mode, kernels,
+    checkpointing and the speed paths as configured. Returns the speed paths taken, for the log, and the adapters."""
     freeze(models.vae)
     models.vae.to(device)
     models.unet.train()
@@ -165,6 +169,8 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, fre
         models.text_encoder.to(device)
     else:
         models.text_encoder.train()
+    adapters = set_up_adapters(cfg, models)
+    if not cfg.disable_textenc_training:  # in LoRA mode this freezes the adapters of the layers it names
         frozen = freeze_text_encoder_parts(models.text_encoder, freezing)
         if frozen:
             say(frozen)
@@ -177,7 +183,26 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, fre
             models.unet.enable_xformers_memory_efficient_attention()
         except (ImportError, ValueError, RuntimeError, NotImplementedError) as err:  # installed, but cannot run here
             raise UserError(f"attn_type xformers could not be enabled ({err}); use attn_type sdp.") from None
-    return speed_paths(cfg, models.unet, device)
+    return speed_paths(cfg, models.unet, device), adapters
+
+
+def set_up_adapters(cfg: TrainConfig, models: SDModels) -> Adapters | None:
+    """LoRA mode: adapters on the UNet (and the text encoder when it trains), from lora_init's file when given."""
+    settings = LoraSettings.from_config(cfg)
+    if settings is None:
+        return None
+    modules = adapted_modules(models.unet, models.text_encoder, cfg)
+    adapters = add_adapters(modules, settings)
+    say(adapters.describe(modules))
+    if cfg.lora_init:
+        from trainer.lora import load_adapter_file
+
+        say(load_adapter_file(Path(cfg.lora_init), modules, adapters))
+    return adapters
+
+
+def adapted_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
+    return {"unet": unet, **({} if cfg.disable_textenc_training else {"text_encoder": text_encoder})}
 
 
 def speed_paths(cfg: TrainConfig, unet: torch.nn.Module, device: torch.device) -> list[str]:
@@ -223,7 +248,8 @@ def schedulers(cfg: TrainConfig, models: SDModels) -> tuple[DDPMScheduler, Sched
 
 
 def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
-    """diffusers' EMAModel for each trained module; decay per update (with diffusers' built-in warmup)."""
+    """diffusers' EMAModel for each trained module (in LoRA mode: of its adapters), as (EMA, the parameters it
+    averages) pairs; decay per update (with diffusers' built-in warmup)."""
     if cfg.ema_decay_rate is None:
         return []
     from diffusers.training_utils import EMAModel
@@ -232,24 +258,25 @@ def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
     modules = [unet] + ([] if cfg.disable_textenc_training else [text_encoder])
     emas = []
     for module in modules:
-        ema = EMAModel(module.parameters(), decay=cfg.ema_decay_rate)
+        params = adapter_parameters(module) if run.adapters else list(module.parameters())
+        ema = EMAModel(params, decay=cfg.ema_decay_rate)
         ema.to(device if cfg.ema_device == "gpu" else torch.device("cpu"))
         run.accelerator.register_for_checkpointing(ema)
-        emas.append((ema, module))
+        emas.append((ema, params))
     return emas
 
 
 @contextlib.contextmanager
 def ema_weights(run: Run):
     """Temporarily swap the EMA weights into the modules (to save or sample them)."""
-    for ema, module in run.emas:
-        ema.store(module.parameters())
-        ema.copy_to(module.parameters())
+    for ema, params in run.emas:
+        ema.store(params)
+        ema.copy_to(params)
     try:
         yield
     finally:
-        for ema, module in run.emas:
-            ema.restore(module.parameters())
+        for ema, params in run.emas:
+            ema.restore(params)
 
 
 def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path, preflight: Preflight,
@@ -259,7 +286,12 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     plan = preflight.optimizer
     accelerator = make_accelerator(cfg, precision, run_dir, plan.grad_scaler_tweaks)
     set_seed(cfg.seed)
-    taken = set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    architecture = architecture_hash(models.unet, models.text_encoder)  # the base's, as check_model_fits saw it
+    taken, adapters = set_up_modules(cfg, models, accelerator.device, plan.freezing)
+    base = ""
+    if adapters is not None:
+        keep_states_to_adapters(accelerator)
+        (base,) = broadcast_object_list([base_hash(Path(models.info.path)) if accelerator.is_main_process else ""])
     unet = models.unet  # the UNet the run trains (modules are set up in place)
     noise_scheduler, sample_scheduler = schedulers(cfg, models)
     train_text_encoder = not cfg.disable_textenc_training
@@ -279,11 +311,10 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
         guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
                           half_saves=not cfg.save_full_precision, device=accelerator.device),
-        setup=current_setup(cfg, plan, total_steps, models.info.family,
-                            architecture_hash(models.unet, models.text_encoder)),
+        setup=current_setup(cfg, plan, total_steps, models.info.family, architecture, base),
         owner=owner, prompts=preflight.prompts, validation=data.validation,
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
-        text_cache=text_embedding_cache(cfg, models.text_encoder),
+        text_cache=text_embedding_cache(cfg, models.text_encoder), adapters=adapters, base_hash=base,
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
@@ -327,8 +358,9 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
     batch_samples = run.cfg.batch_size * run.accelerator.num_processes
     if preflight.resume is None:
         return TrainerState(global_step=0, epoch=1, batches_in_epoch=0, batch_samples=batch_samples)
-    configured = configured_hyperparameters(run.optimizer)
     state_dir = preflight.resume.state_dir
+    check_same_base(preflight.resume.saved.setup, run.setup, state_dir)
+    configured = configured_hyperparameters(run.optimizer)
     saved = load_training_state(run.accelerator, state_dir)
     restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
     if run.plan.grad_scaler_tweaks:  # a state saved without them has the scaler's plain settings
@@ -338,3 +370,12 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
     say(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
         f"{state.batches_in_epoch} batches into it.")
     return state
+
+
+def check_same_base(saved: TrainingSetup | None, current: TrainingSetup, state_dir: Path) -> None:
+    """LoRA adapters continue only on the base they were trained on: the same weights, not only the same layers."""
+    if saved is None or not saved.base or saved.base == current.base:
+        return
+    raise refusal(state_dir, [f"its adapters were trained on a base model whose weights hash to {saved.base[:12]}..., "
+                              f"and this run's base ({current.base[:12]}...) differs"],
+                  " Resume with resume_ckpt set to the base model it was trained from.")
