@@ -23,7 +23,11 @@ FACTORS = {"lora_A": "lora_down", "lora_B": "lora_up"}
 
 
 def kohya_module_name(model: str, module_path: str) -> str:
-    """`lora_unet_down_blocks_0_...` for the UNet module `down_blocks.0....`."""
+    """`lora_unet_down_blocks_0_...` for the UNet module `down_blocks.0....`. The text encoder's modules are named
+    as in CLIP's checkpoints (`text_model.encoder.layers...`), which every reader expects; transformers 5's
+    CLIPTextModel has dropped the `text_model` level from its module tree."""
+    if model == "text_encoder" and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
     return PREFIXES[model] + module_path.replace(".", "_")
 
 

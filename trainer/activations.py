@@ -147,7 +147,7 @@ def trace(unet_config: dict, text_encoder_config: dict | None, resolution: int, 
 
 @functools.lru_cache(maxsize=16)  # the plan's advice re-plans the same model many times
 def _trace(configs: str, resolution: int, precision: str) -> ActivationProfile:
-    unet, text_encoder = _meta_models(*json.loads(configs))
+    unet, text_encoder = meta_models(*json.loads(configs))
     half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     trained = [*unet.parameters(), *(text_encoder.parameters() if text_encoder is not None else [])]
     profile = ActivationProfile()
@@ -184,7 +184,8 @@ def _context(text_encoder, unet) -> torch.Tensor:
     return text_encoder(tokens)[0]
 
 
-def _meta_models(unet_config: dict, text_encoder_config: dict | None):
+def meta_models(unet_config: dict, text_encoder_config: dict | None):
+    """The UNet (and text encoder) of these configs on the meta device: shapes and no memory."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

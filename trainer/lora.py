@@ -78,6 +78,18 @@ def target_paths(module: torch.nn.Module, model: str, targets: str) -> list[str]
             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and rule.search(path)]
 
 
+def adapter_count(modules: dict[str, torch.nn.Module], rank: int, targets: str) -> int:
+    """Parameters of rank-`rank` adapters on the `targets` layers of `modules` (which may be on the meta device):
+    down (rank x in x kernel) plus up (out x rank) for each layer."""
+    total = 0
+    for name, module in modules.items():
+        layers = dict(module.named_modules())
+        for path in target_paths(module, name, targets):
+            weight = layers[path].weight
+            total += rank * (weight[0].numel() + weight.shape[0])
+    return total
+
+
 def add_adapters(modules: dict[str, torch.nn.Module], settings: LoraSettings) -> Adapters:
     """Freeze each of `modules` (model name -> module) and give it adapters: fp32, trainable, their up factors zero
     (so training starts from the base's outputs), their down factors drawn from torch's seeded generator."""

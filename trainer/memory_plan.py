@@ -63,6 +63,8 @@ class Settings:
     processes: int = 1
     gpu: bool = True
     save_bytes: int = 2  # per parameter of a save's weights (fp16; 4 with save_full_precision)
+    lora_rank: int = 0  # LoRA mode: only adapters train; the base is held in the compute precision
+    lora_targets: str = "attn_ff"
 
     @classmethod
     def from_config(cls, cfg, optimizer_label: str, text_cache_entries: int = 0, processes: int = 1,
@@ -72,7 +74,8 @@ class Settings:
                    train_text_encoder=not cfg.disable_textenc_training,
                    ema_on_device=cfg.ema_decay_rate is not None and cfg.ema_device == "gpu",
                    fused_backward=cfg.fused_backward, text_cache_entries=text_cache_entries, processes=processes,
-                   gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2)
+                   gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2, lora_rank=cfg.lora_rank,
+                   lora_targets=cfg.lora_targets)
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,13 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
 
     profile = trace(model.unet_config, model.text_encoder_config if settings.train_text_encoder else None,
                     settings.resolution, settings.precision)
-    trained = model.unet + (model.text_encoder if settings.train_text_encoder else 0)
     compute = DTYPE_BYTES[settings.precision]
-    frozen_bytes = (model.vae + (0 if settings.train_text_encoder else model.text_encoder)) * compute
+    if settings.lora_rank:  # the whole base frozen in the compute dtype; the adapters train
+        trained = adapter_params(model, settings)
+        frozen_bytes = (model.unet + model.text_encoder + model.vae) * compute
+    else:
+        trained = model.unet + (model.text_encoder if settings.train_text_encoder else 0)
+        frozen_bytes = (model.vae + (0 if settings.train_text_encoder else model.text_encoder)) * compute
     parts = {
         "weights": trained * 4 + frozen_bytes,
         "optimizer state": int(trained * optimizer_state_bytes(settings.optimizer)),
@@ -118,23 +125,29 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
         "text cache": settings.text_cache_entries * CONTEXT_TOKENS * model.text_width * compute,
         "runtime": RUNTIME_BYTES["gpu" if settings.gpu else "cpu"],
     }
-    forward, backward = replay(profile, settings.batch, settings.gradient_checkpointing, settings.fused_backward)
+    forward, backward = replay(profile, settings.batch, settings.gradient_checkpointing, settings.fused_backward,
+                               frozen_base=bool(settings.lora_rank))
     # a save gathers the weights in their save dtype in host memory: a GPU's memory never holds that copy
-    save = 0 if settings.gpu else (model.unet + model.text_encoder + model.vae) * settings.save_bytes
+    saved = trained if settings.lora_rank else model.unet + model.text_encoder + model.vae
+    save = 0 if settings.gpu else saved * settings.save_bytes
     return MemoryPlan(parts, forward, backward, ALLOCATOR_SLACK, save)
 
 
-def replay(profile, batch: int, checkpointing: bool, fused_backward: bool) -> tuple[int, int]:
-    """(bytes at the forward's end, worst bytes during backward) of activations and gradients, at `batch`."""
+def replay(profile, batch: int, checkpointing: bool, fused_backward: bool,
+           frozen_base: bool = False) -> tuple[int, int]:
+    """(bytes at the forward's end, worst bytes during backward) of activations and gradients, at `batch`.
+    `frozen_base` (LoRA): the weights are held in the compute dtype already, so there are no half copies, and
+    only the adapters get gradients (counted with the weights). Its activations are an upper bound: a frozen
+    layer's backward needs its weight, not its input, so autograd keeps somewhat less than the trace saw."""
     def size(saved) -> int:
         return saved.nbytes * (batch if saved.per_sample else 1)
 
-    kept = [s for s in profile.saved if s.region is None or not checkpointing]
+    kept = [s for s in profile.saved if (s.region is None or not checkpointing) and (s.per_sample or not frozen_base)]
     inputs = sum(nbytes for _, nbytes, _ in profile.region_inputs) * batch if checkpointing else 0
     activations = sum(size(s) for s in kept if s.per_sample) + inputs
     # autocast caches a half copy of every trained weight until the forward returns; backward keeps the copies
     # its ops saved (outside checkpointed regions: those recompute theirs)
-    forward = activations + profile.weight_copies
+    forward = activations + (0 if frozen_base else profile.weight_copies)
     held = activations + sum(s.nbytes for s in kept if not s.per_sample)
 
     # backward, op by op from the last: a gradient appears at its weight's last use, a saved tensor is freed once
@@ -147,7 +160,7 @@ def replay(profile, batch: int, checkpointing: bool, fused_backward: bool) -> tu
         for region, nbytes, _ in profile.region_inputs:
             start, _ = profile.regions[region]
             frees[start] = frees.get(start, 0) + nbytes * batch
-    if not fused_backward:  # fused: each gradient is consumed and freed as soon as it is ready
+    if not fused_backward and not frozen_base:  # fused: each gradient is consumed and freed as soon as it is ready
         for op, numel in profile.params_last_use:
             allocs[op] = allocs.get(op, 0) + numel * 4
     worst = forward
@@ -192,6 +205,8 @@ def advice(model: ModelParams, settings: Settings, budget: int) -> list[tuple[st
         if getattr(current, attribute) == value or not _allowed(current, attribute):
             continue
         current = dataclasses.replace(current, **{attribute: value})
+        if attribute == "train_text_encoder" and current.lora_rank:
+            words = "lora_text_encoder false"
         steps.append((words, plan_memory(model, current).peak))
         if steps[-1][1] <= budget:
             return steps
@@ -201,6 +216,16 @@ def advice(model: ModelParams, settings: Settings, budget: int) -> list[tuple[st
         if steps[-1][1] <= budget:
             return steps
     return steps
+
+
+def adapter_params(model: ModelParams, settings: Settings) -> int:
+    """The LoRA adapters' parameter count, from the model's layers built on the meta device."""
+    from trainer.activations import meta_models
+    from trainer.lora import adapter_count
+
+    unet, text_encoder = meta_models(model.unet_config, model.text_encoder_config)
+    modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.train_text_encoder else {})}
+    return adapter_count(modules, settings.lora_rank, settings.lora_targets)
 
 
 def _allowed(settings: Settings, attribute: str) -> bool:

@@ -54,12 +54,14 @@ def make_shapes_dataset(out_dir: Path, images_per_concept: int = 8, size: int = 
     return out_dir
 
 
-def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8, seed: int = 123) -> tuple[float, float]:
+def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8, seed: int = 123,
+                   lora: Path | None = None) -> tuple[float, float]:
     """(loss with each image's own caption, loss with the other concept's caption) on fresh held-out shapes.
 
     The training objective itself (trainer/objective.py `compute_loss`, plain MSE), with the same noise and
     timestep for both captions (the same generator seed), so the difference is what the caption is worth to the
-    model: about 0 for a model that ignores its conditioning, clearly positive once it has learned it.
+    model: about 0 for a model that ignores its conditioning, clearly positive once it has learned it. `lora`: a
+    LoRA file applied to the model first, by diffusers' own loader (as a user's pipeline applies it).
     """
     import numpy as np
     import torch
@@ -71,6 +73,11 @@ def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8,
     from trainer.objective import compute_loss, encode_prompts
 
     models = load_model_dir(Path(model_dir))
+    if lora is not None:
+        from trainer.sampling import sd_pipeline
+
+        sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer,
+                    models.sample_scheduler).load_lora_weights(str(lora))
     concepts, rng = list(CONCEPTS), random.Random(seed)
     own, other = [], []
     with torch.no_grad():
