@@ -107,6 +107,28 @@ def test_the_memory_plan_counts_the_adapters_the_run_trains():
     assert adapter_count(dict(zip(("unet", "text_encoder"), on_meta)), 4, "all") == trained
 
 
+def test_the_frozen_base_is_held_in_the_compute_dtype_and_only_fp32_adapters_get_gradients(tmp_path: Path):
+    from trainer.precision import component_dtypes
+
+    cfg = load_config(["--data_root", str(tmp_path), "--lora_rank", "4", "--lora_text_encoder", "true"]).config
+    dtypes = component_dtypes(cfg, "bf16")
+    assert dtypes.unet == dtypes.text_encoder == dtypes.vae == torch.bfloat16
+    pipe = make_tiny_pipeline("sd1")
+    pipe.unet.to(dtypes.unet), pipe.text_encoder.to(dtypes.text_encoder)
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    add_adapters(modules, LoraSettings(4, 4.0, 0.0, "all", True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states = pipe.text_encoder(torch.randint(0, 49407, (1, 77)))[0]
+        pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([500]), states).sample.float().square().mean().backward()
+    for module in modules.values():
+        for key, param in module.named_parameters():
+            if param.requires_grad:
+                assert param.dtype == torch.float32 and param.grad is not None and param.grad.dtype == torch.float32
+            else:
+                assert param.dtype == torch.bfloat16 and param.grad is None, key
+    assert any(p.grad.abs().sum() > 0 for p in pipe.unet.parameters() if p.requires_grad)
+
+
 def test_target_sets_grow_from_attention_to_every_block_layer():
     unet = make_tiny_pipeline("sd1").unet
     attn, attn_ff, every = (set(target_paths(unet, "unet", t)) for t in ("attn", "attn_ff", "all"))

@@ -2,13 +2,23 @@
 """Generate images from a saved diffusers model folder, to look at what a run learned.
 
     python utils/generate.py --model logs/<run>/ckpts/last-... --prompt "a red circle" --out sample.png
+
+With `--lora file[:strength]` (repeatable) LoRA adapter files, such as a LoRA run's saves, apply to the model at
+their strengths (default 1.0) without changing it: the same adapters and strengths utils/merge_lora.py fuses in.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python utils/...` from anywhere
+# a text encoder's adapters make transformers list every base weight as "MISSING" (an adapter file holds none)
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from utils.merge_lora import LoraError, apply_loras, parse_loras  # noqa: E402  (after sys.path above)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -20,11 +30,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                        help="a LoRA adapter file to apply, at a strength (default 1.0); repeat for several")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    try:
+        loras = parse_loras(args.lora)  # judged before the slow imports and the model load
+    except LoraError as err:
+        print(f"generate.py: {err}", file=sys.stderr)
+        return err.exit_code
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -35,6 +52,13 @@ def main(argv: list[str]) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, dtype=torch.float16 if device == "cuda" else torch.float32
     ).to(device)
+    if loras:
+        try:
+            apply_loras(pipe, loras)
+        except LoraError as err:
+            print(f"generate.py: {err}", file=sys.stderr)
+            return err.exit_code
+        print("LoRA: " + ", ".join(spec.describe() for spec in loras))
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     image = pipe(
         args.prompt,
