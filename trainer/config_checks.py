@@ -155,7 +155,7 @@ def _lora(cfg: TrainConfig) -> Problems:
     if cfg.lora_rank < 0:
         bad.append(("lora_rank", "an adapter rank > 0 such as 8, 16 or 32, or 0 for a full fine-tune"))
     if not cfg.lora_rank:
-        bad += [(key, f"null without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
+        bad += [(key, "null without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
                 for key in LORA_ONLY if getattr(cfg, key) is not None]
         if cfg.lora_text_encoder:
             bad.append(("lora_text_encoder", "false without lora_rank, or set lora_rank such as 16"))
