@@ -126,7 +126,8 @@ def detect_family(state: Mapping[str, Tensor]) -> Family:
         if any(k.startswith("conditioner.embedders.") for k in state):
             hint = " It looks like an SDXL checkpoint, which this trainer does not support."
         elif any("lora" in k.lower() for k in list(state)[:50]):
-            hint = " It looks like a LoRA, not a full model."
+            hint = (" It looks like a LoRA adapter, not a full model: train.py takes it as lora_init (with its base "
+                    "model as resume_ckpt), and utils/merge_lora.py merges it into its base.")
         raise ConversionError(
             f"no Stable Diffusion UNet weights ({UNET_PREFIX}*) in this checkpoint.{hint} Expected an SD1.x "
             "or SD2.x single-file model."

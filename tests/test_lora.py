@@ -324,6 +324,17 @@ def test_samples_and_validation_run_with_the_adapters_applied(tiny_model, shapes
     assert len(list(tmp_path.rglob("samples/*gs00002*-ema*.png"))) >= 1  # the EMA adapters sampled too
 
 
+def test_a_lora_save_given_as_the_base_model_says_how_to_use_it(tmp_path: Path):
+    from trainer.ckpt_cache import cache_entry, not_found_message
+
+    save = tmp_path / "last-myproj-ep01-gs00006"
+    save.mkdir()
+    (save / f"{save.name}.safetensors").write_bytes(b"")
+    message = not_found_message(str(save), save, cache_entry(str(save)))
+    assert "is a LoRA save" in message and f"--lora_init {save / save.name}.safetensors" in message
+    assert "a name in" not in message  # an absolute path is never a ckpt_cache/ name
+
+
 def test_the_shipped_defaults_train_in_full_mode():
     defaults = json.loads((REPO_ROOT / "train.json").read_text(encoding="utf-8"))
     assert defaults["lora_rank"] == 0 and defaults["lora_targets"] == "attn_ff"

@@ -74,11 +74,17 @@ def not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
     """What resume_ckpt was looked for as, and what to do: the model resolution's last rule (trainer/models.py)."""
     tried = [
         f"a diffusers folder at {given.resolve()}",
-        f"a name in {cached.parent}/: {cached.resolve()}",
+        *([] if given.is_absolute() else [f"a name in {cached.parent}/: {cached.resolve()}"]),  # a path is no name
         f"a .ckpt/.safetensors file at {given.resolve()}",
         "a Hugging Face repo id (owner/name or owner/name@revision)",
     ]
-    if given.is_dir():
+    lora_file = given / f"{given.name}.safetensors"
+    if given.is_dir() and lora_file.is_file():
+        hint = (f"{given} is a LoRA save (its adapter file is {lora_file}), not a model. Train on from it with "
+                f"--lora_init {lora_file} and its base model as resume_ckpt (or continue its run exactly with "
+                "--resume_state, when it holds a training state), or merge it into its base with "
+                "utils/merge_lora.py.")
+    elif given.is_dir():
         hint = (f"{given} exists but is not a diffusers model: it needs model_index.json or unet/, vae/ and "
                 "text_encoder/ sub-folders. For a single-file model inside it, pass the file's path.")
     elif given.is_file():
