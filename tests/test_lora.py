@@ -222,9 +222,10 @@ def test_a_run_saves_a_file_that_diffusers_applies_as_trained(family: str, tiny_
 
 
 @pytest.mark.slow
-def test_exact_resume_of_a_lora_run_with_ema_and_text_encoder(tiny_model, shapes_dir: Path, tmp_path: Path):
+def test_exact_resume_of_a_lora_run_with_ema_text_encoder_8bit_and_checkpointing(tiny_model, shapes_dir: Path, tmp_path: Path):
     common = ["--lora_targets", "all", "--lora_text_encoder", "true", "--lora_text_encoder_lr", "5e-3",
-              "--ema_decay_rate", "0.9", "--save_optimizer"]
+              "--ema_decay_rate", "0.9", "--save_optimizer", "--optimizer", "adamw8bit",
+              "--gradient_checkpointing", "true"]  # the memory savers work on adapters too
     _, straight = lora_run(tiny_model, shapes_dir, tmp_path, *common, "--max_steps", "6", "--logdir", "straight")
     _, first = lora_run(tiny_model, shapes_dir, tmp_path, *common, "--max_steps", "3", "--logdir", "split")
     state = first[0].parent / "training_state"
