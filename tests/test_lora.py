@@ -66,7 +66,8 @@ def lora_layers(module: torch.nn.Module) -> set[str]:
     return {name for name, layer in module.named_modules() if isinstance(layer, LoraLayer)}
 
 
-@pytest.mark.parametrize("family", [TINY_FAMILIES[0], *(pytest.param(f, marks=pytest.mark.slow) for f in TINY_FAMILIES[1:])])
+@pytest.mark.parametrize("family", [TINY_FAMILIES[0],
+                                    *(pytest.param(f, marks=pytest.mark.slow) for f in TINY_FAMILIES[1:])])
 def test_diffusers_loads_the_file_onto_every_targeted_layer_with_the_same_outputs(family: str, tmp_path: Path,
                                                                                   caplog):
     pipe, modules, adapters = adapted_pipeline(family)
@@ -87,7 +88,8 @@ def test_diffusers_loads_the_file_onto_every_targeted_layer_with_the_same_output
 def test_fresh_adapters_leave_the_base_unchanged_and_train_alone():
     pipe = make_tiny_pipeline("sd1")
     before = outputs(pipe)
-    adapters = add_adapters({"unet": pipe.unet}, LoraSettings(rank=4, alpha=4.0, dropout=0.0, targets="attn", text_encoder=False))
+    adapters = add_adapters({"unet": pipe.unet}, LoraSettings(rank=4, alpha=4.0, dropout=0.0, targets="attn",
+                                                              text_encoder=False))
     for got, want in zip(outputs(pipe), before):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     trainable = {k for k, p in pipe.unet.named_parameters() if p.requires_grad}
@@ -206,7 +208,7 @@ def test_a_run_saves_a_file_that_diffusers_applies_as_trained(family: str, tiny_
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "4" and meta["ss_resolution"] == "(64, 64)"
     assert meta["ss_base_model_version"] == ("sd_v1" if family == "sd1" else "sd_v2")
     assert meta["modelspec.prediction_type"] == ("v" if family == "sd2-v" else "epsilon")
-    assert len(meta["ss_new_sd_model_hash"]) == 64
+    assert len(meta["ss_new_sd_model_hash"]) == 64 and meta["ss_unet_lr"] == "0.01"
     # the trained in-memory model: the base (tiny_model saved this same seeded pipeline) with the state's fp32
     # adapters, exactly as they were in memory when the save was made
     pipe = make_tiny_pipeline(family)
@@ -222,7 +224,8 @@ def test_a_run_saves_a_file_that_diffusers_applies_as_trained(family: str, tiny_
 
 
 @pytest.mark.slow
-def test_exact_resume_of_a_lora_run_with_ema_text_encoder_8bit_and_checkpointing(tiny_model, shapes_dir: Path, tmp_path: Path):
+def test_exact_resume_of_a_lora_run_with_ema_text_encoder_8bit_and_checkpointing(tiny_model, shapes_dir: Path,
+                                                                                 tmp_path: Path):
     common = ["--lora_targets", "all", "--lora_text_encoder", "true", "--lora_text_encoder_lr", "5e-3",
               "--ema_decay_rate", "0.9", "--save_optimizer", "--optimizer", "adamw8bit",
               "--gradient_checkpointing", "true"]  # the memory savers work on adapters too

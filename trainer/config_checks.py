@@ -21,7 +21,8 @@ _NAME_OK = re.compile(r"^[\w.\-]+$")
 
 def validate(cfg: TrainConfig) -> Problems:
     """Impossible values as (key, what is expected instead); empty when the config can run."""
-    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg), *_lora(cfg)]
+    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg),
+            *_lora(cfg)]
 
 
 def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:

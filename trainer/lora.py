@@ -34,8 +34,10 @@ _FEED_FORWARD = r"\.transformer_blocks\.\d+\.ff\.net\.(0\.proj|2)$|\.attentions\
 _TE_ATTENTION = r"\.self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 _TE_MLP = r"\.mlp\.(fc1|fc2)$"
 TARGET_RULES = {
-    "unet": {"attn": _ATTENTION, "attn_ff": f"{_ATTENTION}|{_FEED_FORWARD}", "all": r"^(down_blocks|mid_block|up_blocks)\."},
-    "text_encoder": {"attn": _TE_ATTENTION, "attn_ff": f"{_TE_ATTENTION}|{_TE_MLP}", "all": f"{_TE_ATTENTION}|{_TE_MLP}"},
+    "unet": {"attn": _ATTENTION, "attn_ff": f"{_ATTENTION}|{_FEED_FORWARD}",
+             "all": r"^(down_blocks|mid_block|up_blocks)\."},
+    "text_encoder": {"attn": _TE_ATTENTION, "attn_ff": f"{_TE_ATTENTION}|{_TE_MLP}",
+                     "all": f"{_TE_ATTENTION}|{_TE_MLP}"},  # CLIP has no other Linear layers in its blocks
 }
 BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2"}  # kohya's ss_base_model_version
 
@@ -139,8 +141,9 @@ def file_tensors(modules: dict[str, torch.nn.Module], settings: LoraSettings, dt
 
 
 def file_metadata(cfg, info, settings: LoraSettings, *, step: int, epoch: int, images: int,
-                  base_hash: str, name: str) -> dict[str, str]:
-    """kohya's `ss_*` keys (what AUTOMATIC1111's and ComfyUI's LoRA info panels show) and Stability's modelspec."""
+                  base_hash: str, name: str, rates: tuple[float, float]) -> dict[str, str]:
+    """kohya's `ss_*` keys (what AUTOMATIC1111's and ComfyUI's LoRA info panels show) and Stability's modelspec.
+    `rates`: the UNet adapters' and the text encoder's planned learning rates."""
     v_prediction = info.prediction_type == "v_prediction"
     architecture = ("stable-diffusion-v1" if info.family == "sd1" else
                     "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512")
@@ -156,8 +159,8 @@ def file_metadata(cfg, info, settings: LoraSettings, *, step: int, epoch: int, i
         "ss_num_train_images": str(images), "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.grad_accum), "ss_seed": str(cfg.seed),
         "ss_clip_skip": str(cfg.clip_skip or 1), "ss_optimizer": cfg.optimizer, "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_learning_rate": f"{cfg.lora_unet_lr or cfg.lr or 0:g}", "ss_unet_lr": f"{cfg.lora_unet_lr or cfg.lr or 0:g}",
-        "ss_text_encoder_lr": f"{cfg.lora_text_encoder_lr or cfg.lr or 0:g}" if settings.text_encoder else "0",
+        "ss_learning_rate": f"{rates[0]:g}", "ss_unet_lr": f"{rates[0]:g}",
+        "ss_text_encoder_lr": f"{rates[1]:g}" if settings.text_encoder else "0",
         "ss_network_train_unet_only": str(not settings.text_encoder), "ss_mixed_precision": cfg.mixed_precision,
         "ss_output_name": name, "ss_training_comment": f"lora_targets {settings.targets}",
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{architecture}/lora",

@@ -125,7 +125,8 @@ def _write(run: Run, folder: Path, pipeline, weights: dict, dtype: torch.dtype, 
         write_model_folder(folder, pipeline, weights, dtype)
         return
     metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
-                             images=len(run.data.loader.dataset), base_hash=run.base_hash, name=name)
+                             images=len(run.data.loader.dataset), base_hash=run.base_hash, name=name,
+                             rates=(run.plan.unet.lr, run.plan.text_encoder.lr))
     save_file(weights["lora"], str(folder / f"{name}.safetensors"), metadata=metadata)
 
 

@@ -157,7 +157,8 @@ def freeze(module: torch.nn.Module) -> None:
     module.eval()
 
 
-def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device, freezing) -> tuple[list[str], Adapters | None]:
+def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device,
+                   freezing) -> tuple[list[str], Adapters | None]:
     """Frozen parts without gradients on the device (in the dtype they were loaded in: the compute precision),
     trained parts in train mode (accelerate's prepare moves them), LoRA adapters in LoRA mode, kernels,
     checkpointing and the speed paths as configured. Returns the speed paths taken, for the log, and the adapters."""
