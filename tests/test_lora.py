@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,25 @@ def test_exact_resume_of_a_lora_run_with_ema_text_encoder_8bit_and_checkpointing
         assert wa.keys() == wb.keys() and any(k.startswith("lora_te_") for k in wa)
         for key in wa:
             torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_saves_the_adapters_with_their_training_state(tiny_model, shapes_dir: Path, tmp_path: Path):
+    import signal
+
+    from tests.conftest import TrainProcess
+
+    process = TrainProcess(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--batch_size",
+                            "2", *FAST, *LORA, "--max_epochs", "500"], cwd=tmp_path)
+    process.wait_for("Training SD1")
+    time.sleep(3)
+    process.signal_group(signal.SIGTERM)
+    code, out, err = process.finish()
+    assert code == 128 + signal.SIGTERM, err[-3000:]
+    (file,) = lora_files(out)
+    assert file.parent.name.startswith("interrupted-") and file.name == f"{file.parent.name}.safetensors"
+    assert (file.parent / "training_state" / "trainer_state.json").is_file()
+    assert f"Continue with --resume_state {file.parent}" in out
 
 
 @pytest.mark.slow
