@@ -110,6 +110,7 @@ def test_the_memory_plan_counts_the_adapters_the_run_trains():
     assert adapter_count(dict(zip(("unet", "text_encoder"), on_meta)), 4, "all") == trained
 
 
+@pytest.mark.slow  # a bf16 forward and backward of both models: seconds on a CPU
 def test_the_frozen_base_is_held_in_the_compute_dtype_and_only_fp32_adapters_get_gradients(tmp_path: Path):
     from trainer.precision import component_dtypes
 
