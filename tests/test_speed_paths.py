@@ -110,6 +110,7 @@ def test_fused_adamw_is_built_where_torch_has_it_and_steps_the_same(monkeypatch)
         torch.testing.assert_close(param, twin, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # whole in-process runs: seconds to tens of seconds on a CPU
 def test_fused_and_unfused_adamw_train_the_same(tiny_model, shapes_dir: Path, tmp_path: Path, monkeypatch):
     fused = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "fused", monkeypatch)
     monkeypatch.setattr("trainer.optim_build.fused_kernels_fit", lambda groups, device: False)
@@ -123,6 +124,7 @@ def test_fused_and_unfused_adamw_train_the_same(tiny_model, shapes_dir: Path, tm
 READS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")
 
 
+@pytest.mark.slow  # whole in-process runs: seconds to tens of seconds on a CPU
 def test_a_step_never_reads_the_device(tiny_model, shapes_dir: Path, tmp_path: Path, monkeypatch):
     """Between log steps, the step (forward, backward, clip, optimizer and schedule, the guard, EMA) reads no tensor
     back to the host: on a GPU each such read waits for every kernel queued before it."""
@@ -165,6 +167,7 @@ def test_a_step_never_reads_the_device(tiny_model, shapes_dir: Path, tmp_path: P
 # ---------------------------------------------------------------- channels_last and regional compilation
 
 
+@pytest.mark.slow  # whole in-process runs: seconds to tens of seconds on a CPU
 def test_channels_last_trains_the_same_and_saves_plain_weights(tiny_model, shapes_dir: Path, tmp_path: Path,
                                                                monkeypatch):
     last = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "last", monkeypatch, channels_last=True)
@@ -192,6 +195,7 @@ def test_regional_compile_trains_the_same_and_saves_plain_weights(tiny_model, sh
 # ---------------------------------------------------------------- the text-embedding cache
 
 
+@pytest.mark.slow  # whole in-process runs: seconds to tens of seconds on a CPU
 def test_text_cache_trains_the_same_and_encodes_each_caption_once(tiny_model, shapes_dir: Path, tmp_path: Path,
                                                                   monkeypatch):
     """Two epochs with a frozen text encoder, caption dropout (the empty caption is a third caption) and
