@@ -18,22 +18,20 @@ OMP_WAIT_POLICY_CHOSEN = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import dataclasses  # noqa: E402  (after the environment above)
-import logging  # noqa: E402
 import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 from common.console import configure as configure_console  # noqa: E402
+from common.console import quiet_library_noise  # noqa: E402
 from common.console import say, warn  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from trainer.config import ConfigError, TrainConfig, load_config  # noqa: E402
 from trainer.config_docs import help_text  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
-# bitsandbytes' CPU backend (imported with peft, and so with diffusers) warns that an optional 4-bit kernel
-# package is missing; nothing here runs 4-bit kernels, and its advice (pip install kernels) would only mislead.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+quiet_library_noise()
 
 
 def pick_seed(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:

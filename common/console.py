@@ -15,6 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def quiet_library_noise() -> None:
+    """Silence what libraries say at import that would only mislead a user of ours. bitsandbytes' CPU backend
+    (imported with peft, and so with diffusers) warns that an optional 4-bit kernel package is missing; nothing
+    here runs 4-bit kernels, and its advice (pip install kernels) would send users after a package they do not
+    need."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 @dataclass
 class _Channel:
     main: bool = True

@@ -33,8 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python u
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from common.safetensors_header import HeaderError, read_header  # noqa: E402  (after sys.path above)
+from common.console import quiet_library_noise  # noqa: E402  (after sys.path above)
+from common.safetensors_header import HeaderError, read_header  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
+
+quiet_library_noise()
 
 # Where an adapter's down factor is named in the layouts diffusers' load_lora_weights reads: kohya's (what train.py
 # writes, and A1111/ComfyUI/kohya's tools), peft's, and diffusers' older attention-processor one.
