@@ -144,17 +144,14 @@ class TrainConfig:
     )
     lora_dropout: float = _key(0.0, "Dropout on each adapter's input while training (0 to <1).")
     lora_targets: LoraTargets = _key(
-        "attn_ff", "Layers that get adapters: attn (attention projections), attn_ff (attention, feed-forward and "
-        "the transformer's proj_in/out: kohya's default), all (also every resnet, down- and upsampler "
-        "convolution: LoCon)."
-    )
+        "attn_ff", "Layers that get adapters: attn (attention projections), attn_ff (also feed-forward and "
+        "proj_in/out: kohya's default), all (also every resnet, down- and upsampler convolution: LoCon).")
     lora_text_encoder: bool = _key(
         False, "LoRA mode: also train adapters on the text encoder's attention and MLP layers; false: it is frozen."
     )
     lora_unet_lr: float | None = _key(None, "LoRA mode: the UNet adapters' learning rate (e.g. 1e-4); null: lr.")
-    lora_text_encoder_lr: float | None = _key(
-        None, "LoRA mode: the text-encoder adapters' learning rate (e.g. 5e-5); null: the text encoder's lr."
-    )
+    lora_text_encoder_lr: float | None = _key(None, "LoRA mode: the text-encoder adapters' learning rate (e.g. "
+                                                    "5e-5); null: the text encoder's lr.")
     lora_init: str | None = _key(
         None, "LoRA mode: start the adapters from this kohya-format .safetensors file (its rank and alpha must "
         "match lora_rank and lora_alpha); null: fresh adapters (up weights zero: the base's outputs)."
@@ -441,15 +438,6 @@ def load_config(argv: list[str]) -> LoadedConfig:
 def lora_alpha(cfg: TrainConfig) -> float:
     """LoRA's alpha as trained: lora_alpha, or the rank when null (a scale of 1)."""
     return float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
-
-
-def lora_record(cfg: TrainConfig) -> dict[str, Any]:
-    """What a LoRA training state can only continue with (trainer/resume.py TrainingSetup.lora): the adapters'
-    shapes and scale ({} for a full fine-tune). Dropout and rates may change."""
-    if not cfg.lora_rank:
-        return {}
-    return {"rank": cfg.lora_rank, "alpha": lora_alpha(cfg), "targets": cfg.lora_targets,
-            "text_encoder": cfg.lora_text_encoder}
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from data.schedule import batches_per_epoch
 from data.validation import validation_sets
 from trainer import footprint
 from trainer.ckpt_cache import CKPT_CACHE, cache_entry, not_found_message
-from trainer.config import TrainConfig, lora_alpha, lora_record
+from trainer.config import TrainConfig, lora_alpha
 from trainer.errors import ProblemsError, UserError
 from trainer.everydream2 import FIND_LAST
 from trainer.hub import parse_repo_id
@@ -46,6 +46,7 @@ from trainer.resume import (
     find_training_state,
     fixed_differences,
     honoured_changes,
+    lora_record,
     missing_state_files,
     read_trainer_state,
     refusal,

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.config import lora_alpha
 from trainer.errors import UserError
 
 STATE_DIR = "training_state"
@@ -79,6 +80,15 @@ class TrainerState:
             setup = TrainingSetup(**{**setup, "trained": tuple(setup["trained"]),
                                      "freezing": upgraded_freezing(setup["freezing"])})
         return cls(**data, setup=setup)
+
+
+def lora_record(cfg) -> dict[str, Any]:
+    """What a LoRA training state can only continue with (TrainingSetup.lora): the adapters' shapes and scale ({}
+    for a full fine-tune). Dropout and rates may change."""
+    if not cfg.lora_rank:
+        return {}
+    return {"rank": cfg.lora_rank, "alpha": lora_alpha(cfg), "targets": cfg.lora_targets,
+            "text_encoder": cfg.lora_text_encoder}
 
 
 def upgraded_freezing(freezing: dict[str, Any]) -> dict[str, Any]:
