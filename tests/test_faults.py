@@ -210,6 +210,26 @@ def test_a_second_ctrl_c_aborts_and_leaves_no_partial(tiny_model, shapes_dir, tm
     assert "Saved model" not in out and not partials(tmp_path / "logs")
 
 
+def test_a_second_ctrl_c_during_the_interrupted_save_leaves_nothing_behind(tiny_model, shapes_dir, tmp_path):
+    """The second Ctrl-C lands while the interrupted save (model and training state) is being written: its hidden
+    partial folder goes with it. Sent when the partial appears, so the signal comes inside the save each time."""
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--save_optimizer",
+                            "--run_name", "r"), cwd=tmp_path)
+    run.wait_for("First step done")
+    run.signal_group(signal.SIGINT)
+    ckpts = tmp_path / "logs" / "r" / "ckpts"
+    deadline = time.monotonic() + 120
+    while not (ckpts.is_dir() and partials(ckpts)) and run.popen.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    run.signal_group(signal.SIGINT)
+    code, out, err = run.finish()
+
+    assert code == 130, err[-3000:]
+    assert one_message(err).startswith("train.py: aborted by a second Ctrl-C at step ")
+    assert "Saved model" not in out
+    assert not partials(tmp_path / "logs") and not any(ckpts.iterdir())
+
+
 # ---------------------------------------------------------------- divergence
 
 

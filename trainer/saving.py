@@ -58,15 +58,20 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     pipeline = run.pipeline()
     dtype = torch.float32 if cfg.save_full_precision else torch.float16
     partial = partial_path(path, run.owner)
-    agree(run, lambda: _write_model(run, partial, pipeline, dtype, state, path.name), path, step=state.global_step,
-          partial=partial)
+    try:
+        agree(run, lambda: _write_model(run, partial, pipeline, dtype, state, path.name), path,
+              step=state.global_step, partial=partial)
+        if with_state:
+            agree(run, lambda: _save_training_state(run, partial), path, step=state.global_step, partial=partial,
+                  every_process=True)
+        agree(run, lambda: _finish(partial, path, state if with_state else None, run), path, step=state.global_step,
+              partial=partial)
+    except BaseException:  # a second Ctrl-C, a bug: whatever ends the save, its partial output goes with it
+        if accelerator.is_main_process:
+            remove(partial)
+        raise
     if with_state:
-        agree(run, lambda: _save_training_state(run, partial), path, step=state.global_step, partial=partial,
-              every_process=True)
-        agree(run, lambda: _finish(partial, path, state, run), path, step=state.global_step, partial=partial)
         run.last_state = path / STATE_DIR
-    else:
-        agree(run, lambda: _finish(partial, path, None, run), path, step=state.global_step, partial=partial)
     run.last_save = path
     _say_saved(run, path)
     if run.emas:
@@ -200,25 +205,27 @@ def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, pa
           every_process: bool = False, complete: bool = False) -> None:
     """Run `work` (on the main process, or on `every_process`), then have every process learn whether it worked
     everywhere. `work` fails by returning a text or raising a file-system error; then `partial` is removed and
-    SaveError is raised on every process. Any other exception is a bug and keeps its traceback. `complete`:
+    SaveError is raised on every process. Any other exception is a bug: `partial` is removed too, the process
+    that met it raises it with its traceback, and the others a SaveError (none is left waiting). `complete`:
     `path` itself is whole already, and the failure is of an addition to it (its single file)."""
     accelerator = run.accelerator
-    failure = None
+    failure, bug = None, None
     if every_process or accelerator.is_main_process:
         try:
             failure = work()
         except Exception as err:
             failure = io_failure(err)
-            if failure is None:
-                if partial is not None:
-                    remove(partial)
-                raise
+            if failure is None:  # a bug: the other processes still learn of it here, rather than wait forever
+                bug = err
+                failure = f"an unexpected {type(err).__name__} on process {accelerator.process_index}"
     if accelerator.num_processes > 1:
         failure = next((f for f in _gather_objects(failure) if f), None)
     if failure is None:
         return
     if partial is not None and accelerator.is_main_process:
         remove(partial)
+    if bug is not None:
+        raise bug
     if complete:
         raise SaveError(f"{failure}.{_go_on(run)}")
     raise SaveError(f"could not save the model at step {step} as {path}: {failure} ({_free_space(path)}). Nothing "

@@ -1,6 +1,7 @@
 """Stop requests: SIGINT (Ctrl-C) and SIGTERM (what docker, systemd, SLURM and Kubernetes send) ask the training
 loop to stop after the current optimizer step and save an interrupted model with its training state. A second
-Ctrl-C aborts at once; a second SIGTERM changes nothing (the stop is already under way).
+Ctrl-C aborts at once, removing the partial output of a save it cuts short (any more Ctrl-C wait for that
+clean-up); a second SIGTERM changes nothing (the stop is already under way).
 
 Sent to the whole process group, the signals reach the DataLoader workers too; those ignore them (data/dataset.py)
 and leave the stop to the main process, which shuts them down as it ends. Sampling and validation look at the
@@ -29,6 +30,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.aborting = False
         self._previous: dict[int, object] = {}
 
     @property
@@ -46,8 +48,11 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame) -> None:
+        if self.aborting:  # the abort is under way: a third Ctrl-C must not cut short its clean-up
+            return
         if self.requested:
             if signum == signal.SIGINT:
+                self.aborting = True
                 raise KeyboardInterrupt
             return
         self.signum = signum
