@@ -192,6 +192,7 @@ class FolderWalk:
     skipped: list[tuple[Path, str]]  # (path, reason): unreadable folders, image names that are not plain files
     second_paths: list[SecondPath]  # folders reached again: link loops, two links to one folder
     duplicates: list[tuple[Path, Path]]  # (path, the path counted instead) to one real file
+    hidden: list[Path] = field(default_factory=list)  # hidden folders not read (.latent_cache, .git, .photos)
 
 
 def walk_data_root(root: Path) -> FolderWalk:
@@ -201,6 +202,7 @@ def walk_data_root(root: Path) -> FolderWalk:
     Hidden folders (our .latent_cache) are skipped."""
     skipped: list[tuple[Path, str]] = []
     second_paths: list[SecondPath] = []
+    hidden: list[Path] = []
     found: list[tuple[Path, tuple[int, int] | None, bool]] = []  # (path, file identity, is a link)
     scanned: dict[tuple[int, int], Path] = {}  # real folder -> the path it was scanned by
     pending = [root]
@@ -220,13 +222,29 @@ def walk_data_root(root: Path) -> FolderWalk:
         for entry in entries:
             path = Path(entry.path)
             if _is_folder(entry):
-                if not entry.name.startswith("."):
-                    subfolders.append(path)
+                (hidden if entry.name.startswith(".") else subfolders).append(path)
             elif path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(_image_file(path, entry, skipped))
         pending += reversed(subfolders)  # a stack: the first subfolder is walked next
     files, duplicates = _one_path_per_file([f for f in found if f is not None])
-    return FolderWalk(files, skipped, second_paths, duplicates)
+    return FolderWalk(files, skipped, second_paths, duplicates, hidden)
+
+
+def _hidden_images_hint(walk: FolderWalk, root: Path, role: str) -> str:
+    """For a data_root with no images to read: how many image files sit in the hidden folders it skipped, and
+    how to include them; "" when there are none. Counted only then, so a normal scan never walks a .git."""
+    counts = {folder: sum(1 for _, _, names in os.walk(folder) for name in names
+                          if Path(name).suffix.lower() in IMAGE_EXTENSIONS) for folder in walk.hidden}
+    counts = {folder: count for folder, count in counts.items() if count}
+    if not counts:
+        return ""
+    first = next(iter(counts))
+    plain = first.with_name(first.name.lstrip("."))
+    listed = ", ".join(f"{_relative(folder, root)}/ ({count})" for folder, count in counts.items())
+    return (f" holds no images outside hidden folders, which are not read; {sum(counts.values())} image file(s) "
+            f"are in them: {listed}. To train on them, rename the folder without its leading '.' (mv '{first}' "
+            f"'{plain}'), link it in under a plain name (ln -s '{first.name}' '{plain}'), or pass it as {role} "
+            "itself")
 
 
 def _link_target(path: Path) -> str | None:
@@ -291,11 +309,12 @@ def scan_data_root(root: Path, resolution: int, threads: int | None = None, role
     paths = walk.files
     if not paths:
         unreadable = [reason for path, reason in walk.skipped if path == root]
-        found = f": {unreadable[0]}" if unreadable else (
+        hidden = "" if unreadable else _hidden_images_hint(walk, root, role)
+        found = f": {unreadable[0]}" if unreadable else hidden or (
             f" holds no images ({', '.join(IMAGE_EXTENSIONS)}), searched recursively"
             + (f"; skipped {_relative(walk.skipped[0][0], root)}: {walk.skipped[0][1]}" if walk.skipped else ""))
         fix = "Point --data_root at your training images" if role == "data_root" else "Give a folder of images there"
-        raise DataError(f"{role} '{root}'{found}{windows_path_hint(root)}. {fix}.")
+        raise DataError(f"{role} '{root}'{found}{windows_path_hint(root)}." + ("" if hidden else f" {fix}."))
     table = bucket_table(resolution)
     by_folder, unused, problems = settings_by_folder(root, sorted({p.parent for p in paths}))
 

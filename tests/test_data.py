@@ -224,6 +224,24 @@ def test_empty_and_all_broken_data_roots(tmp_path: Path):
         scan_data_root(tmp_path / "bad", 128)
 
 
+def test_images_only_in_hidden_folders_are_counted_and_the_advice_works(tmp_path: Path):
+    root = tmp_path / "data"
+    for folder, count in ((".photos", 3), (".photos/more", 1), (".git", 0)):
+        (root / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (64, 64), (200, 0, 0)).save(root / folder / f"red circle_{i}.png")
+    with pytest.raises(DataError) as refused:
+        scan_data_root(root, 128)
+    message = str(refused.value)
+    assert "holds no images outside hidden folders, which are not read; 4 image file(s) are in them: " \
+        ".photos/ (4)." in message and ".git" not in message
+    assert f"ln -s '.photos' '{root / 'photos'}'" in message and "or pass it as data_root itself" in message
+
+    assert len(scan_data_root(root / ".photos", 128).items) == 4  # as data_root itself
+    (root / "photos").symlink_to(".photos")  # the link the message shows
+    assert len(scan_data_root(root, 128).items) == 4
+
+
 # ---------------------------------------------------------------- the epoch schedule
 
 
