@@ -112,7 +112,7 @@ def test_a_model_folder_written_to_a_full_disk_leaves_nothing(tiny_model, small_
     disk = small_disk("disk", "4m")  # a tiny model's fp16 folder takes ~15 MB
     with pytest.raises(Exception) as caught:
         with atomic_folder(disk / "save") as partial:
-            write_model_folder(partial, pipeline, weights, torch.float16)
+            write_model_folder(partial, pipeline, weights)
     assert "No space left on device" in io_failure(caught.value)
     assert list(disk.iterdir()) == []
 
@@ -192,3 +192,30 @@ def test_a_training_state_records_each_models_schedule_and_older_states_still_re
     both = dataclasses.replace(now, optimizer="adamw", schedules={"unet": {**unchanged, "lr_decay_steps": 80},
                                                                   "text_encoder": {**unchanged, "lr_decay_steps": 80}})
     assert honoured_changes(saved, both, 2, 2) == ["lr_decay_steps default -> 80"]
+
+
+def test_an_fp16_save_loads_and_generates_with_a_plain_from_pretrained(tiny_model, tmp_path):
+    """`StableDiffusionPipeline.from_pretrained(save)`, no dtype: diffusers loads the UNet and VAE in fp32 whatever
+    the files store, and transformers follows the text encoder's config, so the config must say fp32 for the two to
+    meet; an explicit dtype still gives it everywhere. The weights stay fp16 on disk."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    models = load_models(str(tiny_model("sd1")))
+    pipeline = sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer, models.sample_scheduler)
+    modules = {"unet": models.unet, "vae": models.vae, "text_encoder": models.text_encoder}
+    weights = component_weights(tiny_model("sd1"), modules, {"unet", "text_encoder"}, torch.float16)
+    (save := tmp_path / "save").mkdir()
+    write_model_folder(save, pipeline, weights)  # what a default (fp16) save writes
+    with safe_open(save / "text_encoder" / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor(next(iter(stored.keys()))).dtype == torch.float16
+
+    loaded = StableDiffusionPipeline.from_pretrained(save)
+    loaded.set_progress_bar_config(disable=True)
+    images = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images  # failed here: "mat1 and mat2 must have the same dtype"
+    assert images.shape[0] == 1 and torch.isfinite(torch.from_numpy(images)).all()
+    assert {loaded.unet.dtype, loaded.vae.dtype, loaded.text_encoder.dtype} == {torch.float32}
+
+    half = StableDiffusionPipeline.from_pretrained(save, dtype=torch.float16)
+    assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}

@@ -83,6 +83,18 @@ def open_run_folder(cfg: TrainConfig, info: ModelInfo, planned: Path, save_dir: 
     return run_dir
 
 
+def discard_run_folder(run_dir: Path, trackers: list) -> None:
+    """Remove the folder of a run that ended before it trained a step, so that the same command, fixed, is not
+    refused because its run_name is taken. It holds only what the start wrote (config, train.log, empty
+    tensorboard events); the reason the run ended is on the console. The main process's job."""
+    for tracker in trackers:  # the tensorboard writer would otherwise write into the removed folder
+        tracker.finish()
+    console.attach_log(None)
+    if run_dir.is_dir():
+        remove(run_dir)
+        console.say(f"Removed the run folder {run_dir}: the run ended before its first step.")
+
+
 def save_dir(cfg: TrainConfig, run_dir: Path) -> Path:
     return Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
 
@@ -150,16 +162,21 @@ def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
     return problems
 
 
-def write_model_folder(folder: Path, pipeline, weights: dict[str, dict[str, torch.Tensor]],
-                       dtype: torch.dtype) -> None:
+def write_model_folder(folder: Path, pipeline, weights: dict[str, dict[str, torch.Tensor]]) -> None:
     """A complete diffusers pipeline folder of `pipeline`'s parts, with `weights` as the tensors of its models:
-    each tensor written once, in its save dtype."""
+    each tensor written once, in the dtype it has (the save's: fp16, or fp32 with save_full_precision).
+
+    The text encoder's config says fp32 whatever the files store, so that
+    `StableDiffusionPipeline.from_pretrained(folder)` with no dtype works: diffusers then loads the UNet and VAE in fp32 whatever their files store, while
+    transformers' default `dtype="auto"` takes the config's dtype (or, without one, the file's): an fp16 text
+    encoder beside an fp32 UNet fails at the first step ("mat1 and mat2 must have the same dtype"). An explicit
+    dtype overrides the config in both libraries, and the single file and ComfyUI/A1111 never read it."""
     for name in weights:
         module, target = getattr(pipeline, name), folder / name
         target.mkdir()
-        if name == "text_encoder":  # a transformers model: its config records the dtype it is stored in
+        if name == "text_encoder":  # a transformers model: it needs its class named, and the dtype said above
             config = copy.deepcopy(module.config)
-            config.dtype, config.architectures = dtype, [type(module).__name__]
+            config.dtype, config.architectures = torch.float32, [type(module).__name__]
             config.save_pretrained(target)
         else:
             module.save_config(target)

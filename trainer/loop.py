@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from common.console import first_line, say, warn
 from data.dataset import TrainingData
+from trainer.checkpoints import discard_run_folder
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.models import SDModels
@@ -46,8 +48,21 @@ def train(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path,
           precision: str, started: float | None = None) -> TrainResult:
     """Fine-tune `models` on `data`; returns where the final model was saved. `started` (time.monotonic() at
     the program's start) lets the log say how long the way to the first step took."""
-    run = prepare_run(cfg, models, data, run_dir, preflight, precision)
-    state = start_state(run, preflight)
+    run = state = None
+    start_step = -1
+    try:
+        run = prepare_run(cfg, models, data, run_dir, preflight, precision)
+        state = start_state(run, preflight)
+        start_step = state.global_step
+        return _train(run, state, started)
+    except BaseException:
+        if (state is None or state.global_step == start_step) and PartialState().is_main_process:
+            discard_run_folder(run_dir, run.accelerator.trackers if run else [])  # trained nothing: keep nothing
+        raise
+
+
+def _train(run: Run, state: TrainerState, started: float | None) -> TrainResult:
+    """The loop under stop signals, then the final save; an unexpected error first saves what was trained."""
     start_step = state.global_step
     with StopRequest() as stop:
         run.stop = stop

@@ -109,7 +109,7 @@ def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype, state: T
         return problem
     remove(partial)
     partial.mkdir(parents=True)
-    _write(run, partial, pipeline, weights, dtype, state, name)
+    _write(run, partial, pipeline, weights, state, name)
     return None
 
 
@@ -119,15 +119,14 @@ def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype, state: Trai
     if problem:
         return problem
     with atomic_folder(path, owner=run.owner) as partial:
-        _write(run, partial, pipeline, weights, dtype, state, path.name)
+        _write(run, partial, pipeline, weights, state, path.name)
     return None
 
 
-def _write(run: Run, folder: Path, pipeline, weights: dict, dtype: torch.dtype, state: TrainerState,
-           name: str) -> None:
+def _write(run: Run, folder: Path, pipeline, weights: dict, state: TrainerState, name: str) -> None:
     """A diffusers model folder, or in LoRA mode the folder's one adapter file `<name>.safetensors`."""
     if not run.adapters:
-        write_model_folder(folder, pipeline, weights, dtype)
+        write_model_folder(folder, pipeline, weights)
         return
     metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
                              images=len(run.data.loader.dataset), base_hash=run.base_hash, name=name,

@@ -241,7 +241,7 @@ def write_merged_folder(pipe, model_dir: Path, out: Path, full_precision: bool) 
                         f"({'; '.join(problems)}); nothing was written. Lower the strengths, or add --full_precision "
                         "if a weight legitimately exceeds fp16's range.")
     with atomic_folder(out) as partial:
-        write_model_folder(partial, pipe, weights, dtype)
+        write_model_folder(partial, pipe, weights)
 
 
 def merge(args: argparse.Namespace, specs: Sequence[LoraSpec]) -> None:
