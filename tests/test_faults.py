@@ -292,6 +292,25 @@ def saved_state(tiny_model, shapes_dir, tmp_path_factory) -> tuple[Path, Path]:
     return work, save
 
 
+def test_a_run_refused_at_load_leaves_no_run_folder_and_the_fixed_command_runs(saved_state, tiny_model, shapes_dir):
+    """A training state damaged in a way only loading finds (its optimizer file cut short) is refused after the run
+    folder was made: the folder goes, so the same run_name, fixed, is not refused as taken."""
+    work, save = saved_state
+    damaged = work / "damaged"
+    shutil.copytree(save, damaged)
+    optimizer_file = damaged / "training_state" / "optimizer.bin"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
+    common = args(tiny_model("sd1"), shapes_dir, "--max_steps", "5", "--run_name", "second")
+    result = run_train([*common, "--resume_state", str(damaged)], cwd=work)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert one_message(result.stderr).startswith(f"train.py: could not load the training state {damaged}")
+    assert not (work / "logs" / "second").exists()
+    fixed = run_train([*common, "--resume_state", str(save)], cwd=work)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert (work / "logs" / "second" / "ckpts").is_dir()
+
+
 def test_a_state_resumed_onto_another_model_family_is_refused_before_the_cache(saved_state, tiny_model, shapes_dir):
     work, save = saved_state
     result = run_train(args(tiny_model("sd2"), shapes_dir, "--resume_state", str(save), "--max_steps", "6",
