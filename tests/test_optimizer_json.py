@@ -90,7 +90,9 @@ def test_every_key_of_the_schema_null_not_set_and_zero_zero(tmp_path: Path):
     assert plan.text_encoder_schedule == plan.unet_schedule  # null: inherited from base
     assert plan.freezing == TextEncoderFreezing(3, None, False, True)
     assert (plan.grad_scaler_tweaks, plan.log_grad_norm, plan.separate) == (False, False, True)
-    assert [n.split(" from ")[0] for n in notices] == ["optimizer dadapt_sgd"]  # nothing left unread
+    assert [n.split(" from ")[0] for n in notices] == [  # nothing else left unread
+        "optimizer dadapt_sgd", f"{tmp_path / 'optimizer.json'} base.epsilon is not read by dadapt_sgd (only by "
+        "adamw, adamw8bit, prodigy, dadapt_adam, dadapt_adan)."]
 
 
 def test_train_json_values_are_the_defaults_and_an_explicit_rate_beats_the_scale(tmp_path: Path):
@@ -161,6 +163,27 @@ def test_what_the_chosen_optimizer_does_not_read_is_said_or_refused(tmp_path: Pa
     text = problems_of(tmp_path, {"text_encoder_overrides": {"optimizer": "dadapt_adan"},
                                   "base": {"betas": [0.9, 0.99]}})
     assert "base.betas (inherited by the text encoder): got [0.9, 0.99]; expected 3 numbers for dadapt_adan" in text
+
+
+def test_a_bad_setting_the_text_encoder_inherits_is_reported_once(tmp_path: Path):
+    text = problems_of(tmp_path, {"base": {"betas": [0.9, 0.99, 0.9]}})
+    assert text.startswith("1 problem found in optimizer_config") and "inherited" not in text
+    assert f"{tmp_path / 'optimizer.json'} base.betas: got [0.9, 0.99, 0.9]; expected 2 numbers for adamw" in text
+
+
+@pytest.mark.parametrize("optimizer, section, expected", [
+    ("lion", {"epsilon": 1e-6}, "base.epsilon is not read by lion (only by adamw, adamw8bit, prodigy, dadapt_adam, "
+                                "dadapt_adan)."),
+    ("dadapt_lion", {"epsilon": 1e-6}, "base.epsilon is not read by dadapt_lion"),
+    ("adafactor", {"betas": [0.9, 0.99, 0.5]}, "base.betas is not read by adafactor (only by adamw, adamw8bit, lion,"),
+    ("dadapt_sgd", {"betas": [0.9, 0.99]}, "base.betas is not read by dadapt_sgd"),
+])
+def test_betas_or_epsilon_the_optimizer_does_not_read_are_said(tmp_path: Path, optimizer, section, expected):
+    plan, notices = plan_of(tmp_path, {"base": {"optimizer": optimizer, **section}})
+    assert f"{tmp_path / 'optimizer.json'} {expected}" in "\n".join(notices)
+    _, notices = plan_of(tmp_path, {"base": {"optimizer": "adamw", **section}} if optimizer != "adafactor" else
+                         {"base": {"optimizer": "adamw", "betas": [0.9, 0.99]}})
+    assert not any("is not read by" in n for n in notices)
 
 
 def test_text_encoder_freezing_keys(tmp_path: Path):

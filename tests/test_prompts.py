@@ -120,6 +120,8 @@ def test_txt_plain_lists_cfg_and_steps(tmp_path):
         "plain", {"prompt": "one cfg", "cfg": 3.5, "cfgs": [1, 2], "steps": 12, "size": [64, 128]}]))
     assert settings.samples == (SamplePrompt("plain"),
                                 SamplePrompt("one cfg", cfgs=(3.5,), steps=12, size=(64, 128)))
+    assert settings.notes == ("sample 2: both cfg 3.5 and cfgs [1, 2] are set; cfg wins (one image at that "
+                              "guidance scale) and cfgs is not used. Keep one of them.",)
 
 
 def test_every_problem_is_reported_with_its_sample_and_key(tmp_path):

@@ -69,6 +69,7 @@ REFUSED: dict[str, tuple[str, str]] = {
     "scalar_dowg": ("prodigy", _DOWG),
 }
 OPTION_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
+GROUP_KEYS = {"betas": "betas", "epsilon": "eps"}  # optimizer.json's key -> the group setting that reads it
 LORA_LR_HINT = 1e-5  # below this LoRA adapters barely move: likely a full fine-tune's lr left in place
 ADAPTIVE_LR_HINT = 0.01  # below this an adaptive optimizer's lr (a multiplier of its own step size) is a likely slip
 
@@ -284,14 +285,20 @@ def _check_settings(found: OptimizerFile, plan: OptimizerPlan, problems: list[st
     elif found.text_encoder or found.freezing:
         notices.append(f"{found.name}: text_encoder_overrides and text_encoder_freezing are not used: "
                        "disable_textenc_training is true.")
+    reported: set[tuple[tuple[float, ...], str]] = set()  # (betas, optimizer): base's problem is the inheritor's
     for section, given, settings in models:
         where = f"{found.name} {section}"
         betas, count = settings.resolved_betas(), len(settings.spec.betas)
-        if len(betas) != count:
+        if "betas" in settings.spec.group_keys and len(betas) != count and (betas, settings.optimizer) not in reported:
+            reported.add((betas, settings.optimizer))
             origin = (f"{where}.betas" if "betas" in given
                       else f"{found.name} base.betas (inherited by the text encoder)")
             problems.append(f"{origin}: got {list(betas)}; expected {count} numbers for {settings.optimizer}, "
                             f"such as {list(settings.spec.betas)}.")
+        for key, reader_key in GROUP_KEYS.items():
+            if key in given and reader_key not in settings.spec.group_keys:
+                readers = [n for n, spec in SPECS.items() if reader_key in spec.group_keys]
+                notices.append(f"{where}.{key} is not read by {settings.optimizer} (only by {', '.join(readers)}).")
         for key in OPTION_KEYS:
             if key in given and key not in settings.spec.options:
                 readers = [n for n, spec in SPECS.items() if key in spec.options]

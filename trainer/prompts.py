@@ -246,6 +246,9 @@ def _sample(item: Any, defaults: dict[str, Any], number: int, problems: list[str
         values["seed"] = _seed(item["seed"], f"{where} seed", problems)
     if "cfg" in item:  # ours, and EveryDream2's newer per-sample cfg: it wins over cfgs there too
         values["cfgs"] = (_cfg(item["cfg"], f"{where} cfg", problems),)
+        if "cfgs" in item:
+            notes.append(f"{where}: both cfg {item['cfg']!r} and cfgs {item['cfgs']!r} are set; cfg wins (one image "
+                         "at that guidance scale) and cfgs is not used. Keep one of them.")
     elif "cfgs" in item:
         values["cfgs"] = _cfgs(item["cfgs"], f"{where} cfgs", problems)
     if "steps" in item:
