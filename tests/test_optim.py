@@ -15,14 +15,7 @@ import torch
 from trainer.config import TrainConfig
 from trainer.errors import UserError
 from trainer.optim import OPTIMIZERS, SPECS, LRSchedule, TextEncoderFreezing, plan_optimizers
-from trainer.optim_build import (
-    GRAD_SCALER_START,
-    ChainedOptimizer,
-    build_lr_scheduler,
-    build_optimizer,
-    freeze_text_encoder_parts,
-    tweak_grad_scaler,
-)
+from trainer import optim_build as build
 from trainer.tiny import tiny_text_encoder
 
 CLASSES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "lion8bit": "Lion8bit", "prodigy": "Prodigy",
@@ -65,7 +58,7 @@ def test_every_name_has_a_spec_and_a_package_in_requirements():
 def test_every_optimizer_builds_and_steps(name: str):
     unet, text_encoder = two_modules()
     lr = 1.0 if SPECS[name].adaptive else 1e-2
-    optimizer = build_optimizer(plan_optimizers(config(optimizer=name, lr=lr)), unet, text_encoder)
+    optimizer = build.build_optimizer(plan_optimizers(config(optimizer=name, lr=lr)), unet, text_encoder)
     assert type(optimizer).__name__ == CLASSES[name]
     assert [g["name"] for g in optimizer.param_groups] == ["unet", "text_encoder"]
     before = [unet.weight.detach().clone(), text_encoder.weight.detach().clone()]
@@ -80,7 +73,7 @@ def test_same_optimizer_differing_only_in_rates_is_one_optimizer(tmp_path: Path)
                                                           "weight_decay": 0}})
     plan = plan_optimizers(cfg)
     assert not plan.separate and plan.label == "adamw"
-    optimizer = build_optimizer(plan, *two_modules())
+    optimizer = build.build_optimizer(plan, *two_modules())
     assert type(optimizer) is torch.optim.AdamW
     unet_group, te_group = optimizer.param_groups
     assert (unet_group["lr"], unet_group["weight_decay"], unet_group["betas"]) == (2e-6, 0.02, (0.9, 0.999))
@@ -94,15 +87,15 @@ def test_each_model_gets_its_own_optimizer_when_they_differ(tmp_path: Path):
     plan = plan_optimizers(cfg)
     assert plan.separate and plan.label == "lion+adamw"
     unet, text_encoder = two_modules()
-    optimizer = build_optimizer(plan, unet, text_encoder)
-    assert isinstance(optimizer, ChainedOptimizer) and isinstance(optimizer, torch.optim.Optimizer)
+    optimizer = build.build_optimizer(plan, unet, text_encoder)
+    assert isinstance(optimizer, build.ChainedOptimizer) and isinstance(optimizer, torch.optim.Optimizer)
     assert [type(part).__name__ for part in optimizer.optimizers] == ["Lion", "AdamW"]
     assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("unet", 1e-4), ("text_encoder", 1e-3)]
     for _ in range(2):
         train_step(optimizer, unet, text_encoder)
     saved = optimizer.state_dict()
     assert len(saved["optimizers"]) == 2 and len(optimizer.state) == 4  # each weight and bias has its state
-    again = build_optimizer(plan, *two_modules())
+    again = build.build_optimizer(plan, *two_modules())
     again.load_state_dict(saved)
     loaded = again.optimizers[1].state_dict()["state"][0]["exp_avg"]
     assert torch.equal(loaded, saved["optimizers"][1]["state"][0]["exp_avg"])
@@ -118,14 +111,14 @@ def test_adaptive_optimizers_split_when_the_rates_differ(tmp_path: Path):
                                                   "text_encoder_lr_scale": 0.5}))
     assert differ.separate and differ.text_encoder.lr == 0.5
     unet, text_encoder = two_modules()
-    optimizer = build_optimizer(differ, unet, text_encoder)
+    optimizer = build.build_optimizer(differ, unet, text_encoder)
     for _ in range(2):
         train_step(optimizer, unet, text_encoder)  # one Prodigy with lrs 1.0 and 0.5 would raise here
 
 
 def run_schedule(plan, total_steps: int, steps: int) -> list[list[float]]:
-    optimizer = build_optimizer(plan, *two_modules())
-    scheduler = build_lr_scheduler(plan, optimizer, total_steps)
+    optimizer = build.build_optimizer(plan, *two_modules())
+    scheduler = build.build_lr_scheduler(plan, optimizer, total_steps)
     rates = []
     for _ in range(steps):
         rates.append(scheduler.get_last_lr())
@@ -155,7 +148,7 @@ def test_default_schedule_is_diffusers_over_the_run():
     plan = plan_optimizers(config(lr=1e-4, lr_scheduler="cosine"))
     assert plan.unet_schedule.resolved(100) == (2, 100)  # 2% warmup by default
     ours = run_schedule(plan, total_steps=100, steps=100)
-    optimizer = build_optimizer(plan, *two_modules())
+    optimizer = build.build_optimizer(plan, *two_modules())
     theirs = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=100)
     for step in range(100):
         assert ours[step] == theirs.get_last_lr()
@@ -166,7 +159,7 @@ def test_default_schedule_is_diffusers_over_the_run():
 def test_freezing_a_real_tiny_clip_text_encoder(tmp_path: Path):
     def frozen_parts(freezing: TextEncoderFreezing) -> tuple[list[bool], bool, bool]:
         encoder = tiny_text_encoder("sd1")  # two layers
-        freeze_text_encoder_parts(encoder, freezing)
+        build.freeze_text_encoder_parts(encoder, freezing)
         trains = lambda module: all(p.requires_grad for p in module.parameters())  # noqa: E731
         return [trains(layer) for layer in encoder.encoder.layers], trains(encoder.embeddings), trains(
             encoder.final_layer_norm)
@@ -187,7 +180,7 @@ def test_freezing_a_real_tiny_clip_text_encoder(tmp_path: Path):
     assert planned({"freeze_front_n_layers": -1}) == planned({"unfreeze_last_n_layers": 1})
     assert frozen_parts(planned({"freeze_front_n_layers": 1})) == ([False, True], False, True)
     with pytest.raises(UserError, match="freezes the whole text encoder"):
-        freeze_text_encoder_parts(tiny_text_encoder("sd1"), TextEncoderFreezing(freeze_front_n_layers=5,
+        build.freeze_text_encoder_parts(tiny_text_encoder("sd1"), TextEncoderFreezing(freeze_front_n_layers=5,
                                                                                 freeze_final_layer_norm=True))
 
 
@@ -199,8 +192,8 @@ def test_a_chained_optimizer_under_the_fp16_grad_scaler_unscales_each_model_once
     weights = []
     for scaled in (False, True):
         unet, text_encoder = two_modules()
-        optimizer = build_optimizer(plan, unet, text_encoder)
-        scaler = torch.amp.GradScaler("cpu", **GRAD_SCALER_START, enabled=scaled)
+        optimizer = build.build_optimizer(plan, unet, text_encoder)
+        scaler = torch.amp.GradScaler("cpu", **build.GRAD_SCALER_START, enabled=scaled)
         torch.manual_seed(1)
         loss = (unet(torch.randn(8, 64)) ** 2).mean() + (text_encoder(torch.randn(8, 64)) ** 2).mean()
         scaler.scale(loss).backward()
@@ -213,16 +206,16 @@ def test_a_chained_optimizer_under_the_fp16_grad_scaler_unscales_each_model_once
 
 
 def test_everydream2_grad_scaler_settings_over_the_steps():
-    scaler = torch.amp.GradScaler("cpu", **GRAD_SCALER_START)
+    scaler = torch.amp.GradScaler("cpu", **build.GRAD_SCALER_START)
     assert (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_growth_interval()) == (2**17.5, 2.0, 25)
-    tweak_grad_scaler(scaler, 499)
+    build.tweak_grad_scaler(scaler, 499)
     assert scaler.get_growth_factor() == 2.0
-    tweak_grad_scaler(scaler, 500)
+    build.tweak_grad_scaler(scaler, 500)
     assert (scaler.get_growth_factor(), scaler.get_backoff_factor(), scaler.get_growth_interval()) == (
         1.8, 1 / 1.8, 100)
-    tweak_grad_scaler(scaler, 4100, catch_up=True)  # a run resumed past the last change
+    build.tweak_grad_scaler(scaler, 4100, catch_up=True)  # a run resumed past the last change
     assert (scaler.get_growth_factor(), scaler.get_growth_interval()) == (1.15, 2000)
-    tweak_grad_scaler(None, 500)  # no scaler (bf16, fp32, a CPU): nothing to do
+    build.tweak_grad_scaler(None, 500)  # no scaler (bf16, fp32, a CPU): nothing to do
 
 
 def test_a_chained_optimizer_and_its_schedules_resume_exactly_through_accelerate(tmp_path: Path):
@@ -238,8 +231,9 @@ def test_a_chained_optimizer_and_its_schedules_resume_exactly_through_accelerate
     def prepared() -> tuple:
         accelerator = Accelerator(cpu=True)  # one per run, as each train.py has its own
         unet, text_encoder = two_modules()
-        optimizer = build_optimizer(plan, unet, text_encoder)
-        return accelerator, *accelerator.prepare(unet, text_encoder, optimizer, build_lr_scheduler(plan, optimizer, 6))
+        optimizer = build.build_optimizer(plan, unet, text_encoder)
+        schedule = build.build_lr_scheduler(plan, optimizer, 6)
+        return accelerator, *accelerator.prepare(unet, text_encoder, optimizer, schedule)
 
     def steps(run: tuple, count: int, seed: int) -> None:
         _, unet, text_encoder, optimizer, scheduler = run
