@@ -95,7 +95,7 @@ def dry_run(cfg: TrainConfig) -> int:
     preflight = run_preflight(cfg, run_dir_path(cfg))
     for line in [*preflight.notices, *plan_lines(cfg, preflight)]:
         say(line)
-    say_memory_plan(memory_report(cfg, preflight, device, model_params_on_disk(cfg.resume_ckpt)))
+    say_memory_plan(memory_report(cfg, preflight, device, model_params_on_disk(cfg.resume_ckpt, cfg.ckpt_cache_dir)))
     say("Preflight: every check passed.")
     return 0
 
@@ -141,7 +141,8 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     precision = training_precision(cfg.mixed_precision)
     with processes.main_process_first():
         models = load_models(cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder,
-                             prediction_type=cfg.prediction_type, dtypes=component_dtypes(cfg, precision))
+                             prediction_type=cfg.prediction_type, dtypes=component_dtypes(cfg, precision),
+                             ckpt_cache_dir=cfg.ckpt_cache_dir)
         say(f"Model: {models.info.describe()}")
         check_model_fits(cfg, preflight, models)  # a resumed state's architecture, the room for a save
         say_memory_plan(memory_report(cfg, preflight, device, model_params_of(models)))
@@ -161,8 +162,10 @@ def main(argv: list[str]) -> int:
         return 0
     try:
         loaded = load_config(argv)  # every config problem at once; imports no torch
-    except ConfigError as err:
-        print(f"train.py: {err}", file=sys.stderr)
+    except ConfigError as err:  # with what the preflight finds in the rest of the config: one round of fixes
+        from trainer.preflight import problems_beside
+
+        print(f"train.py: {err}{problems_beside(err)}", file=sys.stderr)
         return 2
     for notice in loaded.notices:
         say(f"Config: {notice}")

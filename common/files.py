@@ -50,7 +50,7 @@ def remove(path: Path) -> None:
     else:
         try:
             path.unlink()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # not there, or a file stands where its folder would
             pass
 
 

@@ -7,12 +7,14 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT, run_train
 from trainer.config import (
+    FIELD_TYPES,
     FIELDS,
     ConfigError,
     TrainConfig,
@@ -89,6 +91,23 @@ def test_boolean_flags(args: list[str], expected: bool, data_root: Path):
     assert load_config(["--data_root", str(data_root), *args]).config.disable_textenc_training is expected
 
 
+BOOLEAN_KEYS = [name for name, tp in FIELD_TYPES.items() if bool in (tp, *typing.get_args(tp))]
+
+
+@pytest.mark.parametrize("key", BOOLEAN_KEYS)
+def test_every_boolean_key_takes_the_bare_flag_as_true(key: str, data_root: Path):
+    """`--gradient_checkpointing` alone, as EveryDream2's docs write it, for every boolean key, nullable or not,
+    at the end of the command line and before another option; --help shows each as an optional [BOOL]."""
+    lora = ["--lora_rank", "4"] if key.startswith("lora_") else []
+    for argv in ([*lora, f"--{key}"], [f"--{key}", *lora, "--seed", "3"]):
+        assert getattr(load_config(["--data_root", str(data_root), *argv]).config, key) is True
+    assert f"--{key} [BOOL]" in help_text()
+
+
+def test_nullable_boolean_keys_are_covered_by_the_bare_flag_test():
+    assert {"gradient_checkpointing", "channels_last"} <= set(BOOLEAN_KEYS) and len(BOOLEAN_KEYS) >= 10
+
+
 def test_every_problem_reported_together(tmp_path: Path, data_root: Path):
     config = write_json(tmp_path / "c.json", {"data_root": str(data_root), "batchsize": 4, "lr": "fast"})
     problems = problems_of(
@@ -104,6 +123,24 @@ def test_every_problem_reported_together(tmp_path: Path, data_root: Path):
     assert "resolution: got 500 (from command line); expected a multiple of 64" in text
     assert 'mixed_precision: got \'fp8\' (from command line); expected "auto" | "no" | "fp16" | "bf16".' in text
     assert "max_epochs: got 'two' (from command line); expected int." in text
+
+
+def test_config_errors_and_the_preflights_problems_come_in_one_round(tmp_path: Path, data_root: Path):
+    """A bad value and a missing file the preflight finds are fixed in one round trip, not two: the preflight runs
+    on the rest of the config (each bad key at its default), and what it says of a bad key is not said twice."""
+    result = run_train(["--data_root", str(data_root), "--lr", "fast", "--batch_size", "-1", "--resume_ckpt",
+                        "no_such_model", "--logdir", str(tmp_path / "logs")], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    text = result.stderr
+    assert text.startswith("train.py: 2 problems in the configuration:\n  - lr: got 'fast'")
+    assert "\n2 more problems found by the preflight:\n" in text
+    assert f"  - data_root '{data_root}' holds no images" in text
+    assert "  - resume_ckpt 'no_such_model' was not found. Looked for:\n      - a diffusers folder at " in text
+    assert not (tmp_path / "logs").exists()
+
+    missing = run_train(["--data_root", str(tmp_path / "nope"), "--resolution", "500"], cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.count("data_root") == 1  # not again by the preflight
+    assert "preflight" not in missing.stderr
 
 
 def test_missing_data_root_and_wrong_json_types(tmp_path: Path):

@@ -269,3 +269,73 @@ def test_frozen_parts_held_in_bf16_train_sample_validate_and_save_as_stored(tiny
         stored, kept = load_file(str(base / weights)), load_file(str(saved / weights))
         assert kept.keys() == stored.keys() and all(torch.equal(kept[k], stored[k]) for k in stored), weights
     assert saved_unet_differs(result.stdout, base)
+
+
+# ------------------------------------------------------------------------- where the base model is written
+
+
+MOVE_CACHE = ("set ckpt_cache_dir (in train.json, or --ckpt_cache_dir DIR) or the environment variable CKPT_CACHE_DIR "
+              "to a writable folder")
+
+
+def test_a_ckpt_cache_that_cannot_take_the_conversion_is_refused_before_any_model(tiny_single_file, shapes_dir,
+                                                                                  small_disk, tmp_path):
+    cwd = tmp_path / "run"
+    cwd.mkdir()
+    (cwd / "ckpt_cache").write_text("not a folder")
+    read_only = small_disk("ro", "1m", read_only=True)
+    args = ["--resume_ckpt", str(tiny_single_file), "--data_root", str(shapes_dir), *SMALL_RUN]
+
+    for env, says in (({"CKPT_CACHE_DIR": ""}, "the ckpt_cache folder ckpt_cache is a file, not a folder"),
+                      ({"CKPT_CACHE_DIR": str(read_only / "cache")},
+                       f"the ckpt_cache folder {read_only / 'cache'} cannot be written: Read-only file system")):
+        result = run_train(args, cwd, env=env)
+
+        assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
+        assert "Traceback" not in result.stderr and "Model:" not in result.stdout  # nothing was loaded
+        assert says in result.stderr and MOVE_CACHE in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ckpt_cache_dir_moves_the_conversion_and_the_names_looked_up(tiny_single_file, shapes_dir, tmp_path):
+    cwd, converted = tmp_path / "run", tmp_path / "converted"
+    cwd.mkdir()
+    (cwd / "ckpt_cache").write_text("not a folder")  # the default place cannot be used
+    env = {"CKPT_CACHE_DIR": str(converted)}
+
+    first = run_train(["--resume_ckpt", str(tiny_single_file), "--data_root", str(shapes_dir), *TRAIN_FULL], cwd,
+                      env=env)
+    by_name = run_train(["--resume_ckpt", "tiny", "--data_root", str(shapes_dir), *TRAIN_FULL], cwd, env=env)
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"Model: ckpt_cache is {converted} (set by CKPT_CACHE_DIR)" in first.stdout
+    assert f"Model: converting {tiny_single_file} into {converted / 'tiny'} (first use)" in first.stdout
+    assert by_name.returncode == 0, by_name.stderr[-3000:]
+    assert f"Model source: ckpt_cache entry {converted / 'tiny'}" in by_name.stdout
+
+
+def test_a_mistyped_local_path_is_refused_before_any_model_and_asks_the_hub_nothing(hub_server, shapes_dir, tmp_path):
+    hub = hub_server()
+    cwd = tmp_path / "run"
+    (cwd / "models" / "sd1").mkdir(parents=True)
+
+    result = run_train(["--resume_ckpt", "models/sd1x", "--data_root", str(shapes_dir), *SMALL_RUN], cwd,
+                       env=hub.client_env(tmp_path / "hf_home"))
+
+    assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and hub.requests == []
+    assert "There is no local folder or file models/sd1x. Near matches: models/sd1. If you meant the Hugging Face " \
+           "repo models/sd1x, ask for the Hub explicitly: --resume_ckpt hf://models/models/sd1x." in result.stderr
+
+
+@pytest.mark.slow
+def test_with_no_network_a_run_fails_after_one_hub_request_and_says_so(hub_server, shapes_dir, tmp_path):
+    env = {**hub_server().client_env(tmp_path / "hf_home"), "HF_ENDPOINT": "http://hub.invalid"}  # never resolves
+
+    result = run_train(["--resume_ckpt", "owner/tiny", "--data_root", str(shapes_dir), *SMALL_RUN], tmp_path, env=env)
+
+    assert result.returncode == 1, (result.stdout[-2000:], result.stderr[-3000:])
+    assert "Traceback" not in result.stderr and "Retrying" not in result.stderr  # the client logs each retry
+    (message,) = [line for line in result.stderr.splitlines() if line.startswith("train.py: ")]
+    assert message.startswith("train.py: a request to the Hugging Face Hub for owner/tiny at http://hub.invalid could "
+                              "not connect (ConnectError: "), message

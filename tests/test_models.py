@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from tests.test_faults_models import (
     broken_folder,
     truncate,
 )
-from trainer.ckpt_cache import SOURCE_RECORD
+from trainer.ckpt_cache import SOURCE_RECORD, CkptCache, find_ckpt_cache
 from trainer.errors import UserError
 from trainer.hub import (
     LOGIN_TOKEN,
@@ -41,6 +43,7 @@ from trainer.hub import (
     download_model,
     find_cache_dir,
     find_token,
+    hub_address,
     parse_repo_id,
     select_training_files,
 )
@@ -152,6 +155,31 @@ def test_parse_repo_id():
     assert str(parse_repo_id("owner/name@0123abc")) == "owner/name@0123abc"
     for not_a_repo in ("my_model", "models/x.safetensors", "dir/model.ckpt", "/abs/path", "./a/b", "a/b/c", "~/x/y"):
         assert parse_repo_id(not_a_repo) is None, not_a_repo
+
+
+def test_hf_addresses_ask_for_the_hub_explicitly():
+    assert parse_repo_id("hf://owner/name@v1.0") == RepoRef("owner/name", "v1.0", explicit=True)
+    assert parse_repo_id("hf://models/models/sd1x") == RepoRef("models/sd1x", None, explicit=True)
+    # huggingface_hub's grammar reads a first part models/ as the repo type: such an owner is written twice
+    assert hub_address(RepoRef("models/sd1x", None)) == "hf://models/models/sd1x"
+    for repo in (RepoRef("owner/name", "v1"), RepoRef("models/sd1x", None), RepoRef("datasets/x", "main")):
+        assert parse_repo_id(hub_address(repo)) == RepoRef(repo.repo_id, repo.revision, explicit=True)
+    for address, says in (("hf://models/sd1x", "takes it twice: hf://models/models/name"),
+                          ("hf://owner/name/diffusers", "--resume_ckpt hf://owner/name --hf_repo_subfolder diffusers"),
+                          ("hf://datasets/owner/name", "names a dataset repo; the trainer takes model repos")):
+        with pytest.raises(UserError, match=re.escape(says)):
+            parse_repo_id(address)
+
+
+def test_the_ckpt_cache_folder_is_ckpt_cache_dir_then_the_variable_then_ckpt_cache(monkeypatch):
+    monkeypatch.delenv("CKPT_CACHE_DIR", raising=False)
+    assert find_ckpt_cache() == CkptCache(Path("ckpt_cache"), "the default: ckpt_cache/ in the current folder")
+    monkeypatch.setenv("CKPT_CACHE_DIR", " ")  # empty counts as unset
+    assert find_ckpt_cache().path == Path("ckpt_cache")
+    monkeypatch.setenv("CKPT_CACHE_DIR", "~/converted")
+    assert find_ckpt_cache() == CkptCache(Path.home() / "converted", "set by CKPT_CACHE_DIR")
+    assert find_ckpt_cache("/data/models") == CkptCache(Path("/data/models"), "set by ckpt_cache_dir")  # the config's
+    assert find_ckpt_cache("") == find_ckpt_cache(None)
 
 
 def test_selection_takes_configs_and_one_weight_format_per_component():
@@ -346,13 +374,88 @@ def test_download_broken_for_good_fails_clearly_and_a_rerun_completes_it(hub, re
     assert (model.path / weights).read_bytes() == (repo_folder / weights).read_bytes()
 
 
-@pytest.mark.slow  # the client retries a refused connection with backoff for ~25 s before giving up
-def test_no_network_says_so(hub, tmp_path, monkeypatch):
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection to it is refused at once, as with no network."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_with_no_network_a_hub_request_fails_after_one_try_and_says_what_it_was(hub, repo_folder, tiny_model, tmp_path,
+                                                                                monkeypatch, capfd):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
-    with pytest.raises(UserError, match=r"could not download owner/tiny from http://127.0.0.1:9: ConnectError"):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model("sd1"), tmp_path / "models" / "sd1")
+    hub.add_repo("owner/tiny", repo_folder)
+    download_model(RepoRef("owner/tiny", None))  # into the hub cache
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    capfd.readouterr()
+
+    started = time.monotonic()
+    with pytest.raises(UserError) as err:
+        resolve_model_source("modles/sd1")  # a typo in its first folder too: nothing local, so a Hub id
+    # The client's backoff sleeps 1+2+4+8+8 = 23 s before it gives up, and one refused loopback connection takes
+    # milliseconds: 10 s bounds a retry loop (any one overshoots it), it measures no speed.
+    assert time.monotonic() - started < 10
+    assert "Retrying" not in capfd.readouterr().err  # the client logs each retry
+    message = str(err.value)
+    assert message.startswith(f"a request to the Hugging Face Hub for modles/sd1 at {endpoint} could not connect "
+                              "(ConnectError: "), message
+    assert "Check the network connection, and HF_ENDPOINT if it is set, then run again." in message
+    assert message.endswith(" If you meant a local path: there is no modles/sd1; near matches: models/sd1."), message
+
+    with pytest.raises(UserError, match=r"could not connect .* owner/tiny is in the hub cache: set HF_HUB_OFFLINE=1"):
         download_model(RepoRef("owner/tiny", None))
+    hub.patch_client(monkeypatch, tmp_path / "hf", offline=True)  # the advice works
+    assert download_model(RepoRef("owner/tiny", None)).offline
+
+
+def test_a_hub_cache_without_room_says_how_to_move_it(hub, tiny_model, small_disk, monkeypatch):
+    full = small_disk("full", "4m")  # the tiny model is ~30 MB
+    monkeypatch.setenv("HF_HUB_CACHE", str(full / "hub"))
+    hub.add_repo("owner/tiny", tiny_model("sd1"))
+
+    with pytest.raises(UserError) as err:
+        download_model(RepoRef("owner/tiny", None))
+
+    assert str(err.value).startswith(f"could not write owner/tiny into the hub cache {full / 'hub'}: [Errno 28] No "
+                                     "space left on device. ")
+    assert str(err.value).endswith("or point HF_HUB_CACHE at a folder on a disk with room; files already complete "
+                                   "are kept.")
+
+
+@pytest.mark.slow  # the client's backoff: 1+2+4+8+8 s
+def test_a_hub_that_drops_connections_is_still_retried(hub, monkeypatch):
+    """Faults after a connection was made are a flaky network's: the first request keeps the client's 5 retries."""
+    from huggingface_hub import constants
+
+    accepted, done = [], threading.Event()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(0.1)
+
+        def drop_each_connection() -> None:
+            while not done.is_set():
+                try:
+                    connection, _ = server.accept()
+                except TimeoutError:
+                    continue
+                with connection:  # the request read, no answer: "Server disconnected without sending a response"
+                    accepted.append(connection.recv(65536).split(b" ")[1].decode())
+
+        dropper = threading.Thread(target=drop_each_connection)
+        dropper.start()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        try:
+            with pytest.raises(UserError, match=r"could not download owner/tiny from http://127.0.0.1:\d+: .* again"):
+                download_model(RepoRef("owner/tiny", None))
+        finally:
+            done.set()
+            dropper.join()
+    assert accepted.count("/api/models/owner/tiny/revision/main") == 6  # the first try and 5 retries
 
 
 # ------------------------------------------------------------------------------- resolution rules
@@ -376,6 +479,26 @@ def test_folder_then_cache_name_and_errors_for_everything_else(tiny_model, tmp_p
         resolve_model_source("nothing")
     with pytest.raises(UserError, match="hf_repo_subfolder 'sub' is set, but resume_ckpt 'my_model' is not"):
         resolve_model_source("my_model", hf_repo_subfolder="sub")
+
+
+def test_a_mistyped_local_path_is_no_hub_id_and_hf_asks_for_the_hub(hub, repo_folder, tiny_model, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model("sd1"), tmp_path / "models" / "sd1")
+    hub.add_repo("models/sd1x", repo_folder)  # a repo whose owner is named like the local folder
+
+    with pytest.raises(UserError) as err:
+        resolve_model_source("models/sd1x")
+
+    assert hub.requests == []
+    message = str(err.value)
+    assert "not a Hugging Face repo id: models/ is a local folder, so models/sd1x is a local path" in message
+    assert message.endswith("There is no local folder or file models/sd1x. Near matches: models/sd1. If you meant the "
+                            "Hugging Face repo models/sd1x, ask for the Hub explicitly: --resume_ckpt "
+                            "hf://models/models/sd1x."), message
+    source = resolve_model_source("hf://models/models/sd1x")  # the advice works
+    assert source.kind == "hub" and source.description.startswith("Hugging Face repo models/sd1x at commit")
+    assert resolve_model_source("models/sd1").kind == "folder"
 
 
 def test_prediction_override_applies_to_a_folder(tiny_model, capsys):
@@ -472,6 +595,34 @@ def test_single_file_converted_once_reused_and_converted_again_when_changed(
         resolve_model_source(str(checkpoint), prediction_type="epsilon")
     assert sorted(p.name for p in (tmp_path / "ckpt_cache").iterdir()) == ["my-sd21"]
     assert json.loads((entry / SOURCE_RECORD).read_text())["prediction_type_override"] is None
+
+
+def test_the_ckpt_cache_folder_moves_and_a_conversion_it_cannot_take_says_how(single_files, small_disk, tmp_path,
+                                                                              monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CKPT_CACHE_DIR", raising=False)
+    checkpoint = place_single_file(single_files("sd1"), tmp_path / "models", "tiny.safetensors")
+    full = small_disk("full", "8m")  # the tiny conversion writes ~30 MB
+
+    with pytest.raises(UserError) as err:
+        resolve_model_source(str(checkpoint), ckpt_cache_dir=str(full / "cache"))
+    message = str(err.value)
+    assert message.startswith(f"could not write the conversion of {checkpoint} into {full / 'cache' / 'tiny'}: ")
+    assert "No space left on device" in message and message.endswith(
+        "Free some space or fix the permissions there, or set ckpt_cache_dir (in train.json, or --ckpt_cache_dir "
+        "DIR) or the environment variable CKPT_CACHE_DIR to a folder on a disk with room; then run again.")
+    assert list((full / "cache").iterdir()) == []  # no partial left
+
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(tmp_path / "elsewhere"))  # the advice works
+    converted = resolve_model_source(str(checkpoint))
+    by_name = resolve_model_source("tiny")  # and a cache name resolves from there
+
+    assert converted.model_dir == by_name.model_dir == tmp_path / "elsewhere" / "tiny"
+    assert by_name.kind == "cache" and folder_damage(by_name.model_dir) is None
+    assert not (tmp_path / "ckpt_cache").exists()
+    assert capsys.readouterr().out.count(f"Model: ckpt_cache is {tmp_path / 'elsewhere'} (set by CKPT_CACHE_DIR)") == 2
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(full / "cache"))  # the config's ckpt_cache_dir comes first
+    assert resolve_model_source("tiny", ckpt_cache_dir=str(tmp_path / "elsewhere")).model_dir == by_name.model_dir
 
 
 def test_a_single_file_is_read_and_detected_once_per_conversion(single_files, tmp_path, monkeypatch):
@@ -787,17 +938,20 @@ def test_a_damaged_cache_entry_is_converted_again_from_its_source(single_files, 
     resolve_model_source(str(checkpoint))
     capsys.readouterr()
 
+    cache = f"Model: ckpt_cache is {tmp_path / 'ckpt_cache'} (the default: ckpt_cache/ in the current folder)"
+
     truncate(entry / UNET_WEIGHTS)  # by the file's path
     resolve_model_source(str(checkpoint))
-    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
+    said, *notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
+    assert said == cache
     assert notices == [f"Model: converting {checkpoint} into ckpt_cache/tiny (the converted copy is damaged: "
                        f"ckpt_cache/tiny/{UNET_WEIGHTS} is truncated: " + notices[0].split(" is truncated: ")[1]]
     assert folder_damage(entry) is None
 
     bad_json(entry / "model_index.json")  # by its cache name
     models = load_models("tiny")
-    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
-    assert len(notices) == 1 and notices[0].startswith(
+    said, *notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Model:")]
+    assert said == cache and len(notices) == 1 and notices[0].startswith(
         f"Model: converting {checkpoint.resolve()} into ckpt_cache/tiny again (the converted copy is damaged: "
         "ckpt_cache/tiny/model_index.json is not valid json")
     assert models.info.source_kind == "cache" and folder_damage(entry) is None

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from convert import export_single_file
+from trainer.ckpt_cache import prepare_single_file
 from trainer.config import TrainConfig
 from trainer.errors import ProblemsError
 from trainer.preflight import run_preflight
 from trainer.resume import STATE_DIR, STATE_FILE, TrainerState, TrainingSetup
 
+MOVE_CACHE = ("To convert it elsewhere, set ckpt_cache_dir (in train.json, or --ckpt_cache_dir DIR) or the environment "
+              "variable CKPT_CACHE_DIR to a writable folder with room")
 
-def config(tmp_path: Path, shapes_dir: Path, model: Path, **changes) -> TrainConfig:
+
+@pytest.fixture(scope="module")
+def single_file(tiny_model, tmp_path_factory) -> Path:
+    """A tiny SD1 .safetensors in the original layout (~30 MB), with its yaml beside it."""
+    return export_single_file(tiny_model("sd1"), tmp_path_factory.mktemp("single") / "tiny.safetensors").checkpoint_path
+
+
+def config(tmp_path: Path, shapes_dir: Path, model: Path | str, **changes) -> TrainConfig:
     settings = dict(resume_ckpt=str(model), data_root=str(shapes_dir), resolution=64, batch_size=2,
                     logdir=str(tmp_path / "logs"))
     return dataclasses.replace(TrainConfig(), **{**settings, **changes})
@@ -76,6 +88,80 @@ def test_read_only_data_root_caches_latents_in_a_writable_place(tmp_path, shapes
     assert found.cache_dir.parent == tmp_path / "logs" / "latent_cache"
     (notice,) = found.notices
     assert str(found.cache_dir) in notice and "Read-only file system" in notice
+
+
+def test_a_ckpt_cache_that_cannot_take_the_conversion_is_found_before_any_model(tmp_path, shapes_dir, single_file,
+                                                                                small_disk, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CKPT_CACHE_DIR", raising=False)
+    cfg = config(tmp_path, shapes_dir, single_file)
+    (tmp_path / "ckpt_cache").write_text("not a folder")
+    (problem,) = problems(cfg)
+    assert problem == (f"resume_ckpt {single_file} is a single file to convert into ckpt_cache/tiny, but the "
+                       "ckpt_cache folder ckpt_cache is a file, not a folder; remove it or choose another path. "
+                       f"{MOVE_CACHE}; the folder now is {tmp_path / 'ckpt_cache'}, the default: ckpt_cache/ in the "
+                       "current folder.")
+
+    read_only = small_disk("ro", "1m", read_only=True)
+    monkeypatch.setenv("CKPT_CACHE_DIR", str(read_only / "cache"))
+    (problem,) = problems(cfg)
+    assert "cannot be written: Read-only file system" in problem and MOVE_CACHE in problem
+    assert problem.endswith(f"; the folder now is {read_only / 'cache'}, set by CKPT_CACHE_DIR.")
+
+    full = small_disk("full", "8m")
+    (problem,) = problems(dataclasses.replace(cfg, ckpt_cache_dir=str(full / "cache")))  # before CKPT_CACHE_DIR
+    assert re.search(r"but there is not enough free space there: the conversion needs about \d+\.\d MiB, and 8\.0 MiB "
+                     "is free", problem) and MOVE_CACHE in problem and problem.endswith(", set by ckpt_cache_dir.")
+
+    run_preflight(dataclasses.replace(cfg, ckpt_cache_dir=str(tmp_path / "converted")), tmp_path / "logs" / "run")
+
+
+def test_an_earlier_conversion_to_reuse_needs_no_writable_ckpt_cache(tmp_path, shapes_dir, single_file, small_disk):
+    cache = small_disk("cache", "64m", read_only=True, fill=lambda d: prepare_single_file(single_file, d, None))
+    cfg = config(tmp_path, shapes_dir, single_file, ckpt_cache_dir=str(cache))
+    run_preflight(cfg, tmp_path / "logs" / "run")  # reused as it is: nothing is written there
+
+    (problem,) = problems(dataclasses.replace(cfg, prediction_type="v_prediction"))  # a changed override converts
+    assert "cannot be written: Read-only file system" in problem and MOVE_CACHE in problem
+
+
+def test_a_hub_cache_that_cannot_take_a_download_is_found_before_any_model(tmp_path, shapes_dir, small_disk,
+                                                                           monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    read_only = small_disk("ro", "1m", read_only=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(read_only / "hub"))
+    cfg = config(tmp_path, shapes_dir, "owner/tiny")
+    (problem,) = problems(cfg)
+    assert problem == (f"resume_ckpt owner/tiny is a Hugging Face repo, downloaded into the hub cache, but the Hugging "
+                       f"Face hub cache {read_only / 'hub'} cannot be written: Read-only file system (tested in "
+                       f"{read_only}, the part that exists); choose a writable place or fix its permissions. Point "
+                       "HF_HUB_CACHE at a writable folder (this one is set by HF_HUB_CACHE).")
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "a_file"))  # the legacy name wins, and is named
+    (problem,) = problems(cfg)
+    assert "is a file, not a folder" in problem and "Point HUGGINGFACE_HUB_CACHE at a writable folder" in problem
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline, the cache is only read
+    run_preflight(cfg, tmp_path / "logs" / "run")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))  # the advice works
+    run_preflight(cfg, tmp_path / "logs" / "run")
+
+
+def test_a_mistyped_local_path_and_a_malformed_hub_address_are_found_before_any_model(tmp_path, shapes_dir,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "sd1").mkdir(parents=True)
+
+    (problem,) = problems(config(tmp_path, shapes_dir, "models/sd1x"))
+    assert "Near matches: models/sd1. If you meant the Hugging Face repo models/sd1x, ask for the Hub explicitly: " \
+           "--resume_ckpt hf://models/models/sd1x." in problem
+    (problem,) = problems(config(tmp_path, shapes_dir, "hf://models/sd1x"))
+    assert problem.startswith("resume_ckpt 'hf://models/sd1x' is not a Hugging Face model address: ")
+    assert "an owner named like a repo type, such as models, takes it twice: hf://models/models/name" in problem
 
 
 def write_state(save: Path, **setup_changes) -> Path:

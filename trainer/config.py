@@ -21,6 +21,7 @@ from typing import Any, Literal
 from common.files import read_json_object
 from trainer import everydream2 as ed2
 from trainer.config_checks import validate
+from trainer.errors import bulleted
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_FILE = "train.json"
@@ -49,8 +50,12 @@ class TrainConfig:
     resume_ckpt: str = _key(
         "panopstor/EveryDream",
         "Base model: a diffusers folder, a name in ckpt_cache/ ('my_model' means ckpt_cache/my_model), a "
-        ".ckpt/.safetensors file (converted once into ckpt_cache/), a Hugging Face repo id owner/name[@revision], "
-        "or findlast: the newest model saved under logdir.",
+        ".ckpt/.safetensors file (converted once into ckpt_cache/), a Hugging Face repo id owner/name[@revision] "
+        "(hf://owner/name when a local folder has the owner's name), or findlast: the newest model saved under logdir.",
+    )
+    ckpt_cache_dir: str | None = _key(
+        None, "Folder that holds single-file models converted to diffusers (and that cache names are looked up in); "
+        "null: $CKPT_CACHE_DIR if set, else ckpt_cache/ in the current folder."
     )
     hf_repo_subfolder: str | None = _key(
         None, "Sub-folder of the Hugging Face repo in resume_ckpt that holds the diffusers model; null: its root."
@@ -206,12 +211,14 @@ FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(Tr
 FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 
 class ConfigError(Exception):
-    """The configuration has problems; `problems` lists each one as a full sentence."""
+    """The configuration has problems; `problems` lists each one as a full sentence. `rest` is the config with
+    every key that has a problem at its default (None when the json file itself could not be read), and
+    `bad_keys` those keys: the preflight checks `rest` so that its problems come in the same round."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    def __init__(self, problems: list[str], rest: TrainConfig | None = None, bad_keys: frozenset[str] = frozenset()):
+        self.problems, self.rest, self.bad_keys = problems, rest, bad_keys
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{count} in the configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{count} in the configuration:\n" + bulleted(problems))
 
 
 @dataclass
@@ -344,6 +351,7 @@ class _Merge:
     problems: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     not_honoured: set[str] = field(default_factory=set)
+    bad_keys: set[str] = field(default_factory=set)  # keys of ours whose given value has a problem
     null_notices: dict[str, str] = field(default_factory=dict)  # said only if no later source sets the key
 
     def layer(self, raw: dict[str, Any], source: str, from_cli: bool) -> None:
@@ -390,14 +398,15 @@ class _Merge:
             self.notices.append(f"{key}: {_given(given)} (EveryDream2's value) is read as {_given(translated)}.")
             given = translated
         try:
-            if from_cli and given is None:
-                if tp is not bool:
+            if from_cli and given is None:  # a bare --flag: true, for every boolean key, nullable or not
+                if (_strip_optional(tp) if _is_optional(tp) else tp) is not bool:
                     raise _BadValue
                 value = True
             else:
                 value = coerce_cli(tp, given) if from_cli else coerce_json(tp, given)
         except (_BadValue, TypeError):
             shown = "nothing" if given is None and from_cli else _given(given)
+            self.bad_keys.add(key)
             self.problems.append(f"{key}: got {shown} (from {source}); expected {type_name(tp)}.")
             return
         self.values[key], self.sources[key] = value, source
@@ -419,12 +428,13 @@ def load_config(argv: list[str]) -> LoadedConfig:
     merge.layer(cli, "command line", from_cli=True)
 
     config = TrainConfig(**merge.values)
-    merge.problems += [
-        f"{key}: got {_given(getattr(config, key))} (from {merge.sources[key]}); expected {expected}."
-        for key, expected in validate(config)
-    ]
+    invalid = validate(config)
+    merge.problems += [f"{key}: got {_given(getattr(config, key))} (from {merge.sources[key]}); expected {expected}."
+                       for key, expected in invalid]
     if merge.problems:
-        raise ConfigError(merge.problems)
+        bad = frozenset(merge.bad_keys | {key for key, _ in invalid})
+        rest = None if json_problems else dataclasses.replace(config, **{key: FIELDS[key].default for key in bad})
+        raise ConfigError(merge.problems, rest, bad)
     if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (config_checks refuses a contradiction)
         config = dataclasses.replace(config, disable_textenc_training=not config.lora_text_encoder)
     merge.notices += [notice for key, notice in merge.null_notices.items() if merge.sources[key] == "default"]

@@ -8,6 +8,12 @@ class UserError(Exception):
     exit_code = 1
 
 
+def bulleted(problems: list[str]) -> str:
+    """Problems as a list, one "  - " item each; an item's own further lines (a list of what was looked for)
+    indented under it, so that they read as part of it."""
+    return "\n".join("  - " + problem.replace("\n", "\n    ") for problem in problems)
+
+
 class ProblemsError(UserError):
     """Every problem found before anything ran (the preflight), reported together like config errors (exit 2)."""
 
@@ -16,7 +22,7 @@ class ProblemsError(UserError):
     def __init__(self, problems: list[str], heading: str = "before training started"):
         self.problems = problems
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{count} found {heading}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{count} found {heading}:\n" + bulleted(problems))
 
 
 def file_problems(what: str, problems: list[str]) -> ProblemsError:

@@ -25,8 +25,9 @@ def environment_message(err: BaseException) -> str | None:
                 "the run? Make it available again, then run again (or continue from the save said above).")
     if isinstance(err, OSError):
         reason = DISK_ERRORS.get(err.errno, "a file operation failed")
-        return (f"{reason}: {_detail(err)}. Free space or fix the permissions there, or point logdir, save_ckpt_dir "
-                "or latent_cache_dir at another disk; then run again.")
+        return (f"{reason}: {_detail(err)}. Free space or fix the permissions there, or move the files of that "
+                "place to another disk with the setting that places them: logdir, save_ckpt_dir, latent_cache_dir, "
+                "ckpt_cache_dir (or CKPT_CACHE_DIR) or, for downloads, HF_HUB_CACHE; then run again.")
     if type(err).__name__ == "OutOfMemoryError" or isinstance(err, MemoryError):
         device = "GPU" if type(err).__name__ == "OutOfMemoryError" else "CPU"
         return (f"out of {device} memory ({_detail(err)}). Lower batch_size or resolution, turn "

@@ -12,7 +12,13 @@ This module owns everything between a repo id and a local folder:
   client's default. Downloads go through `snapshot_download`, so the client's cache layout, progress bars,
   in-process resume of broken transfers, and atomic blob writes (a file appears in a snapshot only once
   complete) all apply; with `HF_HUB_OFFLINE=1` the same files are taken from the cache with no request;
-* turning the client's exceptions into one `UserError` each that says what to do.
+* asking for the Hub explicitly: `hf://owner/name[@revision]` (huggingface_hub's own URI grammar, that of
+  `HfFileSystem`) is a repo even where a local folder is named like its owner, which a bare `owner/name` is not
+  (trainer/ckpt_cache.py `source_kind`);
+* the first request (the repo's file list) is the one that tells whether the Hub can be reached: a connection that
+  cannot be made fails after that one try, faults after a connection was made are retried (`_repo_files`);
+* turning the client's exceptions into one `UserError` each that says what to do, and checking, before any model
+  loads, that the cache can take a download (`cache_problem`).
 
 The client reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` at import; they are honoured as it reads them.
 """
@@ -23,9 +29,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
-from common.console import say
-from common.console import first_line
+from common.console import first_line, say
+from common.files import free_bytes, human_bytes, place_problem
 from convert.tables import COMPONENT_NAMES, MODEL_COMPONENTS
 from trainer.errors import UserError
 
@@ -37,6 +44,7 @@ SHARD = re.compile(r"^(?P<stem>[\w]+)-\d{5}-of-\d{5}(?P<suffix>\.safetensors|\.b
 SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[^\s@]+))?$")
+HUB_SCHEME = "hf://"
 
 # Removed from the Hub in November 2025; the same weights live on under sd2-community/.
 RETIRED_REPOS = {
@@ -53,6 +61,7 @@ LOGIN_TOKEN = "the token saved by `hf auth login`"
 class RepoRef:
     repo_id: str
     revision: str | None  # None: the default branch
+    explicit: bool = False  # named as hf://owner/name: the Hub, even where a local folder is named like the owner
 
     def __str__(self) -> str:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
@@ -85,11 +94,45 @@ class HubModel:
 
 
 def parse_repo_id(text: str) -> RepoRef | None:
-    """`owner/name` or `owner/name@revision` as a reference, or None when `text` is not shaped like one."""
-    match = REPO_ID.match(text.strip())
+    """`owner/name` or `owner/name@revision` as a reference, `hf://owner/name[@revision]` as an explicit one, or None
+    when `text` is shaped like neither. A hf:// address that names no model repo raises UserError."""
+    text = text.strip()
+    if text.startswith(HUB_SCHEME):
+        return _parse_hub_address(text)
+    match = REPO_ID.match(text)
     if match is None or match.group("repo").endswith(SINGLE_FILE_SUFFIXES):
         return None
     return RepoRef(match.group("repo"), match.group("revision"))
+
+
+def _parse_hub_address(text: str) -> RepoRef:
+    """hf://[models/]owner/name[@revision], by huggingface_hub's own parser (the grammar HfFileSystem reads)."""
+    from huggingface_hub.errors import HfUriError
+    from huggingface_hub.utils import parse_hf_uri
+
+    expected = ("Expected hf://owner/name or hf://owner/name@revision (an owner named like a repo type, such as "
+                "models, takes it twice: hf://models/models/name).")
+    try:
+        uri = parse_hf_uri(text)
+    except HfUriError as err:
+        raise UserError(f"resume_ckpt {text!r} is not a Hugging Face model address: {first_line(err)} {expected}") \
+            from None
+    if uri.type != "model":
+        raise UserError(f"resume_ckpt {text!r} names a {uri.type} repo; the trainer takes model repos. {expected}")
+    repo = RepoRef(uri.id, uri.revision, explicit=True)
+    if uri.path_in_repo:
+        raise UserError(f"resume_ckpt {text!r} names {uri.path_in_repo} inside the repo {repo}: pass --resume_ckpt "
+                        f"{hub_address(repo)} --hf_repo_subfolder {uri.path_in_repo}.")
+    return repo
+
+
+def hub_address(repo: RepoRef) -> str:
+    """`repo` as an explicit Hub address. In huggingface_hub's grammar a first part such as models/ or datasets/ is
+    the repo type, so an owner of that name needs the type in front: hf://models/models/name."""
+    from huggingface_hub.constants import HF_URI_TYPE_PREFIXES
+
+    owner = repo.repo_id.split("/", 1)[0]
+    return HUB_SCHEME + ("models/" if owner in HF_URI_TYPE_PREFIXES else "") + str(repo)
 
 
 def find_token() -> HubToken:
@@ -199,10 +242,11 @@ def _not_a_diffusers_model(repo_files: list[str], subfolder: str | None, repo: R
 # -------------------------------------------------------------------------------------------- download
 
 
-def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
-    """The training files of `repo` in the hub cache (downloading what is missing), or a UserError."""
+def download_model(repo: RepoRef, subfolder: str | None = None, *, local_hint: str = "") -> HubModel:
+    """The training files of `repo` in the hub cache (downloading what is missing), or a UserError. `local_hint`
+    (the local paths near the one resume_ckpt named) ends the messages that say the repo could not be had."""
     import httpx2  # huggingface_hub's HTTP transport; its network errors reach us unwrapped
-    from huggingface_hub import HfApi, get_cached_repo_tree, snapshot_download
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     token = find_token()
@@ -222,10 +266,10 @@ def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
                 raise UserError(
                     f"{repo} is not in the hub cache {cache_dir} ({cache_source}) and HF_HUB_OFFLINE is set, so "
                     "it cannot be downloaded. Run once with network access (unset HF_HUB_OFFLINE), or point "
-                    "HUGGINGFACE_HUB_CACHE at the cache that holds it." + _retired_hint(repo)
+                    "HUGGINGFACE_HUB_CACHE at the cache that holds it." + _retired_hint(repo) + local_hint
                 ) from None
         else:
-            listing = HfApi().list_repo_files(repo.repo_id, revision=revision, token=token.value)
+            listing = _repo_files(repo, revision, token, cache_dir, local_hint)
         files = select_training_files(listing, subfolder, repo)
         snapshot = Path(snapshot_download(
             repo.repo_id, revision=revision, cache_dir=cache_dir, token=token.value, allow_patterns=files,
@@ -234,24 +278,80 @@ def download_model(repo: RepoRef, subfolder: str | None = None) -> HubModel:
         raise
     # GatedRepoError is a RepositoryNotFoundError: the order of these branches matters.
     except HfHubHTTPError as err:
-        raise UserError(_http_error_message(err, repo, token)) from None
+        raise UserError(_http_error_message(err, repo, token) + local_hint) from None
     except LocalEntryNotFoundError as err:  # offline, or no connection, and not (fully) in the cache
         raise UserError(
             f"{repo} could not be fetched and the hub cache {cache_dir} does not hold all of its training files "
             f"({type(err).__name__}: {first_line(err)}). Check the network connection and HF_ENDPOINT, or "
             "unset HF_HUB_OFFLINE, and run again: files already complete are kept." + _retired_hint(repo)
         ) from None
-    except httpx2.TransportError as err:  # no connection, or broken off after the client's own retries
-        cached = _is_cached(repo, cache_dir)
+    except httpx2.TransportError as err:  # broken off again and again: after the client's own retries
         raise UserError(
             f"could not download {repo} from {_endpoint()}: {type(err).__name__}: {first_line(err)}. Check the "
             "network connection (and HF_ENDPOINT if set) and run again: files already complete are kept in the "
-            "cache and not downloaded twice."
-            + (f" {repo} is in the hub cache: set HF_HUB_OFFLINE=1 to train from it without network." if cached else "")
+            "cache and not downloaded twice." + _offline_hint(repo, cache_dir)
+        ) from None
+    except OSError as err:  # writing into the cache (the client's own errors above are OSErrors too)
+        raise UserError(
+            f"could not write {repo} into the hub cache {cache_dir}: {first_line(err)}. "
+            f"{human_bytes(free_bytes(cache_dir))} is free there. Free some space or fix the permissions there, or "
+            f"point {_cache_variable(cache_source)} at a folder on a disk with room; files already complete are kept."
         ) from None
     model_dir = snapshot / subfolder.strip("/") if subfolder else snapshot
     return HubModel(model_dir, repo, snapshot.name, subfolder, tuple(files), cache_dir, cache_source,
                     token.source, offline)
+
+
+def _repo_files(repo: RepoRef, revision: str, token: HubToken, cache_dir: Path, local_hint: str) -> list[str]:
+    """The repo's files, by the first request to the Hub: the one that tells whether it can be reached at all.
+
+    huggingface_hub retries every network fault with backoff (`http_backoff`: 5 retries, 1, 2, 4, 8 and 8 s apart),
+    a connection that cannot be made included, so on a machine without network a request waited 23 s to fail. A
+    connection that cannot be made (no network, a host name that does not resolve, a closed port, no answer to
+    connect) is no passing fault: it fails after this one try, and is said as the Hub request it was. Faults after
+    a connection was made (a flaky network: read or write errors and timeouts, a response broken off, 429 and 5xx
+    answers) are retried by the client's backoff, as every later request of the download is."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+
+    after_connecting = (httpx2.ReadTimeout, httpx2.WriteTimeout, httpx2.PoolTimeout, httpx2.ReadError,
+                        httpx2.WriteError, httpx2.CloseError, httpx2.RemoteProtocolError)
+    # the model-info route, as HfApi.model_info asks it: its `siblings` list every file of the revision
+    url = f"{constants.ENDPOINT}/api/models/{repo.repo_id}/revision/{quote(revision, safe='')}"
+    try:
+        response = http_backoff("GET", url, headers=build_hf_headers(token=token.value),
+                                timeout=constants.HF_HUB_ETAG_TIMEOUT, retry_on_exceptions=after_connecting)
+    except (httpx2.ConnectError, httpx2.ConnectTimeout) as err:
+        taken = ("" if repo.explicit else " resume_ckpt was taken for a Hub repo id, as no local folder, file or "
+                 "ckpt_cache/ name has that name.")
+        raise UserError(
+            f"a request to the Hugging Face Hub for {repo} at {_endpoint()} could not connect ({type(err).__name__}: "
+            f"{first_line(err)}); a connection that cannot be made is not tried again.{taken} Check the network "
+            "connection, and HF_ENDPOINT if it is set, then run again." + _offline_hint(repo, cache_dir) + local_hint
+        ) from None
+    hf_raise_for_status(response)
+    return [sibling["rfilename"] for sibling in response.json().get("siblings", [])]
+
+
+def cache_problem(resume_ckpt: str) -> str | None:
+    """Why the hub cache cannot take a download of `resume_ckpt`, for the preflight; None when it can, or when
+    HF_HUB_OFFLINE is set (the cache is then only read)."""
+    if is_offline():
+        return None
+    cache_dir, source = find_cache_dir()
+    problem = place_problem(cache_dir, "the Hugging Face hub cache")
+    if problem is None:
+        return None
+    origin = f"set by {source}" if source in CACHE_VARIABLES else source
+    return (f"resume_ckpt {resume_ckpt} is a Hugging Face repo, downloaded into the hub cache, but {problem} "
+            f"Point {_cache_variable(source)} at a writable folder (this one is {origin}).")
+
+
+def _cache_variable(source: str) -> str:
+    """The variable that moves the hub cache: the one that set it (HUGGINGFACE_HUB_CACHE, when set, wins over
+    HF_HUB_CACHE), else HF_HUB_CACHE."""
+    return source if source in CACHE_VARIABLES else "HF_HUB_CACHE"
 
 
 def _http_error_message(err: Exception, repo: RepoRef, token: HubToken) -> str:
@@ -274,9 +374,10 @@ def _http_error_message(err: Exception, repo: RepoRef, token: HubToken) -> str:
                     f"published as {retired}: pass --resume_ckpt {retired}.")
         private = ("" if token.value else
                    " If it is private, run `hf auth login` or set HF_API_TOKEN to a token that can read it.")
+        local = ("" if repo.explicit else
+                 " resume_ckpt was also not a local folder, a name in ckpt_cache/ or a .ckpt/.safetensors file.")
         return (f"{repo.repo_id} was not found on {_endpoint()} (HTTP {status}). Check the spelling: a repo id "
-                f"is owner/name as in the model page's address.{private} resume_ckpt was also not a local "
-                "folder, a name in ckpt_cache/ or a .ckpt/.safetensors file.")
+                f"is owner/name as in the model page's address.{private}{local}")
     if isinstance(err, RevisionNotFoundError):
         return f"{repo.repo_id} has no revision {repo.revision!r} (a branch, tag or commit); see {page}/tree/main."
     if status == 401 and token.value is not None:
@@ -284,6 +385,11 @@ def _http_error_message(err: Exception, repo: RepoRef, token: HubToken) -> str:
                 f"at {_endpoint()}/settings/tokens and run `hf auth login` or set HF_API_TOKEN.")
     return (f"the Hub answered HTTP {status} for {repo}: {first_line(err)}. Try again later; if it persists, "
             f"download the model's diffusers folder and pass its path.")
+
+
+def _offline_hint(repo: RepoRef, cache_dir: Path) -> str:
+    return (f" {repo} is in the hub cache: set HF_HUB_OFFLINE=1 to train from it without network."
+            if _is_cached(repo, cache_dir) else "")
 
 
 def _is_cached(repo: RepoRef, cache_dir: Path) -> bool:

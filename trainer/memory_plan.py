@@ -243,16 +243,17 @@ def model_params_of(models) -> ModelParams:
                        count(models.text_encoder), count(models.vae))
 
 
-def model_params_on_disk(resume_ckpt: str) -> ModelParams | None:
-    """The base model's configs and counts from its files, no weights read: a diffusers folder (or ckpt_cache/
-    name) by its config files and weight headers; an original .safetensors by its header, with its family's
-    stock configs. None for what is not on disk yet (a Hub id) or cannot be read without loading (a .ckpt)."""
-    from trainer.ckpt_cache import CKPT_CACHE
+def model_params_on_disk(resume_ckpt: str, ckpt_cache_dir: str | None = None) -> ModelParams | None:
+    """The base model's configs and counts from its files, no weights read: a diffusers folder (or a name in the
+    ckpt_cache folder, `ckpt_cache_dir` being the config's) by its config files and weight headers; an original
+    .safetensors by its header, with its family's stock configs. None for what is not on disk yet (a Hub id) or
+    cannot be read without loading (a .ckpt)."""
+    from trainer.ckpt_cache import cache_entry, find_ckpt_cache
     from trainer.footprint import component_numels_in_folder, component_numels_in_single_file
 
     given = Path(resume_ckpt).expanduser()
     try:
-        for folder in (given, CKPT_CACHE / given):
+        for folder in (given, cache_entry(resume_ckpt, find_ckpt_cache(ckpt_cache_dir).path)):
             if folder.is_dir() and (folder / "unet" / "config.json").is_file():
                 counts = component_numels_in_folder(folder)
                 return counts and ModelParams(read_json(folder / "unet" / "config.json"),

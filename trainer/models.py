@@ -1,12 +1,19 @@
 """Resolve `resume_ckpt` to a diffusers model folder and load it as one typed bundle.
 
-Resolution follows explicit rules, in order, each with its own error; nothing is tried and swallowed:
+Resolution follows explicit rules, in order, each with its own error; nothing is tried and swallowed (which rule
+applies is read from paths alone by trainer/ckpt_cache.py `source_kind`, which the preflight asks too):
+  0. `hf://owner/name[@revision]` -> that Hugging Face repo, whatever is on disk (huggingface_hub's URI grammar;
+     an owner named like a repo type needs the type in front: hf://models/models/name);
   1. an existing local diffusers folder (model_index.json, or unet/, vae/ and text_encoder/);
-  2. a name in ckpt_cache/ ("my_model" -> ckpt_cache/my_model; "ckpt_cache/my_model" works too);
+  2. a name in the ckpt_cache folder ("my_model" -> ckpt_cache/my_model; "ckpt_cache/my_model" works too);
   3. an existing .ckpt/.safetensors file -> converted once into ckpt_cache/<file stem>, reused while the file is
-     unchanged (trainer/ckpt_cache.py, the one writer of ckpt_cache/, over the converter in convert/);
-  4. a Hugging Face repo id, owner/name[@revision] -> the files training needs, via trainer/hub.py;
-  5. otherwise one error listing what was looked for.
+     unchanged (trainer/ckpt_cache.py, the one writer of the cache, over the converter in convert/);
+  4. a Hugging Face repo id, owner/name[@revision], that is no local path -> the files training needs, via
+     trainer/hub.py. A relative path whose first part is a local folder (`models/sd1x` where models/ exists) is a
+     local path, so it goes on to rule 5 with the near matches; hf:// asks for such a repo;
+  5. otherwise one error listing what was looked for, and the local paths near the one given.
+The ckpt_cache folder is the config's ckpt_cache_dir, else $CKPT_CACHE_DIR, else ckpt_cache/ in the current folder
+(`find_ckpt_cache`); it is said in the log when a cache name or a single file uses it.
 Loading refuses a damaged or foreign folder before any weight is read (trainer/model_checks.py), then loads each
 component straight in the dtype asked for (fp32 by default, whatever the files store). The training loop only
 ever sees `SDModels`, never a file format.
@@ -18,7 +25,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import diffusers
 import torch
@@ -30,14 +37,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from common.console import say
 from convert import ConversionError
 from common.console import first_line
-from convert.tables import WEIGHTED_COMPONENTS, Family, PredictionType, family_of_hidden_act, original_config_name
-from trainer.ckpt_cache import (CKPT_CACHE, CacheEntry, cache_entry, intact_cache_entry, not_found_message,
-                                prepare_single_file)
+from convert.tables import Family, PredictionType, family_of_hidden_act, original_config_name
+from trainer.ckpt_cache import (CacheEntry, SourceKind, cache_entry, find_ckpt_cache, intact_cache_entry,
+                                near_matches_text, not_found_message, prepare_single_file, source_kind)
 from trainer.errors import UserError
-from trainer.hub import SINGLE_FILE_SUFFIXES, download_model, parse_repo_id
+from trainer.hub import download_model, parse_repo_id
 from trainer.model_checks import ModelConfigs, check_model_folder
-
-SourceKind = Literal["folder", "cache", "single_file", "hub"]
 
 
 @dataclass(frozen=True)
@@ -93,39 +98,40 @@ class ModelSource:
     evidence: tuple[str, ...] = ()
 
 
-def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / "model_index.json").is_file() or all((path / c.name).is_dir() for c in WEIGHTED_COMPONENTS)
-    )
-
-
 def resolve_model_source(
     resume_ckpt: str,
     *,
     hf_repo_subfolder: str | None = None,
     prediction_type: PredictionType | None = None,
-    cache_dir: Path = CKPT_CACHE,
+    ckpt_cache_dir: str | None = None,
 ) -> ModelSource:
-    """The diffusers folder that `resume_ckpt` names, by the rules in this module's docstring."""
+    """The diffusers folder that `resume_ckpt` names, by the rules in this module's docstring; `ckpt_cache_dir` is
+    the config's (None: $CKPT_CACHE_DIR, else ckpt_cache/)."""
+    cache = find_ckpt_cache(ckpt_cache_dir)
     given = Path(resume_ckpt).expanduser()
-    cached = cache_entry(resume_ckpt, cache_dir)
-    repo = parse_repo_id(resume_ckpt)
-    if hf_repo_subfolder and (repo is None or given.exists() or is_diffusers_folder(cached)):
+    cached = cache_entry(resume_ckpt, cache.path)
+    kind = source_kind(resume_ckpt, cache.path)
+    if hf_repo_subfolder and kind not in ("hub", None):
         raise UserError(
             f"hf_repo_subfolder {hf_repo_subfolder!r} is set, but resume_ckpt {resume_ckpt!r} is not a Hugging Face "
             "repo id (it names a local folder, file or ckpt_cache/ entry). Set hf_repo_subfolder to null, or pass "
             "the sub-folder's own path as resume_ckpt."
         )
-    if is_diffusers_folder(given):  # rule 1
-        if _is_inside(given, cache_dir):
+    if kind in ("cache", "single_file"):
+        say(f"Model: ckpt_cache is {cache.describe()}")
+    if kind == "folder":  # rule 1
+        if _is_inside(given, cache.path):
             return _from_cache("cache", intact_cache_entry(given, f"diffusers folder {given.resolve()}"))
         return ModelSource("folder", given, f"diffusers folder {given.resolve()}")
-    if is_diffusers_folder(cached):  # rule 2
+    if kind == "cache":  # rule 2
         return _from_cache("cache", intact_cache_entry(cached, f"ckpt_cache entry {cached.resolve()}"))
-    if given.is_file() and given.suffix.lower() in SINGLE_FILE_SUFFIXES:  # rule 3
-        return _from_cache("single_file", prepare_single_file(given, cache_dir, prediction_type))
-    if repo is not None and not given.exists():  # rule 4
-        hub_model = download_model(repo, hf_repo_subfolder)
+    if kind == "single_file":  # rule 3
+        return _from_cache("single_file", prepare_single_file(given, cache.path, prediction_type))
+    if kind == "hub":  # rules 0 and 4
+        repo = parse_repo_id(resume_ckpt)
+        near = "" if repo.explicit else near_matches_text(given)
+        local_hint = f" If you meant a local path: there is no {given}; near matches: {near}." if near else ""
+        hub_model = download_model(repo, hf_repo_subfolder, local_hint=local_hint)
         return ModelSource("hub", hub_model.path, hub_model.describe(),
                            (f"files: {', '.join(hub_model.files)}", f"cache: {hub_model.cache_dir}"))
     raise UserError(not_found_message(resume_ckpt, given, cached))  # rule 5
@@ -224,10 +230,12 @@ def load_models(
     hf_repo_subfolder: str | None = None,
     prediction_type: PredictionType | None = None,
     dtypes: ComponentDtypes | None = None,
+    ckpt_cache_dir: str | None = None,
 ) -> SDModels:
-    """Resolve `resume_ckpt` (see the module docstring), load it in `dtypes` (fp32 by default), and record where
-    it came from."""
-    source = resolve_model_source(resume_ckpt, hf_repo_subfolder=hf_repo_subfolder, prediction_type=prediction_type)
+    """Resolve `resume_ckpt` (see the module docstring; `ckpt_cache_dir` is the config's), load it in `dtypes` (fp32
+    by default), and record where it came from."""
+    source = resolve_model_source(resume_ckpt, hf_repo_subfolder=hf_repo_subfolder, prediction_type=prediction_type,
+                                  ckpt_cache_dir=ckpt_cache_dir)
     say(f"Model source: {source.description}")
     models = load_model_dir(source.model_dir, prediction_type, dtypes=dtypes)
     models.info = dataclasses.replace(

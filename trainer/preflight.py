@@ -6,6 +6,8 @@ It checks that
 - the run folder, the save folder and the latent-cache folder can be created and written, and none is a file;
   a run_name already in use is refused (a new run never writes into another run's folder); a read-only
   data_root gets its latent cache in a writable place, said in a notice;
+- resume_ckpt names something (trainer/models.py's rules), and where it goes can take it: the ckpt_cache folder
+  (writable, with room) for a single file to convert, the hub cache (writable) for a download;
 - the save folder's disk has room for one save, when the model's size can be read from its files;
 - sample_prompts and optimizer_config are valid, and wandb/xformers are installed when asked for;
 - resume_state exists, is complete, fits this run, and has steps left to train.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -30,12 +33,11 @@ from data.latent_cache import choose_cache_dir
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_sets
-from trainer import footprint
-from trainer.ckpt_cache import CKPT_CACHE, cache_entry, not_found_message
-from trainer.config import TrainConfig, lora_alpha
-from trainer.errors import ProblemsError, UserError
+from trainer import footprint, hub
+from trainer.ckpt_cache import cache_entry, conversion_problems, find_ckpt_cache, not_found_message, source_kind
+from trainer.config import ConfigError, TrainConfig, lora_alpha
+from trainer.errors import ProblemsError, UserError, bulleted
 from trainer.everydream2 import FIND_LAST
-from trainer.hub import parse_repo_id
 from trainer.optim import OptimizerPlan, plan_optimizers
 from trainer.prompts import SampleSettings, read_sample_prompts
 from trainer.validation_plan import ValidationPlan, plan_validation
@@ -187,6 +189,28 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
                      prompts, resume, validation_plan, notices)
 
 
+def problems_beside(error: ConfigError) -> str:
+    """What the preflight finds in the rest of a config that has problems (each key with a problem at its
+    default), as text to print after them, so that one round reports both; "" when nothing more. A problem that
+    names a key with a problem of its own is left to that one (a data_root that does not exist is said once)."""
+    if error.rest is None:  # the json file itself could not be read: the rest is not what the user wrote
+        return ""
+    try:
+        cfg = resolve_find_last(error.rest)
+        run_preflight(cfg, run_dir_path(cfg))
+        return ""
+    except ProblemsError as err:
+        found = err.problems
+    except (UserError, DataError) as err:
+        found = [str(err)]
+    keys = re.compile(r"\b(" + "|".join(map(re.escape, sorted(error.bad_keys))) + r")\b") if error.bad_keys else None
+    found = [problem for problem in found if keys is None or not keys.search(problem)]
+    if not found:
+        return ""
+    count = f"{len(found)} more problem{'s' if len(found) > 1 else ''}"
+    return f"\n{count} found by the preflight:\n" + bulleted(found)
+
+
 def held_out_sets(cfg: TrainConfig, plan: ValidationPlan, scan: Scan) -> tuple[Scan, dict[str, list[ImageItem]]]:
     """The training images, and each validation set of the plan, scanned (and the main one held out)."""
     seed = cfg.seed if plan.seed is None else plan.seed
@@ -209,13 +233,25 @@ def place_problems(cfg: TrainConfig, run_dir: Path, save_dir: Path) -> list[str]
 
 
 def model_source_problems(cfg: TrainConfig) -> list[str]:
-    """resume_ckpt, when it can be nothing: no folder or file here, no name in ckpt_cache/, and no Hub repo id
-    (one with no '/' cannot be). Said now, not after the wait for torch and the model load."""
+    """resume_ckpt, said now, not after the wait for torch and the model load: when it can be nothing (no folder or
+    file here, no name in the ckpt_cache folder, no Hub repo id: one with no '/' cannot be, nor a relative path
+    whose first folder exists here), and when where it goes cannot take it (the ckpt_cache folder for a single
+    file to convert, the hub cache for a download)."""
+    cache = find_ckpt_cache(cfg.ckpt_cache_dir)
     given = Path(cfg.resume_ckpt).expanduser()
-    cached = cache_entry(cfg.resume_ckpt)
-    if given.exists() or cached.exists() or parse_repo_id(cfg.resume_ckpt):
-        return []
-    return [not_found_message(cfg.resume_ckpt, given, cached)]
+    try:
+        kind = source_kind(cfg.resume_ckpt, cache.path)
+        if kind == "single_file":
+            return conversion_problems(given, cache, cfg.prediction_type)
+    except UserError as err:  # a malformed hf:// address, a cache entry of that name that is not this file's
+        return [str(err)]
+    if kind == "hub":
+        problem = hub.cache_problem(cfg.resume_ckpt)
+        return [problem] if problem else []
+    cached = cache_entry(cfg.resume_ckpt, cache.path)
+    if kind is None and not (given.exists() or cached.exists()):  # what exists is judged at load, in one message
+        return [not_found_message(cfg.resume_ckpt, given, cached)]
+    return []
 
 
 def lora_init_problems(cfg: TrainConfig) -> list[str]:
@@ -247,8 +283,9 @@ def known_model_size(cfg: TrainConfig) -> footprint.ModelSize | None:
     """The base model's parameter counts, read from its files' headers when it is on disk; None otherwise (a Hub
     id, a .ckpt, a damaged file): the room is then checked once the model has loaded (or refused)."""
     given = Path(cfg.resume_ckpt).expanduser()
+    cached = cache_entry(cfg.resume_ckpt, find_ckpt_cache(cfg.ckpt_cache_dir).path)
     try:
-        counts = next((footprint.component_numels_in_folder(folder) for folder in (given, CKPT_CACHE / given)
+        counts = next((footprint.component_numels_in_folder(folder) for folder in (given, cached)
                        if folder.is_dir() and (folder / "unet").is_dir()), None)
         if counts is None and given.is_file():
             counts = footprint.component_numels_in_single_file(given)

@@ -2,7 +2,8 @@
 """The offline demo: make a tiny random SD1-shaped model and a generated image set, fine-tune, then sample.
 
 Everything it does is what a user does, with real processes:
-  1. writes a tiny model to ckpt_cache/tiny-sd1-demo and 32 captioned shape images to demo/data;
+  1. writes a tiny model to ckpt_cache/tiny-sd1-demo (the ckpt_cache folder train.py looks names up in:
+     $CKPT_CACHE_DIR when set) and 32 captioned shape images to demo/data;
   2. runs `python train.py --resume_ckpt tiny-sd1-demo --data_root demo/data ...`;
   3. measures what the captions are worth to the model before and after (the denoising loss with each
      image's own caption vs the other concept's), then runs `python utils/generate.py` on the saved model.
@@ -41,11 +42,11 @@ def run(command: list[str]) -> str:
 
 
 def main() -> None:
-    from trainer.ckpt_cache import CKPT_CACHE
+    from trainer.ckpt_cache import find_ckpt_cache
     from trainer.synthetic import caption_losses, make_shapes_dataset
     from trainer.tiny import save_tiny_model
 
-    model_dir = CKPT_CACHE / MODEL_NAME
+    model_dir = find_ckpt_cache().path / MODEL_NAME
     if not model_dir.is_dir():
         print(f"Creating a tiny random SD1-architecture model in {model_dir}", flush=True)
         save_tiny_model(model_dir, "sd1")
