@@ -24,15 +24,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 
-from convert.configs import (  # noqa: E402
-    scheduler_config,
-    text_encoder_config,
-    unet_config_from_ldm,
-    vae_config_from_ldm,
-)
+from convert.blank import blank_original  # noqa: E402
+from convert.configs import scheduler_config  # noqa: E402
 from convert.read import load_original_config  # noqa: E402
 from convert.to_diffusers import meta_model  # noqa: E402
-from convert.to_original import diffusers_to_original  # noqa: E402
 from convert.tokenizer import clip_tokenizer  # noqa: E402
 from convert.write import write_model_index  # noqa: E402
 
@@ -51,21 +46,11 @@ def make_sd15_checkpoint(path: Path, config_dir: Path) -> int:
     from safetensors.torch import save_file
 
     original = load_original_config(REPO_ROOT / "v1-inference.yaml")
-    unet_cfg = unet_config_from_ldm(original, 512, False, None)
-    vae_cfg = vae_config_from_ldm(original, 512)
-    text_cfg = text_encoder_config("sd1", 768, 12)
-    models = {name: meta_model(name, cfg)
-              for name, cfg in (("unet", unet_cfg), ("vae", vae_cfg), ("text_encoder", text_cfg))}
     gen = torch.Generator().manual_seed(0)
-
-    def random_like(state):
-        return {k: (torch.randn(v.shape, generator=gen) * 0.02).half() for k, v in state.items()}
-
-    state = diffusers_to_original(
-        random_like(models["unet"].state_dict()), unet_cfg, random_like(models["vae"].state_dict()), vae_cfg,
-        random_like(models["text_encoder"].state_dict()), "sd1")
-    save_file(state, str(path))
-    del state
+    blank = blank_original(original, "sd1", fill=lambda meta: (torch.randn(meta.shape, generator=gen) * 0.02).half())
+    save_file(blank.state, str(path))
+    blank.state.clear()  # its 2 GB are not needed for the configs
+    models = {name: meta_model(name, config) for name, config in blank.configs.items()}
 
     # diffusers' local config folder (what the hub repo would have provided)
     models["unet"].save_config(config_dir / "unet")

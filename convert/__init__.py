@@ -13,6 +13,7 @@ The bottom of the project with common/: it imports nothing from trainer/ or data
     write.py         a diffusers folder / a single file with its yaml, whole or not at all
     single_file.py   the entry points below, each read -> detect -> plan -> convert -> write
     tokenizer.py     the CLIP tokenizer, built offline from the shipped vocabulary
+    blank.py         a real-size single file without its weights (meta or random tensors), for benches and tests
 """
 
 # The entry points load torch and diffusers; they are imported when first used, so that the light tables

@@ -94,21 +94,28 @@ def vae_config_from_ldm(original_config: Mapping[str, Any], image_size: int) -> 
         return create_vae_diffusers_config_from_ldm(original_config, {}, image_size=image_size)
 
 
+def is_real_text_encoder(spec: TextEncoderSpec, width: int, blocks: int) -> bool:
+    """Whether a file holds the family's real text encoder: its width, with all its blocks or only the ones the
+    family runs (OpenCLIP ViT-H has 24 blocks whether a file holds all 24 or only the 23 SD2 runs)."""
+    return width == spec.width and blocks in (spec.blocks, spec.used_blocks)
+
+
 def text_encoder_layers(spec: TextEncoderSpec, width: int, blocks: int, layer: str | None) -> int:
     """How many of the file's `blocks` text-encoder blocks the model runs (and diffusers keeps).
 
     A yaml's `layer: penultimate` (SD2's) means the architecture's last block is never run; `last` runs them
-    all. The architecture is the family's real encoder when the width is its width (OpenCLIP ViT-H has 24
-    blocks whether a file holds all 24 or only the 23 used ones), else the file's own blocks. When no yaml
-    says, the real encoder drops its unused blocks and a nonstandard one keeps them all: files written from
-    a diffusers model (ours, diffusers') hold only the blocks that are used.
+    all. The architecture is the family's real encoder when the file holds it, else the file's own blocks (a
+    1024-wide encoder of 12 blocks is no ViT-H). When no yaml says, the real encoder drops its unused blocks and
+    any other keeps them all: files written from a diffusers model (ours, diffusers') hold only the blocks that
+    are used.
     """
-    depth = spec.blocks if width == spec.width else blocks
+    real = is_real_text_encoder(spec, width, blocks)
+    depth = spec.blocks if real else blocks
     if layer == "penultimate":
         return depth - 1
     if layer == "last":
         return depth
-    return spec.used_blocks if (width, blocks) == (spec.width, spec.blocks) else blocks
+    return spec.used_blocks if real else blocks
 
 
 def text_encoder_config(family: Family, width: int, blocks: int, layer: str | None = None) -> dict[str, Any]:
@@ -151,13 +158,27 @@ def scheduler_config(original_config: Mapping[str, Any], prediction_type: Predic
 
 
 def scheduler_class(scheduler_type: str) -> type:
+    """The diffusers class of a `--scheduler_type`; refused before anything is written when the package it needs
+    is missing (diffusers then hands out a placeholder that fails only when the scheduler is built)."""
+    import importlib.util
+
     import diffusers
+    from diffusers.utils import DummyObject
 
     if scheduler_type not in SCHEDULER_CLASSES:
         raise ConversionError(
             f"unknown scheduler type {scheduler_type!r}; expected one of {', '.join(SCHEDULER_TYPES)}"
         )
-    return getattr(diffusers, SCHEDULER_CLASSES[scheduler_type])
+    found = getattr(diffusers, SCHEDULER_CLASSES[scheduler_type])
+    if isinstance(found, DummyObject):
+        backends = list(found._backends)
+        missing = [name for name in backends if importlib.util.find_spec(name) is None] or backends
+        raise ConversionError(
+            f"--scheduler_type {scheduler_type} ({found.__name__}) needs {', '.join(missing)}, which is not "
+            "installed; install the pinned packages with pip install -r requirements.txt, or choose another "
+            "--scheduler_type such as ddim"
+        )
+    return found
 
 
 # ------------------------------------------------------------------------------- the yaml that fits

@@ -15,8 +15,10 @@ from typing import Any
 
 from convert.configs import (
     fitting_original_config,
+    is_real_text_encoder,
     scheduler_class,
     text_encoder_config,
+    text_encoder_layers,
     unet_config_from_ldm,
     vae_config_from_ldm,
     yaml_family,
@@ -25,7 +27,7 @@ from convert.configs import (
 )
 from convert.detect import Detection
 from convert.errors import ConversionError
-from convert.read import LoadedCheckpoint, load_original_config
+from convert.read import LoadedCheckpoint, load_original_config, sidecar_yaml_path
 from convert.tables import (
     FAMILIES,
     INPAINT_IN_CHANNELS,
@@ -99,6 +101,7 @@ def plan_conversion(
     image_size, upcast_attention = settle_defaults(detection.family, prediction, image_size, upcast_attention,
                                                    evidence)
     text_layer = yaml_text_layer(chosen.config) if chosen.given else None
+    evidence.append(text_encoder_evidence(detection, text_layer, chosen, ckpt.path))
     scheduler_class(scheduler_type)  # validates the name
     return ConversionPlan(
         family=detection.family,
@@ -191,6 +194,54 @@ def prediction_problem(detection: Detection, chosen: ChosenConfig) -> str | None
     else:
         fix += f' with a yaml whose model.params.parameterization is "{LDM_PARAMETERIZATION[truth]}"'
     return f"conflicting prediction types ({'; '.join(claims)}); use {fix}"
+
+
+def text_encoder_evidence(detection: Detection, layer: str | None, chosen: ChosenConfig, checkpoint: Path) -> str:
+    """How many of the file's text-encoder blocks the model keeps, and why; where that is a guess (SD2, no yaml
+    names the layer, a depth not OpenCLIP ViT-H's), how to choose the other reading."""
+    spec, family = FAMILIES[detection.family].text_encoder, detection.family.upper()
+    blocks = detection.text_blocks
+    kept = text_encoder_layers(spec, detection.text_width, blocks, layer)
+    real = is_real_text_encoder(spec, detection.text_width, blocks)
+    said = (f"text encoder: {kept} of the file's {blocks} blocks kept" if kept < blocks else
+            f"text encoder: all {blocks} blocks kept")
+    never_run = "so the last block is never run (kept for the way back)"
+    if layer == "last":
+        return f"{said}: {chosen.name} reads the last layer (layer: last)"
+    if layer == "penultimate" and kept < blocks:
+        return f"{said}: {chosen.name} reads the penultimate layer (layer: penultimate), {never_run}"
+    if layer == "penultimate":
+        return (f"{said}: {chosen.name} reads the penultimate layer of {spec.name}'s {spec.blocks} blocks, and the "
+                f"file holds only the {kept} that run")
+    if spec.used_blocks == spec.blocks:  # SD1's CLIP is read at its last layer
+        return f"{said} ({family} reads the text encoder's last layer)"
+    unsaid = (f"{chosen.name} names no text-encoder layer" if chosen.given else
+              "no yaml of this file names the text-encoder layer")
+    if real and kept < blocks:
+        return (f"{said}: {unsaid}, and these are the {blocks} blocks of {spec.name}, which {family} reads at its "
+                f"penultimate layer, {never_run}")
+    if real:
+        return f"{said}: the {kept} of {spec.name}'s {spec.blocks} blocks that {family} runs (the file lacks the last)"
+    said = (f"{said}: {unsaid}, and {blocks} is not {spec.name}'s depth ({spec.blocks} blocks, of which {family} "
+            f"runs {spec.used_blocks}), so every block is kept, as a file written from a diffusers model holds only "
+            "the blocks that run")
+    return said if blocks < 2 else f"{said}. {_penultimate_advice(chosen, checkpoint, blocks - 1, family)}"
+
+
+def _penultimate_advice(chosen: ChosenConfig, checkpoint: Path, kept: int, family: str) -> str:
+    """How to have a file's text encoder read at its penultimate layer: a yaml the converter (and ckpt_cache, which
+    reads only the yaml beside the file) takes, saying so."""
+    setting = "layer: penultimate under model.params.cond_stage_config.params"
+    if chosen.given:
+        how = f"add {setting} to {chosen.name}"
+    else:
+        says_so = chosen.path is not None and yaml_text_layer(chosen.config) == "penultimate"
+        yaml = (f"a copy of {chosen.name} (it fits these weights and says so)" if says_so else
+                f"the model's yaml with {setting}")
+        beside = sidecar_yaml_path(checkpoint).name if checkpoint.name else "<file>.yaml"
+        how = f"put {yaml} beside the file as {beside} (the converter also takes it as --original_config_file)"
+    # train.py's ckpt_cache/ converts again when the yaml beside the file appears or changes
+    return f"To keep {kept} instead, read at the penultimate layer as {family} does: {how} and convert again"
 
 
 def settle_defaults(family: Family, prediction: PredictionType, image_size: int | None,

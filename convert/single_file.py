@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import yaml
 from torch import Tensor
@@ -47,6 +47,9 @@ from convert.to_diffusers import convert_state
 from convert.to_original import diffusers_to_original
 from convert.write import write_diffusers_folder, write_single_file
 
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11; annotations are not evaluated, so 3.10 runs this module too
+
 
 @dataclass
 class ConversionResult:
@@ -72,19 +75,25 @@ class ExportResult:
     num_tensors: int
 
 
+class ConversionOptions(TypedDict, total=False):
+    """What `convert_checkpoint_file` passes on to `convert_loaded`, whose defaults they take."""
+
+    original_config: str | os.PathLike | None
+    image_size: int | None
+    upcast_attention: bool | None
+    num_in_channels: int | None
+    extract_ema: bool
+    half: bool
+    scheduler_type: str
+
+
 def convert_checkpoint_file(
     checkpoint_path: str | os.PathLike,
     dump_path: str | os.PathLike,
     *,
-    original_config: str | os.PathLike | None = None,
     prediction_type: str | None = None,
-    image_size: int | None = None,
-    upcast_attention: bool | None = None,
-    num_in_channels: int | None = None,
-    extract_ema: bool = False,
-    half: bool = False,
-    scheduler_type: str = "pndm",
     from_safetensors: bool | None = None,
+    **options: Unpack[ConversionOptions],
 ) -> ConversionResult:
     """Convert an original SD1.x/SD2.x single file into a diffusers folder at `dump_path`, atomically.
 
@@ -93,11 +102,7 @@ def convert_checkpoint_file(
     """
     _refuse_existing(Path(dump_path))
     ckpt = load_checkpoint(Path(checkpoint_path), from_safetensors)
-    return convert_loaded(
-        ckpt, detect(ckpt, override=prediction_type), dump_path, original_config=original_config,
-        image_size=image_size, upcast_attention=upcast_attention, num_in_channels=num_in_channels,
-        extract_ema=extract_ema, half=half, scheduler_type=scheduler_type,
-    )
+    return convert_loaded(ckpt, detect(ckpt, override=prediction_type), dump_path, **options)
 
 
 def convert_loaded(

@@ -61,7 +61,6 @@ def write_diffusers_folder(dump_path: Path, parts: DiffusersParts, *, pad_token:
     from convert.tokenizer import clip_tokenizer  # transformers: imported when a folder is written
 
     dtype = torch.float16 if half else None
-    text_dtype = dtype or next(iter(parts.tensors["text_encoder"].values())).dtype
     dump_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(dump_path) as tmp:
         for component in WEIGHTED_COMPONENTS:
@@ -70,7 +69,9 @@ def write_diffusers_folder(dump_path: Path, parts: DiffusersParts, *, pad_token:
             if component.name == "text_encoder":
                 config = model.config
                 config.architectures = ["CLIPTextModel"]
-                config.dtype = text_dtype
+                # fp32 whatever the file stores: transformers' default dtype ("auto") takes it, as diffusers
+                # loads the UNet in fp32, so that a plain from_pretrained(folder) runs (trainer/checkpoints.py)
+                config.dtype = torch.float32
                 config.save_pretrained(tmp / component.name)
             else:
                 model.save_config(tmp / component.name)

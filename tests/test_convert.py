@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from convert import ConversionError, convert_checkpoint_file, export_single_file  # noqa: E402
+from convert.blank import blank_original  # noqa: E402
 from convert.configs import (  # noqa: E402
     fitting_original_config,
     original_config_from_diffusers,
@@ -35,10 +37,19 @@ from convert.configs import (  # noqa: E402
     yaml_family,
     yaml_prediction_type,
 )
-from convert.read import load_original_config, sidecar_yaml_path  # noqa: E402
-from convert.tables import STOCK_CONFIGS, UNET_PREFIX, stock_config_path  # noqa: E402
-from convert.to_diffusers import convert_unet, meta_model  # noqa: E402
-from convert.to_original import diffusers_to_original  # noqa: E402
+from convert.detect import detect  # noqa: E402
+from convert.plan import plan_conversion  # noqa: E402
+from convert.read import LoadedCheckpoint, load_original_config, sidecar_yaml_path  # noqa: E402
+from convert.single_file import exported_text_layer  # noqa: E402
+from convert.tables import (  # noqa: E402
+    OPENCLIP_PREFIX,
+    SCHEDULER_CLASSES,
+    SCHEDULER_TYPES,
+    STOCK_CONFIGS,
+    UNET_PREFIX,
+    stock_config_path,
+)
+from convert.to_diffusers import convert_state, convert_unet, meta_model  # noqa: E402
 from convert.tokenizer import clip_tokenizer
 from tests.conftest import first_fast
 
@@ -348,6 +359,169 @@ def test_a_yaml_reading_the_penultimate_layer_drops_the_last_block_as_diffusers_
     assert sidecar["cond_stage_config"]["params"]["layer"] == "penultimate"
 
 
+# ------------------------------------------------------------------------------- the text encoder's depth
+
+OPENCLIP_BLOCKS = OPENCLIP_PREFIX + "transformer.resblocks."
+NO_YAML_SAYS = "no yaml of this file names the text-encoder layer"
+
+
+@pytest.fixture(scope="module")
+def real_size_sd2() -> dict[str, torch.Tensor]:
+    """A real-size SD2 single file holding all 24 OpenCLIP blocks, on the meta device: shapes, no memory."""
+    return blank_original(load_original_config(REPO_ROOT / "v2-inference.yaml"), "sd2").state
+
+
+def _text_blocks(state: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:
+    """`state` with only its first `blocks` OpenCLIP blocks."""
+    return {k: v for k, v in state.items()
+            if not k.startswith(OPENCLIP_BLOCKS) or int(k.removeprefix(OPENCLIP_BLOCKS).split(".")[0]) < blocks}
+
+
+def _text_encoder_kept(state: dict[str, torch.Tensor], checkpoint: Path,
+                       original_config: Path | None = None) -> tuple[str, int]:
+    """The conversion's text-encoder evidence line for `state` read from `checkpoint` (a yaml beside it counts),
+    and how many text-encoder layers it converts (on the meta device: nothing is written)."""
+    loaded = LoadedCheckpoint(state, "safetensors", {}, [], path=checkpoint)
+    detection = detect(loaded, override="epsilon")
+    plan = plan_conversion(loaded, detection, original_config_path=original_config or detection.sidecar,
+                           image_size=None, upcast_attention=None, num_in_channels=None, scheduler_type="ddim")
+    (line,) = [line for line in plan.evidence if line.startswith("text encoder: ")]
+    configs = {"unet": plan.unet_config, "vae": plan.vae_config, "text_encoder": plan.text_config}
+    text = convert_state(loaded.state, plan.family, configs, False, plan.config_source).tensors["text_encoder"]
+    layers = {key.split(".")[2] for key in text if key.startswith("encoder.layers.")}
+    assert plan.text_config["num_hidden_layers"] == len(layers)
+    return line, len(layers)
+
+
+@pytest.mark.parametrize("blocks, yaml_name, kept, said", [
+    (24, None, 23, f"text encoder: 23 of the file's 24 blocks kept: {NO_YAML_SAYS}, and these are the 24 blocks of "
+                   "OpenCLIP ViT-H/14, which SD2 reads at its penultimate layer, so the last block is never run"),
+    (23, None, 23, "text encoder: all 23 blocks kept: the 23 of OpenCLIP ViT-H/14's 24 blocks that SD2 runs"),
+    (24, "v2-inference.yaml", 23, "text encoder: 23 of the file's 24 blocks kept: v2-inference.yaml reads the "
+                                  "penultimate layer (layer: penultimate), so the last block is never run"),
+    (23, "v2-inference.yaml", 23, "text encoder: all 23 blocks kept: v2-inference.yaml reads the penultimate layer "
+                                  "of OpenCLIP ViT-H/14's 24 blocks, and the file holds only the 23 that run"),
+    (12, "last.yaml", 12, "text encoder: all 12 blocks kept: last.yaml reads the last layer (layer: last)"),
+    (12, None, 12, f"text encoder: all 12 blocks kept: {NO_YAML_SAYS}, and 12 is not OpenCLIP ViT-H/14's depth "
+                   "(24 blocks, of which SD2 runs 23), so every block is kept"),
+    # a 1024-wide encoder of 12 blocks is no ViT-H: its penultimate layer is its 11th block, not ViT-H's 23rd
+    (12, "v2-inference.yaml", 11, "text encoder: 11 of the file's 12 blocks kept: v2-inference.yaml reads the "
+                                  "penultimate layer (layer: penultimate)"),
+    (12, "no-layer.yaml", 12, "text encoder: all 12 blocks kept: no-layer.yaml names no text-encoder layer, and 12 "
+                              "is not OpenCLIP ViT-H/14's depth"),
+])
+def test_the_text_encoder_depth_kept_is_said_with_its_reason(real_size_sd2, tmp_path, blocks, yaml_name, kept, said):
+    """Real-size SD2 files with all of OpenCLIP ViT-H's 24 blocks, the 23 SD2 runs, or another depth, with and
+    without a yaml: the evidence says how many blocks the model keeps and why, and that many are converted."""
+    for name, layer in (("last.yaml", "last"), ("no-layer.yaml", None)):
+        written = load_original_config(REPO_ROOT / "v2-inference.yaml")
+        written["model"]["params"]["cond_stage_config"]["params"]["layer"] = layer
+        (tmp_path / name).write_text(yaml.safe_dump(written))
+    original_config = None if yaml_name is None else \
+        (REPO_ROOT / yaml_name if yaml_name.startswith("v2-") else tmp_path / yaml_name)
+    line, converted = _text_encoder_kept(_text_blocks(real_size_sd2, blocks), tmp_path / "m.safetensors",
+                                         original_config)
+    assert line.startswith(said) and converted == kept, line
+    # the other reading is offered only where the depth is a guess
+    advice = {None: "put a copy of v2-inference.yaml (it fits these weights and says so) beside the file as m.yaml",
+              "no-layer.yaml": "add layer: penultimate under model.params.cond_stage_config.params to no-layer.yaml"}
+    if blocks == 12 and yaml_name in advice:
+        assert f"To keep 11 instead, read at the penultimate layer as SD2 does: {advice[yaml_name]}" in line, line
+    else:
+        assert "To keep" not in line, line
+
+
+def test_sd1_says_its_text_encoder_depth():
+    state = blank_original(load_original_config(REPO_ROOT / "v1-inference.yaml"), "sd1").state
+    line, converted = _text_encoder_kept(state, Path("m.safetensors"))
+    assert line == "text encoder: all 12 blocks kept (SD1 reads the text encoder's last layer)" and converted == 12
+
+
+def test_following_the_advice_for_a_nonstandard_depth_gives_the_other_reading(real_size_sd2, tmp_path):
+    """A real-size SD2 file with 12 text blocks and nothing saying which layer it reads keeps all 12; what the
+    evidence advises (the shipped yaml beside it, or given) keeps 11; and the way back names the layer it needs."""
+    state = _text_blocks(real_size_sd2, 12)
+    line, converted = _text_encoder_kept(state, tmp_path / "m.safetensors")
+    assert converted == 12 and line.endswith(
+        "To keep 11 instead, read at the penultimate layer as SD2 does: put a copy of v2-inference.yaml (it fits these "
+        "weights and says so) beside the file as m.yaml (the converter also takes it as --original_config_file) and "
+        "convert again"), line
+
+    shutil.copyfile(REPO_ROOT / "v2-inference.yaml", tmp_path / "m.yaml")
+    line, converted = _text_encoder_kept(state, tmp_path / "m.safetensors")
+    assert converted == 11 and line.startswith("text encoder: 11 of the file's 12 blocks kept: m.yaml reads the "
+                                               "penultimate layer"), line
+    (tmp_path / "m.yaml").unlink()
+    assert _text_encoder_kept(state, tmp_path / "m.safetensors", REPO_ROOT / "v2-inference.yaml")[1] == 11
+
+    # the way back: the yaml beside the exported file must give the model's depth again; None is the shipped
+    # yaml's `penultimate` (right for 11 layers when the unused 12th block comes back from the extras)
+    for layers, file_blocks, layer in ((12, 12, "last"), (11, 12, None), (11, 11, "last")):
+        text_config = {"hidden_size": 1024, "num_hidden_layers": layers}
+        assert exported_text_layer("sd2", "epsilon", text_config, _text_blocks(real_size_sd2, file_blocks)) == layer
+
+
+def _tiny_sd2_without_yaml(orig: TinyOriginal, folder: Path) -> tuple[Path, dict]:
+    """The tiny SD2 file (2 text blocks, a depth no real encoder has) with nothing saying which layer it reads, and
+    its yaml (the real one with the tiny sizes) saying `penultimate`, to follow the advice with."""
+    checkpoint = _write_original(orig, folder / "m.safetensors")
+    model_yaml = yaml.safe_load(orig.yaml_path.read_text())
+    model_yaml["model"]["params"]["cond_stage_config"]["params"]["layer"] = "penultimate"
+    return checkpoint, model_yaml
+
+
+def test_the_converter_says_a_guessed_text_encoder_depth_and_its_advice_works(originals, tmp_path, capsys):
+    """The command line prints the text encoder's depth; a tiny SD2 file whose depth is a guess keeps both its
+    blocks, and each way the evidence advises (a yaml beside the file, --original_config_file) keeps one."""
+    _, model_yaml = _tiny_sd2_without_yaml(originals["sd2"], tmp_path)
+    argv = ["--checkpoint_path", "m.safetensors", "--prediction_type", "epsilon", "--image_size", "64"]
+
+    assert _run_main([*argv, "--dump_path", "whole"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert (f"  evidence: text encoder: all 2 blocks kept: {NO_YAML_SAYS}, and 2 is not OpenCLIP ViT-H/14's depth "
+            "(24 blocks, of which SD2 runs 23), so every block is kept") in out
+    assert ("To keep 1 instead, read at the penultimate layer as SD2 does: put the model's yaml with layer: "
+            "penultimate under model.params.cond_stage_config.params beside the file as m.yaml (the converter also "
+            "takes it as --original_config_file) and convert again") in out
+    assert _config(tmp_path / "whole", "text_encoder")["num_hidden_layers"] == 2
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(model_yaml))
+    assert _run_main([*argv, "--dump_path", "beside"], tmp_path) == 0
+    assert ("  evidence: text encoder: 1 of the file's 2 blocks kept: m.yaml reads the penultimate layer"
+            in capsys.readouterr().out)
+    os.rename(tmp_path / "m.yaml", tmp_path / "model.yaml")
+    assert _run_main([*argv, "--original_config_file", "model.yaml", "--dump_path", "given"], tmp_path) == 0
+    for dump in ("beside", "given"):
+        assert _config(tmp_path / dump, "text_encoder")["num_hidden_layers"] == 1
+        converted = _load_folder(tmp_path / dump)["text_encoder"]
+        assert {k.split(".")[2] for k in converted if k.startswith("encoder.layers.")} == {"0"}
+
+
+def test_ckpt_cache_says_and_records_a_guessed_text_encoder_depth_and_its_advice_works(originals, tmp_path, capsys):
+    """What train.py's single-file conversion prints and keeps in converted_from.json says the depth, and its
+    advice (a yaml beside the file) converts to the other reading: the cache converts again when the yaml appears,
+    and reuses the conversion while it stays as it is."""
+    from trainer.ckpt_cache import SOURCE_RECORD, prepare_single_file
+
+    checkpoint, model_yaml = _tiny_sd2_without_yaml(originals["sd2"], tmp_path)
+    cache = tmp_path / "ckpt_cache"
+    entry = prepare_single_file(checkpoint, cache, "epsilon")
+    (line,) = [line for line in entry.evidence if line.startswith("text encoder: ")]
+    assert line.startswith("text encoder: all 2 blocks kept") and "beside the file as m.yaml" in line
+    assert f"  - {line}\n" in capsys.readouterr().out
+    assert line in json.loads((entry.path / SOURCE_RECORD).read_text())["evidence"]
+    assert _config(entry.path, "text_encoder")["num_hidden_layers"] == 2
+
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(model_yaml))
+    again = prepare_single_file(checkpoint, cache, "epsilon")
+    assert f"({'the yaml beside it, m.yaml, was added since'})" in capsys.readouterr().out
+    assert any(line.startswith("text encoder: 1 of the file's 2 blocks kept: m.yaml reads the penultimate layer")
+               for line in again.evidence), again.evidence
+    assert _config(again.path, "text_encoder")["num_hidden_layers"] == 1
+    prepare_single_file(checkpoint, cache, "epsilon")
+    assert "Model: reusing " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_a_file_without_a_yaml_that_fits_converts_from_its_shapes(tiny_model, tmp_path, family):
     """A tiny file exported without its sidecar: no shipped yaml has its shapes, so the UNet and VAE
@@ -380,27 +554,16 @@ def test_a_given_yaml_that_does_not_fit_is_still_refused(originals, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _meta_original(original: dict, layers_per_block: int | None = None) -> dict[str, torch.Tensor]:
-    """A real-size original UNet and VAE as the yaml describes them (optionally with fewer layers per block),
-    on the meta device: shapes without memory."""
-    unet_config = unet_config_from_ldm(original, 512, False, None)
-    if layers_per_block is not None:
-        unet_config["layers_per_block"] = layers_per_block
-    vae_config = vae_config_from_ldm(original, 512)
-    unet, vae = meta_model("unet", unet_config).state_dict(), meta_model("vae", vae_config).state_dict()
-    return diffusers_to_original(unet, unet_config, vae, vae_config, {}, "sd1")
-
-
 def test_real_sizes_keep_the_shipped_yaml_and_a_pruned_sd1_reads_its_shapes():
     for (family, prediction), stock in STOCK_CONFIGS.items():
         original = load_original_config(REPO_ROOT / stock.yaml)
         stock_path = stock_config_path(family, prediction)
-        config, differences, _ = fitting_original_config(_meta_original(original), stock_path)
+        config, differences, _ = fitting_original_config(blank_original(original, family).state, stock_path)
         assert differences == [] and config == original, (stock.yaml, differences)
 
     # SD1 with one layer per block (as distilled variants have): read from the shapes, SD1's 8 heads kept
     v1 = load_original_config(REPO_ROOT / "v1-inference.yaml")
-    state = _meta_original(v1, layers_per_block=1)
+    state = blank_original(v1, "sd1", layers_per_block=1).state
     config, differences, heads = fitting_original_config(state, REPO_ROOT / "v1-inference.yaml")
     assert differences == ["UNet layers_per_block 1 (v1-inference.yaml: 2)"] and "8 attention heads" in heads
     unet_config = unet_config_from_ldm(config, 512, False, None)
@@ -681,6 +844,48 @@ def test_upcast_flag_forms():
     assert args.extract_ema and args.half and args.num_in_channels == 9
 
 
+def test_the_documented_scheduler_types_are_the_converters():
+    docs = (REPO_ROOT / "docs" / "BASEMODELS.md").read_text()
+    documented = re.search(r"`--scheduler_type` one of ([a-z, -]+);", docs)
+    assert documented is not None and documented.group(1).split(", ") == list(SCHEDULER_TYPES)
+
+
+@pytest.mark.parametrize("scheduler_type", first_fast("lms", *(t for t in SCHEDULER_TYPES if t != "lms")))
+def test_every_documented_scheduler_type_converts_and_samples(originals, tmp_path, scheduler_type):
+    """`--scheduler_type` as documented, from a fresh `python utils/...` process: the folder's scheduler is the
+    one asked for and it samples. LMS needs scipy, which requirements.txt pins (a fresh install used to fail)."""
+    from diffusers import StableDiffusionPipeline
+
+    orig = originals["sd1"]
+    _write_original(orig, tmp_path / "m.safetensors")
+    shutil.copyfile(orig.yaml_path, tmp_path / "v1-inference.yaml")
+    result = _run_cli(TO_DIFFUSERS, _args("m.safetensors", "v1-inference.yaml", "--scheduler_type", scheduler_type),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert type(pipe.scheduler).__name__ == SCHEDULER_CLASSES[scheduler_type]
+    image = pipe("a cat", num_inference_steps=3, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
+
+
+def test_a_scheduler_whose_package_is_missing_is_refused_before_writing(originals, tmp_path):
+    """Without scipy (a python where `import scipy` fails, as diffusers sees a missing package), `--scheduler_type
+    lms` stops in one line naming the package and the fix, and writes nothing."""
+    (tmp_path / "noscipy").mkdir()
+    (tmp_path / "noscipy" / "sitecustomize.py").write_text("import sys\nsys.modules['scipy'] = None\n")
+    orig = originals["sd1"]
+    _write_original(orig, tmp_path / "m.safetensors")
+    shutil.copyfile(orig.yaml_path, tmp_path / "v1-inference.yaml")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "noscipy")}
+    result = _run_cli(TO_DIFFUSERS, _args("m.safetensors", "v1-inference.yaml", "--scheduler_type", "lms"),
+                      cwd=tmp_path, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: --scheduler_type lms (LMSDiscreteScheduler) needs scipy, which is not "
+                                    "installed; install the pinned packages with pip install -r requirements.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "noscipy", "v1-inference.yaml"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["sd1", "sd2-v"])
 def test_converted_folder_trains_with_train_py(originals, tmp_path, shapes_dir, family):
@@ -702,3 +907,21 @@ def test_clip_tokenizer_matches_openai_ids():
     assert clip_tokenizer()("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     padded = clip_tokenizer(pad_token="!")("a cat", padding="max_length", max_length=77).input_ids
     assert len(padded) == 77 and padded[4:] == [0] * 73  # SD2 pads with "!" (id 0)
+
+
+def test_a_folder_converted_from_an_fp16_file_loads_with_a_plain_from_pretrained(tiny_model, tmp_path):
+    """Most downloaded single files are fp16. Their converted folder (ckpt_cache/, the converter's output) loads
+    the common way, `StableDiffusionPipeline.from_pretrained(folder)` with no dtype, and generates: its text
+    encoder's config says fp32, as diffusers holds the UNet in fp32 (trainer/checkpoints.py says why)."""
+    from diffusers import StableDiffusionPipeline
+
+    export = export_single_file(tiny_model("sd1"), tmp_path / "half.safetensors", half=True)
+    convert_checkpoint_file(export.checkpoint_path, tmp_path / "converted")
+    with safe_open(tmp_path / "converted" / "text_encoder" / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor(next(iter(stored.keys()))).dtype == torch.float16  # stored as the file was
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "converted")
+    loaded.set_progress_bar_config(disable=True)
+    images = loaded("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images  # failed here: "mat1 and mat2 must have the same dtype"
+    assert torch.isfinite(torch.from_numpy(images)).all()
+    assert {loaded.unet.dtype, loaded.text_encoder.dtype} == {torch.float32}

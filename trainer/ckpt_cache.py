@@ -36,7 +36,7 @@ from common import files
 from common.console import first_line, say
 from common.safetensors_header import read_header
 from convert.errors import ConversionError
-from convert.read import load_checkpoint
+from convert.read import load_checkpoint, sidecar_yaml_path
 from convert.tables import (EMA_BOOKKEEPING, EMA_PREFIX, INPAINT_IN_CHANNELS, UNET_PREFIX, WEIGHTED_COMPONENTS,
                             PredictionType)
 from trainer import footprint
@@ -91,26 +91,34 @@ class CacheEntry:
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """What a ckpt_cache entry was converted from; a different size or mtime means the file changed."""
+    """What a ckpt_cache entry was converted from; a different size or mtime means the file changed. The yaml
+    beside the file (`<file>.yaml`, which the conversion reads) counts too: adding, changing or removing it (as the
+    converter's evidence may advise, to read SD2's text encoder at another layer) converts again."""
 
     path: str
     size: int
     mtime_ns: int
     prediction_type_override: str | None
     evidence: tuple[str, ...] = ()
+    yaml: tuple[int, int] | None = None  # the sidecar yaml's (size, mtime_ns); None: none beside the file
 
     @classmethod
     def of(cls, checkpoint: Path, override: str | None) -> SourceRecord:
-        stat = checkpoint.stat()
-        return cls(str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, override)
+        stat, sidecar = checkpoint.stat(), sidecar_yaml_path(checkpoint)
+        yaml = (sidecar.stat().st_size, sidecar.stat().st_mtime_ns) if sidecar.is_file() else None
+        return cls(str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns, override, yaml=yaml)
 
     def same_source(self, other: SourceRecord) -> bool:
-        return (self.path, self.size, self.mtime_ns, self.prediction_type_override) == (
-            other.path, other.size, other.mtime_ns, other.prediction_type_override)
+        return (self.path, self.size, self.mtime_ns, self.prediction_type_override, self.yaml) == (
+            other.path, other.size, other.mtime_ns, other.prediction_type_override, other.yaml)
 
     def changes_from(self, other: SourceRecord) -> str:
         if (self.size, self.mtime_ns) != (other.size, other.mtime_ns):
             return "the file changed since (size or modification time)"
+        if self.yaml != other.yaml:
+            name = sidecar_yaml_path(Path(self.path)).name
+            change = "was added" if self.yaml is None else "was removed" if other.yaml is None else "changed"
+            return f"the yaml beside it, {name}, {change} since"
         return f"prediction_type was {self.prediction_type_override} then, {other.prediction_type_override} now"
 
 
@@ -220,9 +228,11 @@ def read_source_record(entry: Path) -> SourceRecord | None:
         return None
     data = read_json(record)
     try:
+        yaml = data.get("yaml")  # absent from records written before it was kept: no yaml then
         return SourceRecord(data["path"], int(data["size"]), int(data["mtime_ns"]),
-                            data.get("prediction_type_override"), tuple(data.get("evidence", ())))
-    except (KeyError, TypeError, ValueError):
+                            data.get("prediction_type_override"), tuple(data.get("evidence", ())),
+                            None if yaml is None else (int(yaml[0]), int(yaml[1])))
+    except (KeyError, TypeError, ValueError, IndexError):
         raise UserError(f"{record} is damaged ({data!r}); remove {entry} and run again to convert anew.") from None
 
 
