@@ -70,5 +70,8 @@ def _emit(message: str, stream) -> None:
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's text (its type when it has none), for one-line messages."""
+    """The first line of an exception's text (its type when it has none), for one-line messages; a file-system
+    error as its reason and file ("File exists: logs/r/samples"), without the errno and quotes."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
     return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -200,8 +200,8 @@ def _torch_load_weights_only(path: Path, mmap: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         # the weights-only unpickler stops at the first global it does not allow, before calling it
-        found = re.search(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL)[:\s]+([\w.]+(?:\s[\w.]+)?)", str(e))
-        what = f" ({found.group(1).strip()})" if found else ""
+        found = re.search(r"(?:Unsupported global|unsupported GLOBAL|GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", str(e))
+        what = f" (it calls {found.group(1)} as it loads)" if found else ""
         raise ConversionError(
             f"refused to load {path}: it is a pickle that needs Python objects beyond tensors{what}, and "
             "only weights_only=True loading is allowed, so nothing in it was run. Get a .safetensors "

@@ -74,7 +74,7 @@ def test_write_failures_are_told_apart_from_bugs():
         except RuntimeError:  # raised while handling the first, chained to it implicitly as torch's is
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 25357056")  # noqa: B904
     except RuntimeError as err:
-        assert io_failure(err) == "basic_ios::clear: iostream error"
+        assert io_failure(err) == "a write failed (basic_ios::clear: iostream error)"
     assert io_failure(TypeError("save() got an unexpected keyword")) is None
     assert io_failure(RuntimeError("shape mismatch")) is None
 

@@ -91,7 +91,8 @@ def test_caption_sources_in_order(tmp_path: Path):
 def test_caption_problems_name_the_file(tmp_path: Path):
     image = tmp_path / "x.png"
     image.with_suffix(".yaml").write_text("main_prompt: [unclosed\n", encoding="utf-8")
-    with pytest.raises(CaptionError, match=r"x\.yaml is not valid yaml"):
+    with pytest.raises(CaptionError, match=r"x\.yaml is not valid yaml \(expected .* at line \d+, column \d+\); "
+                                           r"correct it, or delete the file\.$"):
         read_caption(image)
     image.with_suffix(".yaml").write_text("other: 1\n", encoding="utf-8")
     with pytest.raises(CaptionError, match="none of main_prompt, tags or caption"):

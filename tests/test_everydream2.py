@@ -128,7 +128,7 @@ def test_a_typo_of_an_everydream2_key_is_still_refused(tmp_path: Path):
 def test_wrong_type_of_a_translated_key_is_reported(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
         load_config(["--data_root", str(tmp_path), "--amp", "maybe"])
-    assert err.value.problems == ["amp: got 'maybe' (from command line); expected bool."]
+    assert err.value.problems == ["amp: got 'maybe' (from command line); expected true or false."]
 
 
 # ---------------------------------------------------------------- the validation json

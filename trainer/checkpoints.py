@@ -213,7 +213,8 @@ def io_failure(err: BaseException) -> str | None:
         text = str(seen).strip()
         if type(seen).__name__ == "SafetensorError" or (
                 isinstance(seen, RuntimeError) and any(word in text.lower() for word in WRITE_FAILURE_WORDS)):
-            return text.splitlines()[0] if text else type(seen).__name__
+            # torch words a failed write as its C++ stream's error ("basic_ios::clear: iostream error")
+            return f"a write failed ({text.splitlines()[0] if text else type(seen).__name__})"
         seen = seen.__cause__ or seen.__context__
     return None
 

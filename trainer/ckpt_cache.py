@@ -379,5 +379,6 @@ def _convert(checkpoint: Path, target: Path, override: str | None) -> tuple[Conv
             raise UserError(f"{checkpoint} holds an inpainting UNet (in_channels {INPAINT_IN_CHANNELS}). "
                             "Training inpainting models is not supported; use the text-to-image version.")
         return convert_loaded(ckpt, detection, target, scheduler_type="ddim"), detection.decision
-    except ConversionError as err:
-        raise UserError(f"could not convert {checkpoint}: {err}") from None
+    except ConversionError as err:  # one that names the file already says what it is; no need to name it twice
+        raise UserError(str(err) if str(err).startswith(str(checkpoint)) else f"could not convert {checkpoint}: {err}"
+                        ) from None

@@ -240,6 +240,15 @@ def type_name(tp: Any) -> str:
     return {bool: "bool", int: "int", float: "float", str: "str"}[tp]
 
 
+def expected_value(tp: Any) -> str:
+    """What a value of `tp` is, in words, for a problem's "expected ...": true or false, a whole number, ..."""
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(json.dumps(c) for c in typing.get_args(tp))
+    if _is_optional(tp):
+        return f"{expected_value(_strip_optional(tp))}, or null"
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[tp]
+
+
 def _is_optional(tp: Any) -> bool:
     return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
 
@@ -381,7 +390,7 @@ class _Merge:
         try:
             value = True if given is None and tp is bool else (coerce_cli(tp, given) if from_cli else coerce_json(tp, given))
         except (_BadValue, TypeError):
-            self.problems.append(f"{key}: got {_given(given)} (from {source}); expected {type_name(tp)}.")
+            self.problems.append(f"{key}: got {_given(given)} (from {source}); expected {expected_value(tp)}.")
             return
         for ours, translated in translation(value).items():
             self.values[ours], self.sources[ours] = translated, source
@@ -407,7 +416,7 @@ class _Merge:
         except (_BadValue, TypeError):
             shown = "nothing" if given is None and from_cli else _given(given)
             self.bad_keys.add(key)
-            self.problems.append(f"{key}: got {shown} (from {source}); expected {type_name(tp)}.")
+            self.problems.append(f"{key}: got {shown} (from {source}); expected {expected_value(tp)}.")
             return
         self.values[key], self.sources[key] = value, source
 

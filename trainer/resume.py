@@ -245,7 +245,7 @@ def load_training_state(accelerator, state_dir: Path) -> TrainerState:
     try:
         accelerator.load_state(str(state_dir))
     except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch adds paragraphs
         raise UserError(f"could not load the training state {state_dir} ({type(err).__name__}: {first}); it is "
                         f"damaged or from another setup. Resume from another save, or start a new run from this "
                         f"save's weights with --resume_ckpt {state_dir.parent}.") from None

@@ -227,7 +227,8 @@ def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, pa
         raise bug
     if complete:
         raise SaveError(f"{failure}.{_go_on(run)}")
-    raise SaveError(f"could not save the model at step {step} as {path}: {failure} ({_free_space(path)}). Nothing "
+    space = "" if " free" in failure else f" ({_free_space(path)})"  # the room check says it itself
+    raise SaveError(f"could not save the model at step {step} as {path}: {failure}{space}. Nothing "
                     f"of this save was left behind, and earlier saves are untouched.{_go_on(run)}")
 
 
