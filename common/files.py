@@ -27,6 +27,18 @@ _HOST = re.sub(r"[^\w.]", "_", socket.gethostname()) or "host"
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<host>[\w.]+)-(?P<pid>\d+)$")
 
 
+_UMASK = os.umask(0o022)  # read once (reading it means setting it): the mode new files should get
+os.umask(_UMASK)
+
+
+def readable_as_umask(path: Path) -> None:
+    """Give `path` (a file, or every file under a folder) the mode the umask gives new files, usually 0644:
+    safetensors writes its files 0600, which a ComfyUI or AUTOMATIC1111 run by another user could not read."""
+    path = Path(path)
+    for file in [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file() and not p.is_symlink()):
+        os.chmod(file, 0o666 & ~_UMASK)
+
+
 def owner_tag() -> str:
     """This process as a partial's owner: `<host>-<pid>`."""
     return f"{_HOST}-{os.getpid()}"
@@ -67,6 +79,7 @@ def atomic_folder(final: Path, *, owner: str | None = None) -> Iterator[Path]:
     partial.mkdir(parents=True)
     try:
         yield partial
+        readable_as_umask(partial)
         os.rename(partial, final)
     except BaseException:
         remove(partial)
@@ -90,9 +103,30 @@ def atomic_file(final: Path) -> Iterator[Path]:
     partial = partial_path(final)
     try:
         yield partial
+        readable_as_umask(partial)
         os.replace(partial, final)
     except BaseException:
         remove(partial)
+        raise
+
+
+@contextmanager
+def atomic_files(*finals: Path) -> Iterator[tuple[Path, ...]]:
+    """`atomic_file` for files that belong together (a single file and its yaml): yield a partial path for each;
+    on success they are put in place in the order given, and a failure at any point, between two of those renames
+    too (a second Ctrl-C), leaves none of them."""
+    finals = tuple(Path(final) for final in finals)
+    partials = tuple(partial_path(final) for final in finals)
+    placed: list[Path] = []
+    try:
+        yield partials
+        for partial, final in zip(partials, finals):
+            readable_as_umask(partial)
+            os.replace(partial, final)
+            placed.append(final)
+    except BaseException:
+        for path in (*partials, *placed):
+            remove(path)
         raise
 
 
@@ -187,6 +221,16 @@ def read_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(data, dict):
         return None, f"{path} holds a json {type(data).__name__}; expected a json object {{\"key\": value, ...}}."
     return data, None
+
+
+def parse_problem(err: Exception) -> str:
+    """A json or yaml parser's complaint and its place in the file, in one line ("expected ',' or ']', but got ':'
+    at line 2, column 2"), rather than yaml's first line ("while parsing a flow sequence")."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno}, column {err.colno}"
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def windows_path_hint(path: str | Path) -> str:

@@ -29,7 +29,7 @@ from torch import Tensor
 from convert.configs import fitting_original_config, unet_config_from_ldm, yaml_prediction_type
 from common.console import first_line
 from convert.errors import ConversionError
-from convert.read import LoadedCheckpoint, load_original_config, sidecar_yaml_path
+from convert.read import LoadedCheckpoint, load_sidecar_config, sidecar_yaml_path
 from convert.shapes import block_indices
 from convert.tables import (
     EMA_BOOKKEEPING,
@@ -164,7 +164,7 @@ def stated_predictions(ckpt: LoadedCheckpoint, sidecar_yaml: Path | None) -> tup
                                   "'epsilon', 'v'; cannot tell how this model predicts noise")
         found.append((value, f'safetensors metadata modelspec.prediction_type = "{meta}"'))
     if sidecar_yaml is not None:
-        value = yaml_prediction_type(load_original_config(sidecar_yaml))
+        value = yaml_prediction_type(load_sidecar_config(sidecar_yaml))
         found.append((value, f'sidecar {sidecar_yaml.name} (parameterization "{LDM_PARAMETERIZATION[value]}")'))
     if "v_pred" in ckpt.state:  # ComfyUI's marker for v-prediction models
         found.append(("v_prediction", 'a "v_pred" key in the state dict'))

@@ -24,7 +24,7 @@ import yaml
 
 from common.safetensors_header import MAX_HEADER, HeaderError, read_header
 from common.console import first_line
-from common.files import read_json_object
+from common.files import parse_problem, read_json_object
 from convert.errors import ConversionError
 from convert.tables import STOCK_CONFIGS
 
@@ -229,7 +229,7 @@ def load_original_config(path: Path) -> dict[str, Any]:
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConversionError(f"{path} is not valid yaml: {e}") from None
+        raise ConversionError(f"{path} is not valid yaml ({parse_problem(e)}); correct it") from None
     params = config.get("model", {}).get("params", {}) if isinstance(config, dict) else {}
     if not isinstance(params, dict) or "unet_config" not in params or "first_stage_config" not in params:
         raise ConversionError(
@@ -237,6 +237,17 @@ def load_original_config(path: Path) -> dict[str, Any]:
             "model.params.first_stage_config, like v1-inference.yaml"
         )
     return config
+
+
+def load_sidecar_config(path: Path) -> dict[str, Any]:
+    """The yaml beside a single file (`sidecar_yaml_path`), parsed; a problem with it says why it was read at all:
+    a user may not know the file is there, or that it counts."""
+    try:
+        return load_original_config(path)
+    except ConversionError as err:
+        raise ConversionError(f"{err} (it is read because it sits beside the file with the same name, "
+                              "AUTOMATIC1111's convention; to have the model's configuration detected from the file "
+                              "itself instead, move it away)") from None
 
 
 def read_json(path: Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.files import atomic_file, atomic_folder
+from common.files import atomic_files, atomic_folder
 from convert.read import sidecar_yaml_path
 from convert.tables import EXTRAS_FILE, WEIGHTED_COMPONENTS
 from convert.to_diffusers import DiffusersParts
@@ -89,12 +89,12 @@ def write_single_file(checkpoint_path: Path, state: Mapping[str, Tensor], *, hal
     as it is (comments and all), or yaml text; None writes none. Returns the sidecar's path if written."""
     checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
     sidecar_path = sidecar_yaml_path(checkpoint_path)
-    with atomic_file(checkpoint_path) as weights:  # the file and its yaml appear whole, or not at all
-        write_weights(weights, state, torch.float16 if half else None, metadata)
-        if sidecar is not None:
-            with atomic_file(sidecar_path) as partial_yaml:
-                if isinstance(sidecar, Path):
-                    shutil.copyfile(sidecar, partial_yaml)
-                else:
-                    partial_yaml.write_text(sidecar)
+    # the yaml is put in place first: whoever finds the weights finds their yaml; a failure leaves neither
+    finals = (sidecar_path, checkpoint_path) if sidecar is not None else (checkpoint_path,)
+    with atomic_files(*finals) as partials:
+        write_weights(partials[-1], state, torch.float16 if half else None, metadata)
+        if isinstance(sidecar, Path):
+            shutil.copyfile(sidecar, partials[0])
+        elif sidecar is not None:
+            partials[0].write_text(sidecar)
     return sidecar_path if sidecar is not None else None

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from common.files import parse_problem
+
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPTokenizer
@@ -46,18 +48,8 @@ def parse_structured(path: Path) -> object:
     try:
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise CaptionError(f"{path} is not valid {path.suffix[1:]} ({_where_parsing_failed(err)}); correct it, or "
-                           "delete the file.") from None
-
-
-def _where_parsing_failed(err: json.JSONDecodeError | yaml.YAMLError) -> str:
-    """The parser's complaint and its place in the file, in one line: "expected ',' or ']', but got ':' at line 2,
-    column 2" rather than the parser's first line ("while parsing a flow sequence")."""
-    if isinstance(err, json.JSONDecodeError):
-        return f"{err.msg} at line {err.lineno}, column {err.colno}"
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+        raise CaptionError(f"{path} is not valid {path.suffix[1:]} ({parse_problem(err)}); correct it, or delete "
+                           "the file.") from None
 
 
 def caption_from_structured(path: Path) -> str:

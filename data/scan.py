@@ -242,7 +242,7 @@ def _hidden_images_hint(walk: FolderWalk, root: Path, role: str) -> str:
     plain = first.with_name(first.name.lstrip("."))
     listed = ", ".join(f"{_relative(folder, root)}/ ({count})" for folder, count in counts.items())
     return (f" holds no images outside hidden folders, which are not read; {sum(counts.values())} image file(s) "
-            f"are in them: {listed}. To train on them, rename the folder without its leading '.' (mv '{first}' "
+            f"are in them: {listed}. To use them, rename the folder without its leading '.' (mv '{first}' "
             f"'{plain}'), link it in under a plain name (ln -s '{first.name}' '{plain}'), or pass it as {role} "
             "itself")
 

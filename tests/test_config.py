@@ -142,6 +142,13 @@ def test_config_errors_and_the_preflights_problems_come_in_one_round(tmp_path: P
     assert missing.returncode == 2 and missing.stderr.count("data_root") == 1  # not again by the preflight
     assert "preflight" not in missing.stderr
 
+    # a problem of a file that merely mentions a bad key's name is its own, and is said in the same round
+    write_json(tmp_path / "prompts.json", {"batch_size": "x", "samples": ["a cat"]})
+    both = run_train(["--data_root", str(data_root), "--batch_size", "0", "--sample_prompts", "prompts.json"],
+                     cwd=tmp_path)
+    assert both.returncode == 2 and "batch_size: got 0 (from command line)" in both.stderr
+    assert "batch_size: got 'x'; expected an integer from 1 to 64" in both.stderr, both.stderr
+
 
 def test_missing_data_root_and_wrong_json_types(tmp_path: Path):
     config = write_json(tmp_path / "c.json", {"data_root": str(tmp_path / "nope"), "batch_size": "4", "flip_p": 2})

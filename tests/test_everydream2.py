@@ -7,6 +7,7 @@ in a real `python train.py --dry_run` process. The slow ones train the tiny mode
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -106,6 +107,18 @@ def test_keys_that_would_change_the_training_are_refused_and_defaults_say_nothin
                                              "ema_strength_target": None, "rated_dataset_target_dropout_percent": 50,
                                              "write_schedule": False, "train_sampler": "ddpm", "notebook": False})
     assert load_config(["--config", str(quiet)]).warnings == []
+
+
+def test_everydream2_keys_on_the_command_line_read_as_in_its_json(tmp_path: Path):
+    """A bare flag is true for the keys we refuse or do not use too, and false, 0 or the default say nothing."""
+    with pytest.raises(ConfigError) as err:
+        load_config(["--data_root", str(tmp_path), "--disable_unet_training"])
+    assert err.value.problems[0].startswith("disable_unet_training: true (from command line), an EveryDream2 key "
+                                            "not supported here")
+    assert load_config(["--data_root", str(tmp_path), "--lowvram"]).warnings == [
+        "EveryDream2 keys not used here, ignored (docs/EVERYDREAM2.md says why and what to use): lowvram."]
+    quiet = ["--disable_unet_training", "false", "--lowvram", "false", "--notebook", "0", "--write_schedule", "no"]
+    assert load_config(["--data_root", str(tmp_path), *quiet]).warnings == []
 
 
 def test_our_key_wins_over_a_translation_in_the_same_file(tmp_path: Path):
@@ -244,8 +257,12 @@ def test_find_last_model_takes_the_newest_complete_save(tmp_path: Path):
 def test_resume_ckpt_findlast_resolves_or_says_there_is_none(tmp_path: Path, capsys):
     cfg = load_config(["--data_root", str(tmp_path), "--resume_ckpt", "findlast",
                        "--logdir", str(tmp_path / "logs")]).config
-    with pytest.raises(UserError, match=r"resume_ckpt findlast: there is no saved model under .*logs yet"):
-        resolve_find_last(cfg)
+    assert resolve_find_last(cfg).resume_ckpt == "findlast"  # no save: the preflight says so beside the rest
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(UserError) as refused:
+        run_preflight(dataclasses.replace(cfg, save_ckpt_dir=str(tmp_path / "x.png")), tmp_path / "logs" / "r")
+    assert re.search(r"resume_ckpt findlast: there is no saved model under .*logs or .*x\.png yet", str(refused.value))
+    assert "x.png is a file, not a folder" in str(refused.value) and "none could be used" in str(refused.value)
     save = fake_save(tmp_path / "logs" / "run" / "ckpts" / "last-x", 1000)
     assert resolve_find_last(cfg).resume_ckpt == str(save)
     assert f"continuing from {save}" in capsys.readouterr().out

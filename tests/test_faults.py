@@ -197,6 +197,25 @@ def test_a_stop_during_sampling_ends_it_and_saves(tiny_model, shapes_dir, tmp_pa
     assert len(list(samples.glob("gs00002-[0-9]*.png")) if samples.exists() else []) < 40
 
 
+def test_a_stop_during_the_samples_after_the_final_save_says_the_model_is_saved(tiny_model, shapes_dir, tmp_path):
+    """The final save is whole before the end's samples: a stop then cuts only those, and says so (no promise of
+    an interrupted save that never comes)."""
+    (tmp_path / "prompts.json").write_text(json.dumps({"samples": [{"prompt": f"a red circle {i}", "steps": 50}
+                                                                   for i in range(40)]}))
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "2", "--sample_steps", "1000",
+                            "--sample_prompts", "prompts.json", "--run_name", "r"), cwd=tmp_path)
+    final = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
+    run.wait_for("Saved single file: ")
+    run.signal_group(signal.SIGTERM)
+    code, out, err = run.finish()
+
+    assert code == 143, err[-3000:]
+    assert final.name == "last-myproj-ep01-gs00002" and (final / "model_index.json").is_file()
+    assert f"SIGTERM: the final model is already saved ({final}); stopping the validation and samples" in out
+    assert f"Stopped during the validation and samples after the final save; the trained model is {final}." in out
+    assert "interrupted" not in out and not partials(tmp_path / "logs")
+
+
 def test_a_second_ctrl_c_aborts_and_leaves_no_partial(tiny_model, shapes_dir, tmp_path):
     run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--save_optimizer"), cwd=tmp_path)
     run.wait_for("First step done")
@@ -222,12 +241,37 @@ def test_a_second_ctrl_c_during_the_interrupted_save_leaves_nothing_behind(tiny_
     while not (ckpts.is_dir() and partials(ckpts)) and run.popen.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     run.signal_group(signal.SIGINT)
+    for _ in range(8):  # an impatient user: more Ctrl-C while the abort cleans up and the program ends
+        time.sleep(0.03)
+        if run.popen.poll() is None:
+            run.signal_group(signal.SIGINT)
     code, out, err = run.finish()
 
     assert code == 130, err[-3000:]
     assert one_message(err).startswith("train.py: aborted by a second Ctrl-C at step ")
+    assert "Exception ignored" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert "Saved model" not in out
     assert not partials(tmp_path / "logs") and not any(ckpts.iterdir())
+
+
+def test_a_run_whose_planned_folder_another_run_took_saves_into_its_own(tiny_model, shapes_dir, tmp_path):
+    """Two runs planned in the same second: the second makes `<name>-2`, and its saves go there, never into the
+    first run's ckpts/ (where its max_saves could prune the other run's saves)."""
+    from datetime import datetime, timedelta
+
+    now = datetime.now()
+    for second in range(600):  # every name this run could plan is taken, with saves in it
+        taken = tmp_path / "logs" / f"myproj_{now + timedelta(seconds=second):%Y%m%d-%H%M%S}" / "ckpts"
+        taken.mkdir(parents=True)
+    result = run_train(args(tiny_model("sd1"), shapes_dir, "--max_steps", "2", "--save_single_file", "false"),
+                       cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = Path(next(line for line in result.stdout.splitlines() if line.startswith("Run folder: ")).split(": ")[1])
+    assert run_dir.name.endswith("-2")
+    (saved,) = saved_paths(result.stdout)
+    assert saved.parent == run_dir / "ckpts"
+    assert all(file.stat().st_mode & 0o044 == 0o044 for file in saved.rglob("*") if file.is_file())  # others read
 
 
 # ---------------------------------------------------------------- divergence
@@ -300,15 +344,16 @@ def test_a_run_refused_at_load_leaves_no_run_folder_and_the_fixed_command_runs(s
     shutil.copytree(save, damaged)
     optimizer_file = damaged / "training_state" / "optimizer.bin"
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
-    common = args(tiny_model("sd1"), shapes_dir, "--max_steps", "5", "--run_name", "second")
+    # its own logdir: the other tests of this module's saved state expect theirs to hold the first run alone
+    common = args(tiny_model("sd1"), shapes_dir, "--max_steps", "5", "--run_name", "second", "--logdir", "refused")
     result = run_train([*common, "--resume_state", str(damaged)], cwd=work)
 
     assert result.returncode == 1, result.stderr[-3000:]
     assert one_message(result.stderr).startswith(f"train.py: could not load the training state {damaged}")
-    assert not (work / "logs" / "second").exists()
+    assert not (work / "refused" / "second").exists()
     fixed = run_train([*common, "--resume_state", str(save)], cwd=work)
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert (work / "logs" / "second" / "ckpts").is_dir()
+    assert (work / "refused" / "second" / "ckpts").is_dir()
 
 
 def test_a_state_resumed_onto_another_model_family_is_refused_before_the_cache(saved_state, tiny_model, shapes_dir):

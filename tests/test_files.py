@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from common.files import (
     atomic_file,
+    atomic_files,
     atomic_folder,
     free_bytes,
     is_partial,
@@ -74,3 +76,46 @@ def test_place_problems_name_the_place_and_the_reason(tmp_path, small_disk):
     assert "cannot be written: Read-only file system" in problem
     assert free_bytes(read_only / "ckpts" / "x") == free_bytes(read_only)
     assert os.listdir(read_only) == []
+
+
+def test_a_single_file_and_its_yaml_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    """A second Ctrl-C between the yaml's rename and the weights' (here raised by the second rename itself) leaves
+    neither: a yaml alone would make the save's name look taken and describe weights that are not there."""
+    from convert.write import write_single_file
+
+    renames = []
+
+    def interrupted_second_rename(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        os.rename(src, dst)
+
+    monkeypatch.setattr("common.files.os.replace", interrupted_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        write_single_file(tmp_path / "m.safetensors", {"w": torch.ones(2)}, half=False, metadata={},
+                          sidecar="model: {}\n")
+    assert [p.name for p in renames] == ["m.yaml", "m.safetensors"] and list(tmp_path.iterdir()) == []
+
+    monkeypatch.undo()
+    write_single_file(tmp_path / "m.safetensors", {"w": torch.ones(2)}, half=False, metadata={}, sidecar="model: {}\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.yaml"]
+    with atomic_files(tmp_path / "a.txt", tmp_path / "b.txt") as (a, b):
+        a.write_text("a"), b.write_text("b")
+    assert (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text() == "ab"
+
+
+def test_what_is_written_whole_is_readable_by_others_as_the_umask_allows(tmp_path):
+    """safetensors writes 0600; a ComfyUI or AUTOMATIC1111 run by another user must be able to read a save."""
+    from safetensors.torch import save_file
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "save") as partial:
+            save_file({"w": torch.ones(1)}, str(partial / "weights.safetensors"))
+        with atomic_file(tmp_path / "one.safetensors") as partial:
+            save_file({"w": torch.ones(1)}, str(partial))
+    finally:
+        os.umask(umask)
+    for written in (tmp_path / "save" / "weights.safetensors", tmp_path / "one.safetensors"):
+        assert written.stat().st_mode & 0o777 == 0o644, oct(written.stat().st_mode)

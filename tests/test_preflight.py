@@ -97,7 +97,7 @@ def test_a_ckpt_cache_that_cannot_take_the_conversion_is_found_before_any_model(
     cfg = config(tmp_path, shapes_dir, single_file)
     (tmp_path / "ckpt_cache").write_text("not a folder")
     (problem,) = problems(cfg)
-    assert problem == (f"resume_ckpt {single_file} is a single file to convert into ckpt_cache/tiny, but the "
+    assert problem == (f"resume_ckpt {single_file} is a single file to convert into ckpt_cache/tiny (first use), but the "
                        "ckpt_cache folder ckpt_cache is a file, not a folder; remove it or choose another path. "
                        f"{MOVE_CACHE}; the folder now is {tmp_path / 'ckpt_cache'}, the default: ckpt_cache/ in the "
                        "current folder.")
@@ -123,6 +123,7 @@ def test_an_earlier_conversion_to_reuse_needs_no_writable_ckpt_cache(tmp_path, s
 
     (problem,) = problems(dataclasses.replace(cfg, prediction_type="v_prediction"))  # a changed override converts
     assert "cannot be written: Read-only file system" in problem and MOVE_CACHE in problem
+    assert "(prediction_type was None then, v_prediction now)" in problem  # why it must be converted again
 
 
 def test_a_hub_cache_that_cannot_take_a_download_is_found_before_any_model(tmp_path, shapes_dir, small_disk,
@@ -162,6 +163,30 @@ def test_a_mistyped_local_path_and_a_malformed_hub_address_are_found_before_any_
     (problem,) = problems(config(tmp_path, shapes_dir, "hf://models/sd1x"))
     assert problem.startswith("resume_ckpt 'hf://models/sd1x' is not a Hugging Face model address: ")
     assert "an owner named like a repo type, such as models, takes it twice: hf://models/models/name" in problem
+
+
+def test_paths_through_a_file_and_cache_names_of_a_moved_cache_are_never_hub_ids(tmp_path, shapes_dir, tiny_model,
+                                                                                 monkeypatch):
+    """`notes.txt/model` and `files/m.safetensors/x` go through a file: local paths, the file named (not a near
+    name of another model); `ckpt_cache/name` is a cache name wherever ckpt_cache_dir put the cache."""
+    from trainer.ckpt_cache import source_kind
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "files").mkdir()
+    for name in ("m1.safetensors", "m2.safetensors"):
+        (tmp_path / "files" / name).write_bytes(b"x")
+    (problem,) = problems(config(tmp_path, shapes_dir, "notes.txt/model"))
+    assert "not a Hugging Face repo id: notes.txt is a local file, so notes.txt/model is a local path" in problem
+    (problem,) = problems(config(tmp_path, shapes_dir, "files/m1.safetensors/x"))
+    assert "Near matches: files/m1.safetensors." in problem
+
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model("sd1"), moved / "tiny")
+    assert source_kind("ckpt_cache/tiny", moved) == "cache"
+    run_preflight(config(tmp_path, shapes_dir, "ckpt_cache/tiny", ckpt_cache_dir=str(moved)), tmp_path / "r")
+    (problem,) = problems(config(tmp_path, shapes_dir, "ckpt_cache/tiny2", ckpt_cache_dir=str(moved)))
+    assert problem.startswith("resume_ckpt 'ckpt_cache/tiny2' was not found") and "Near matches" in problem
 
 
 def write_state(save: Path, **setup_changes) -> Path:
@@ -212,3 +237,32 @@ def test_honoured_changes_are_said_in_one_line(tmp_path, shapes_dir, tiny_model)
                      "lr_scheduler constant -> cosine", "total_steps 180 -> 120", "global batch 2 -> 4"):
         assert expected in notice
     assert found.resume.saved.global_step == 6
+
+
+def test_validation_folders_are_checked_in_the_same_round_as_a_data_root_with_no_images(tmp_path, tiny_model):
+    """data_root and validation_data_root both with their images only in hidden folders: both are said at once."""
+    from PIL import Image
+
+    for folder in ("data/.photos", "val/sub/.val"):
+        (tmp_path / folder).mkdir(parents=True)
+        Image.new("RGB", (64, 64)).save(tmp_path / folder / "a red circle.png")
+    found = "\n".join(problems(config(tmp_path, tmp_path / "data", tiny_model("sd1"),
+                                      validation_data_root=str(tmp_path / "val"))))
+    assert f"data_root '{tmp_path / 'data'}' holds no images outside hidden folders" in found
+    assert f"validation_data_root '{tmp_path / 'val'}' holds no images outside hidden folders" in found
+    assert "sub/.val/ (1). To use them" in found and "or pass it as validation_data_root itself" in found
+
+
+def test_a_broken_yaml_beside_a_single_file_is_found_before_any_model_and_says_why_it_counts(tmp_path, shapes_dir,
+                                                                                            single_file):
+    copy = tmp_path / "files" / "m.safetensors"
+    copy.parent.mkdir()
+    shutil.copyfile(single_file, copy)
+    copy.with_suffix(".yaml").write_text("model: [unclosed\n")
+    (problem,) = problems(config(tmp_path, shapes_dir, copy, ckpt_cache_dir=str(tmp_path / "cache")))
+    assert problem.startswith(f"resume_ckpt {copy}: {copy.with_suffix('.yaml')} is not valid yaml (expected ',' or "
+                              "']', but got '<stream end>' at line 2, column 1); correct it (it is read because it "
+                              "sits beside the file with the same name, AUTOMATIC1111's convention; to have the "
+                              "model's configuration detected from the file itself instead, move it away).")
+    copy.with_suffix(".yaml").rename(tmp_path / "moved.yaml")  # the advice: the config is then read from the file
+    run_preflight(config(tmp_path, shapes_dir, copy, ckpt_cache_dir=str(tmp_path / "cache")), tmp_path / "r")

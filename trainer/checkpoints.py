@@ -95,10 +95,6 @@ def discard_run_folder(run_dir: Path, trackers: list) -> None:
         console.say(f"Removed the run folder {run_dir}: the run ended before its first step.")
 
 
-def save_dir(cfg: TrainConfig, run_dir: Path) -> Path:
-    return Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
-
-
 def save_name(cfg: TrainConfig, epoch: int, step: int, prefix: str = "") -> str:
     """`<prefix><project>-ep<epoch>-gs<step>`; prefix "last-" for the final save, "interrupted-" on a stop."""
     return f"{prefix}{cfg.project_name}-ep{epoch:02d}-gs{step:05d}"

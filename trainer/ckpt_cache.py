@@ -36,7 +36,7 @@ from common import files
 from common.console import first_line, say
 from common.safetensors_header import read_header
 from convert.errors import ConversionError
-from convert.read import load_checkpoint, sidecar_yaml_path
+from convert.read import load_checkpoint, load_sidecar_config, sidecar_yaml_path
 from convert.tables import (EMA_BOOKKEEPING, EMA_PREFIX, INPAINT_IN_CHANNELS, UNET_PREFIX, WEIGHTED_COMPONENTS,
                             PredictionType)
 from trainer import footprint
@@ -141,16 +141,22 @@ def source_kind(resume_ckpt: str, cache_dir: Path) -> SourceKind | None:
         return "cache"
     if given.is_file() and given.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return "single_file"
-    if repo is not None and not given.exists() and local_first_folder(given) is None:
+    if (repo is not None and not given.exists() and local_first_part(given) is None
+            and not names_the_cache(given, cache_dir)):
         return "hub"
     return None
 
 
-def local_first_folder(given: Path) -> Path | None:
-    """The first part of a relative path when it is a local folder: `models/sd1x` run where models/ exists is a
-    path (mistyped, when there is no sd1x), not the Hub repo of an owner called models."""
+def local_first_part(given: Path) -> Path | None:
+    """The first part of a relative path when it exists here: `models/sd1x` run where models/ exists is a path
+    (mistyped, when there is no sd1x), not the Hub repo of an owner called models; nor is `notes.txt/x`."""
     first = Path(given.parts[0]) if given.parts and not given.is_absolute() else None
-    return first if first is not None and first.is_dir() else None
+    return first if first is not None and first.exists() else None
+
+
+def names_the_cache(given: Path, cache_dir: Path) -> bool:
+    """`ckpt_cache/name` (or `<the cache's own folder name>/name`): a cache name, however the cache was moved."""
+    return len(given.parts) > 1 and given.parts[0] in (cache_dir.name, DEFAULT_CKPT_CACHE.name)
 
 
 def near_matches(path: Path) -> list[Path]:
@@ -162,6 +168,8 @@ def near_matches(path: Path) -> list[Path]:
         base = base / rest.pop(0)
     if not rest:
         return []
+    if (base / rest[0]).exists():  # the path goes on through a file: the file itself is what was meant
+        return [base / rest[0]]
     missing, after = rest[0], Path(*rest[1:])
     try:
         names = [entry.name for entry in base.iterdir() if not entry.name.startswith(".") and entry.name != missing]
@@ -179,12 +187,13 @@ def near_matches_text(given: Path) -> str:
 def not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
     """What resume_ckpt was looked for as, and what to do: the model resolution's last rule (trainer/models.py)."""
     repo = parse_repo_id(resume_ckpt)
-    local = local_first_folder(given) if repo is not None else None
+    local = local_first_part(given) if repo is not None else None
+    what = (f"{local}/ is a local folder" if local.is_dir() else f"{local} is a local file") if local else ""
     tried = [
         f"a diffusers folder at {given.resolve()}",
         *([] if given.is_absolute() else [f"a name in {cached.parent}/: {cached.resolve()}"]),  # a path is no name
         f"a .ckpt/.safetensors file at {given.resolve()}",
-        (f"not a Hugging Face repo id: {local}/ is a local folder, so {resume_ckpt} is a local path" if local else
+        (f"not a Hugging Face repo id: {what}, so {resume_ckpt} is a local path" if local else
          "a Hugging Face repo id (owner/name or owner/name@revision)"),
     ]
     near = "" if given.exists() else near_matches_text(given) or near_matches_text(cached)
@@ -213,13 +222,11 @@ def not_found_message(resume_ckpt: str, given: Path, cached: Path) -> str:
 
 
 def cache_entry(resume_ckpt: str, cache_dir: Path | None = None) -> Path:
-    """<cache>/<name> for "name" and for "ckpt_cache/name" (the cache folder's own name in front); the cache is
-    `find_ckpt_cache()`'s when not given."""
+    """<cache>/<name> for "name" and for "ckpt_cache/name" (or the moved cache folder's own name in front); the
+    cache is `find_ckpt_cache()`'s when not given."""
     cache_dir = find_ckpt_cache().path if cache_dir is None else cache_dir
     given = Path(resume_ckpt).expanduser()
-    if given.parts and given.parts[0] == cache_dir.name and len(given.parts) > 1:
-        given = Path(*given.parts[1:])
-    return cache_dir / given
+    return cache_dir / (Path(*given.parts[1:]) if names_the_cache(given, cache_dir) else given)
 
 
 def read_source_record(entry: Path) -> SourceRecord | None:
@@ -270,8 +277,15 @@ def conversion_problems(checkpoint: Path, cache: CkptCache, override: Prediction
     """What stops converting `checkpoint` into the cache, for the preflight: nothing when its conversion is there to
     reuse; else a cache that is a file, cannot be created or written, or lacks the room for the conversion."""
     entry = cache.path / checkpoint.stem
-    if conversion_reason(checkpoint, entry, override) is None:
+    reason = conversion_reason(checkpoint, entry, override)
+    if reason is None:
         return []
+    sidecar = sidecar_yaml_path(checkpoint)
+    try:
+        if sidecar.is_file():  # read again by the conversion; only its being readable is checked here
+            load_sidecar_config(sidecar)
+    except ConversionError as err:
+        return [f"resume_ckpt {checkpoint}: {err}."]
     problem = files.place_problem(cache.path, "the ckpt_cache folder")
     if problem is None:
         needed, free = conversion_bytes(checkpoint), files.free_bytes(cache.path)
@@ -279,9 +293,9 @@ def conversion_problems(checkpoint: Path, cache: CkptCache, override: Prediction
             return []
         problem = (f"there is not enough free space there: the conversion needs about {files.human_bytes(needed)}, "
                    f"and {files.human_bytes(free)} is free.")
-    return [f"resume_ckpt {checkpoint} is a single file to convert into {entry}, but {problem} To convert it "
-            f"elsewhere, {MOVE_CACHE} a writable folder with room; the folder now is {cache.path.absolute()}, "
-            f"{cache.source}."]
+    return [f"resume_ckpt {checkpoint} is a single file to convert into {entry} ({reason}), but {problem} To "
+            f"convert it elsewhere, {MOVE_CACHE} a writable folder with room; the folder now is "
+            f"{cache.path.absolute()}, {cache.source}."]
 
 
 def conversion_bytes(checkpoint: Path) -> int | None:

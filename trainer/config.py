@@ -300,6 +300,19 @@ def coerce_json(tp: Any, value: Any) -> Any:
     raise _BadValue
 
 
+def _cli_value(text: str | None) -> Any:
+    """A command-line value of an EveryDream2 key we do not use, as its json would hold it: a bare flag is true,
+    false/0/no false, null none, a number a number (so that `--disable_unet_training` is refused like `true`)."""
+    if text is None or text.lower() in _TRUE | _FALSE:
+        return text is None or text.lower() in _TRUE
+    if text.lower() in _NULL:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def _given(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else repr(value)
 
@@ -370,6 +383,8 @@ class _Merge:
             if key in ed2.TRANSLATIONS:
                 self._translate(key, given, source, from_cli)
         for key, given in raw.items():
+            if from_cli and (key in ed2.REFUSED_WHEN_SET or key in ed2.NOT_HONOURED):
+                given = _cli_value(given)
             if key in ed2.REFUSED_WHEN_SET and ed2.is_set(key, given):
                 self.problems.append(f"{key}: {_given(given)} (from {source}), an EveryDream2 key not supported here: "
                                      f"{ed2.REFUSED_WHEN_SET[key]}.")

@@ -145,8 +145,11 @@ def finish(run: Run, state: TrainerState) -> Path:
     if stopping:
         say(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}")
         return final
+    run.stop.final_save = str(final)
     validate(run, state.global_step)
     sample(run, state.global_step)
+    if run.stop.requested:
+        say(f"Stopped during the validation and samples after the final save; the trained model is {final}.")
     return final
 
 

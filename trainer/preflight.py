@@ -40,7 +40,7 @@ from trainer.errors import ProblemsError, UserError, bulleted
 from trainer.everydream2 import FIND_LAST
 from trainer.optim import OptimizerPlan, plan_optimizers
 from trainer.prompts import SampleSettings, read_sample_prompts
-from trainer.validation_plan import ValidationPlan, plan_validation
+from trainer.validation_plan import MAIN_SET, ValidationPlan, plan_validation
 from trainer.resume import (
     TrainerState,
     TrainingSetup,
@@ -88,19 +88,27 @@ class Preflight:
 
 def resolve_find_last(cfg: TrainConfig) -> TrainConfig:
     """resume_ckpt "findlast" (EveryDream2's "continue from my newest save") as the newest complete saved model
-    under logdir (and save_ckpt_dir), said; any other resume_ckpt as it is. In a multi-process run only the main
-    process's answer counts (train.py passes its config to the others)."""
+    under logdir (and save_ckpt_dir), said; any other resume_ckpt as it is. With no saved model it stays findlast,
+    which the preflight reports beside every other problem. In a multi-process run only the main process's answer
+    counts (train.py passes its config to the others)."""
     if cfg.resume_ckpt != FIND_LAST:
         return cfg
-    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
-    found = find_last_model(search)
+    found = find_last_model(_save_search(cfg))
     if found is None:
-        where = " or ".join(dict.fromkeys(str(d) for d in search))
-        raise UserError(f"resume_ckpt findlast: there is no saved model under {where} yet. Train from a base model "
-                        "first (resume_ckpt: a model folder, a .safetensors/.ckpt file or a Hub id), with the same "
-                        "logdir, then findlast continues from its newest save.")
-    say(f"resume_ckpt findlast: continuing from {found}, the newest saved model under {search[0]}.")
+        return cfg
+    say(f"resume_ckpt findlast: continuing from {found}, the newest saved model under {cfg.logdir}.")
     return replace(cfg, resume_ckpt=str(found))
+
+
+def _save_search(cfg: TrainConfig) -> list[Path]:
+    return [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+
+
+def _no_saved_model(cfg: TrainConfig) -> str:
+    where = " or ".join(dict.fromkeys(str(d) for d in _save_search(cfg)))
+    return (f"resume_ckpt findlast: there is no saved model under {where} yet. Train from a base model first "
+            "(resume_ckpt: a model folder, a .safetensors/.ckpt file or a Hub id), with the same logdir, then "
+            "findlast continues from its newest save.")
 
 
 def resumed_seed(cfg: TrainConfig) -> int | None:
@@ -109,7 +117,7 @@ def resumed_seed(cfg: TrainConfig) -> int | None:
     what is wrong with resume_state, if anything)."""
     if not cfg.resume_state:
         return None
-    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+    search = _save_search(cfg)
     try:
         setup = read_trainer_state(find_training_state(cfg.resume_state, search)).setup
     except (UserError, OSError, ValueError, TypeError):
@@ -130,6 +138,12 @@ def run_dir_path(cfg: TrainConfig) -> Path:
     """`<logdir>/<run_name>`, by default named after the project and the time now. In a multi-process run only
     the main process's answer counts (train.py passes it to the others): the clocks may straddle a second."""
     return Path(cfg.logdir) / (cfg.run_name or f"{cfg.project_name}_{datetime.now():%Y%m%d-%H%M%S}")
+
+
+def save_folder(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Where the run's saves go: save_ckpt_dir, else the run folder's ckpts/ (of the folder the run made, which
+    has a -2 suffix when another run took the planned name in the same second)."""
+    return Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
 
 
 def count_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:
@@ -154,8 +168,11 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     scan = attempt(scan_data_root, Path(cfg.data_root), cfg.resolution)
     validation_plan = attempt(plan_validation, cfg, notices)
     split = attempt(held_out_sets, cfg, validation_plan, scan) if scan and validation_plan else None
+    if validation_plan and not scan:  # the validation sets' own folders are still checked, in this same round
+        for name, folder in own_validation_folders(validation_plan).items():
+            attempt(scan_data_root, Path(folder), cfg.resolution, None, validation_plan.folder_role(name))
     train_scan, validation = split or (scan, {})
-    save_dir = Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
+    save_dir = save_folder(cfg, run_dir)
     unplaceable = place_problems(cfg, run_dir, save_dir)
     problems += unplaceable
     cache_dir = None
@@ -191,8 +208,9 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
 
 def problems_beside(error: ConfigError) -> str:
     """What the preflight finds in the rest of a config that has problems (each key with a problem at its
-    default), as text to print after them, so that one round reports both; "" when nothing more. A problem that
-    names a key with a problem of its own is left to that one (a data_root that does not exist is said once)."""
+    default), as text to print after them, so that one round reports both; "" when nothing more. A problem about
+    a key with a problem of its own (it starts with the key's name) is left to that one: a data_root that does not
+    exist is said once."""
     if error.rest is None:  # the json file itself could not be read: the rest is not what the user wrote
         return ""
     try:
@@ -203,12 +221,17 @@ def problems_beside(error: ConfigError) -> str:
         found = err.problems
     except (UserError, DataError) as err:
         found = [str(err)]
-    keys = re.compile(r"\b(" + "|".join(map(re.escape, sorted(error.bad_keys))) + r")\b") if error.bad_keys else None
-    found = [problem for problem in found if keys is None or not keys.search(problem)]
+    keys = re.compile(r"(" + "|".join(map(re.escape, sorted(error.bad_keys))) + r")\b") if error.bad_keys else None
+    found = [problem for problem in found if keys is None or not keys.match(problem)]
     if not found:
         return ""
     count = f"{len(found)} more problem{'s' if len(found) > 1 else ''}"
     return f"\n{count} found by the preflight:\n" + bulleted(found)
+
+
+def own_validation_folders(plan: ValidationPlan) -> dict[str, str]:
+    """The validation sets that have a folder of their own (not held out of data_root): set name -> folder."""
+    return {**({MAIN_SET: plan.data_root} if plan.data_root else {}), **plan.extra}
 
 
 def held_out_sets(cfg: TrainConfig, plan: ValidationPlan, scan: Scan) -> tuple[Scan, dict[str, list[ImageItem]]]:
@@ -237,6 +260,8 @@ def model_source_problems(cfg: TrainConfig) -> list[str]:
     file here, no name in the ckpt_cache folder, no Hub repo id: one with no '/' cannot be, nor a relative path
     whose first folder exists here), and when where it goes cannot take it (the ckpt_cache folder for a single
     file to convert, the hub cache for a download)."""
+    if cfg.resume_ckpt == FIND_LAST:  # resolve_find_last found no save
+        return [_no_saved_model(cfg)]
     cache = find_ckpt_cache(cfg.ckpt_cache_dir)
     given = Path(cfg.resume_ckpt).expanduser()
     try:
@@ -333,7 +358,7 @@ def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, famil
 def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,
                 notices: list[str]) -> ResumePlan:
     """The training state to continue, checked for completeness and fit; what changed is said in one line."""
-    search = [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
+    search = _save_search(cfg)
     state_dir = find_training_state(cfg.resume_state, search)
     saved = read_trainer_state(state_dir)
     missing = missing_state_files(state_dir, saved.setup)

@@ -22,7 +22,7 @@ from accelerate.utils import DistributedType, broadcast_object_list
 from safetensors.torch import save_file
 
 from common.console import say, warn
-from common.files import atomic_folder, free_bytes, human_bytes, partial_path, remove
+from common.files import atomic_folder, free_bytes, human_bytes, partial_path, readable_as_umask, remove
 from trainer import footprint
 from trainer.checkpoints import (
     SaveError,
@@ -160,6 +160,7 @@ def _finish(partial: Path, path: Path, state: TrainerState | None, run: Run) -> 
     """The training state's own file, then the one rename that makes the save whole."""
     if state is not None:
         write_trainer_state(partial / STATE_DIR, _with_setup(state, run))
+    readable_as_umask(partial)
     partial.rename(path)
 
 

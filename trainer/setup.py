@@ -45,7 +45,7 @@ from trainer.optim_build import (
     freeze_text_encoder_parts,
     tweak_grad_scaler,
 )
-from trainer.preflight import Preflight, count_steps, current_setup
+from trainer.preflight import Preflight, count_steps, current_setup, save_folder
 from trainer.prompts import SampleSettings
 from trainer.resume import (
     TrainerState,
@@ -309,7 +309,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         vae=models.vae, tokenizer=models.tokenizer, noise_scheduler=noise_scheduler,
         sample_scheduler=sample_scheduler, info=models.info, trained=trained, optimizer=optimizer,
         lr_scheduler=lr_scheduler, plan=plan, loader=loader, data=data, objective=Objective.from_config(cfg),
-        total_steps=total_steps, run_dir=run_dir, save_dir=preflight.save_dir,
+        total_steps=total_steps, run_dir=run_dir, save_dir=save_folder(cfg, run_dir),
         guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
                           half_saves=not cfg.save_full_precision, device=accelerator.device),
         setup=current_setup(cfg, plan, total_steps, models.info.family, architecture, base),

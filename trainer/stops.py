@@ -31,6 +31,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.aborting = False
+        self.final_save: str | None = None  # set once the run's final save is whole: a stop then only cuts the rest
         self._previous: dict[int, object] = {}
 
     @property
@@ -56,9 +57,14 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        if self.final_save is not None:
+            say(f"{signal.Signals(signum).name}: the final model is already saved ({self.final_save}); stopping the "
+                "validation and samples that follow it.")
+            return
         say(f"{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
             "training state (press Ctrl-C again to abort without saving).")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            # aborting, the program only ends from here: a further Ctrl-C would cut its exit short with a traceback
+            signal.signal(signum, signal.SIG_IGN if self.aborting and signum == signal.SIGINT else handler)
