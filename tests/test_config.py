@@ -163,8 +163,11 @@ def test_broken_json_file(tmp_path: Path):
     bad.write_text('{"lr": 1e-5,,}', encoding="utf-8")
     problem = problems_of(["--config", str(bad), "--data_root", str(tmp_path)])
     assert len(problem) == 1 and "is not valid json" in problem[0] and "line 1" in problem[0]
+    assert problem[0].endswith("Correct it, or pass --config with another json file of settings.")
     problem = problems_of(["--config", str(tmp_path / "missing.json"), "--data_root", str(tmp_path)])
     assert len(problem) == 1 and "missing.json does not exist" in problem[0]
+    # the defaults the unread file would have replaced are no problem of the user's (data_root 'input' here)
+    assert problems_of(["--config", str(bad)]) == problems_of(["--config", str(bad), "--data_root", str(tmp_path)])
 
 
 def test_everydream2_train_json_loads(data_root: Path):
@@ -240,3 +243,21 @@ def test_config_docs_are_generated_from_the_config_object():
     assert (REPO_ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8") == markdown_reference(), (
         "docs/CONFIG.md is stale: run python utils/write_config_docs.py"
     )
+
+
+def test_a_relative_path_of_a_json_file_found_beside_it_says_where_paths_start(tmp_path: Path, data_root: Path,
+                                                                               monkeypatch):
+    """EveryDream2's train.json names "optimizer.json": run from another folder, it is not found here, and the
+    message says where it is and how to go on."""
+    (tmp_path / "ed2").mkdir()
+    config = write_json(tmp_path / "ed2" / "train.json", {"data_root": str(data_root),
+                                                          "optimizer_config": "optimizer.json"})
+    write_json(tmp_path / "ed2" / "optimizer.json", {})
+    (elsewhere := tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(elsewhere)
+    (problem,) = problems_of(["--config", str(config)])
+    assert problem.endswith(f"Relative paths start at the current folder, {elsewhere}, and optimizer.json is "
+                            f"beside {config}: run from {tmp_path / 'ed2'}, or give its full path "
+                            f"{tmp_path / 'ed2' / 'optimizer.json'}.")
+    monkeypatch.chdir(tmp_path / "ed2")  # the first way: it loads
+    assert load_config(["--config", str(config)]).config.optimizer_config == "optimizer.json"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any, Literal
 from common.files import read_json_object
 from trainer import everydream2 as ed2
 from trainer.config_checks import validate
+from trainer.config_values import (BadValue, cli_value, coerce_cli, coerce_json, expected_value, is_optional, shown,
+                                    strip_optional)
 from trainer.errors import bulleted
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -229,92 +230,19 @@ class LoadedConfig:
     warnings: list[str] = field(default_factory=list)  # EveryDream2 keys read but not used
 
 
-# ---------------------------------------------------------------- types
+# ---------------------------------------------------------------- values
 
 
-def type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(json.dumps(c) for c in typing.get_args(tp))
-    if _is_optional(tp):
-        return f"{type_name(_strip_optional(tp))} | null"
-    return {bool: "bool", int: "int", float: "float", str: "str"}[tp]
-
-
-def expected_value(tp: Any) -> str:
-    """What a value of `tp` is, in words, for a problem's "expected ...": true or false, a whole number, ..."""
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(json.dumps(c) for c in typing.get_args(tp))
-    if _is_optional(tp):
-        return f"{expected_value(_strip_optional(tp))}, or null"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}[tp]
-
-
-def _is_optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _strip_optional(tp: Any) -> Any:
-    (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-    return inner
-
-
-_TRUE = {"true", "yes", "1", "on"}
-_FALSE = {"false", "no", "0", "off"}
-_NULL = {"null", "none"}
-
-
-class _BadValue(Exception):
-    pass
-
-
-def coerce_cli(tp: Any, text: str) -> Any:
-    """A command-line string as a value of `tp`."""
-    if _is_optional(tp):
-        return None if text.lower() in _NULL else coerce_cli(_strip_optional(tp), text)
-    if typing.get_origin(tp) is Literal:
-        return coerce_json(tp, text)
-    if tp is bool:
-        if text.lower() in _TRUE | _FALSE:
-            return text.lower() in _TRUE
-        raise _BadValue
-    try:
-        return tp(text)
-    except ValueError:
-        raise _BadValue from None
-
-
-def coerce_json(tp: Any, value: Any) -> Any:
-    """A json value checked against `tp`: json already has types, so only widen int -> float."""
-    if _is_optional(tp):
-        return None if value is None else coerce_json(_strip_optional(tp), value)
-    if typing.get_origin(tp) is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _BadValue
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
-    raise _BadValue
-
-
-def _cli_value(text: str | None) -> Any:
-    """A command-line value of an EveryDream2 key we do not use, as its json would hold it: a bare flag is true,
-    false/0/no false, null none, a number a number (so that `--disable_unet_training` is refused like `true`)."""
-    if text is None or text.lower() in _TRUE | _FALSE:
-        return text is None or text.lower() in _TRUE
-    if text.lower() in _NULL:
-        return None
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _given(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else repr(value)
+def _found_beside(value: Any, source: str) -> str:
+    """For a relative path from a json file that is not found here but is beside that file (EveryDream2's
+    train.json names its optimizer.json so): where relative paths start, and the two ways to go on."""
+    if not isinstance(value, str) or source in ("default", "command line") or Path(value).is_absolute():
+        return ""
+    beside = Path(source).parent / value
+    if not beside.exists():
+        return ""
+    return (f" Relative paths start at the current folder, {Path.cwd()}, and {value} is beside {source}: run "
+            f"from {Path(source).parent.resolve()}, or give its full path {beside.resolve()}.")
 
 
 # ---------------------------------------------------------------- sources
@@ -351,8 +279,11 @@ def parse_cli(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
 
 def _read_json(path: Path) -> tuple[dict[str, Any], list[str]]:
     data, problem = read_json_object(path)
-    return (data, []) if data is not None else ({}, [f"config: {problem} Pass --config with the path of a json "
-                                                     "file of settings."])
+    if data is not None:
+        return data, []
+    fix = "Pass --config with the path of a json file of settings." if not path.exists() else \
+        "Correct it, or pass --config with another json file of settings."
+    return {}, [f"config: {problem} {fix}"]
 
 
 def default_config_path() -> Path:
@@ -384,9 +315,9 @@ class _Merge:
                 self._translate(key, given, source, from_cli)
         for key, given in raw.items():
             if from_cli and (key in ed2.REFUSED_WHEN_SET or key in ed2.NOT_HONOURED):
-                given = _cli_value(given)
+                given = cli_value(given)
             if key in ed2.REFUSED_WHEN_SET and ed2.is_set(key, given):
-                self.problems.append(f"{key}: {_given(given)} (from {source}), an EveryDream2 key not supported here: "
+                self.problems.append(f"{key}: {shown(given)} (from {source}), an EveryDream2 key not supported here: "
                                      f"{ed2.REFUSED_WHEN_SET[key]}.")
             elif key in ed2.NOT_HONOURED and ed2.is_set(key, given):
                 self.not_honoured.add(key)
@@ -404,34 +335,34 @@ class _Merge:
             return
         try:
             value = True if given is None and tp is bool else (coerce_cli(tp, given) if from_cli else coerce_json(tp, given))
-        except (_BadValue, TypeError):
-            self.problems.append(f"{key}: got {_given(given)} (from {source}); expected {expected_value(tp)}.")
+        except (BadValue, TypeError):
+            self.problems.append(f"{key}: got {shown(given)} (from {source}); expected {expected_value(tp)}.")
             return
         for ours, translated in translation(value).items():
             self.values[ours], self.sources[ours] = translated, source
-            self.notices.append(f"{key}: {_given(value)} (EveryDream2 key) is read as {ours}: {_given(translated)}.")
+            self.notices.append(f"{key}: {shown(value)} (EveryDream2 key) is read as {ours}: {shown(translated)}.")
 
     def _set(self, key: str, given: Any, source: str, from_cli: bool) -> None:
         tp = FIELD_TYPES[key]
-        if given is None and not from_cli and not _is_optional(tp):
+        if given is None and not from_cli and not is_optional(tp):
             # EveryDream2's files write null for "the default"
-            self.null_notices[key] = f"{key}: null in {source} is read as the default, {_given(FIELDS[key].default)}."
+            self.null_notices[key] = f"{key}: null in {source} is read as the default, {shown(FIELDS[key].default)}."
             return
         if (key, given) in ed2.VALUE_TRANSLATIONS:
             translated = ed2.VALUE_TRANSLATIONS[(key, given)]
-            self.notices.append(f"{key}: {_given(given)} (EveryDream2's value) is read as {_given(translated)}.")
+            self.notices.append(f"{key}: {shown(given)} (EveryDream2's value) is read as {shown(translated)}.")
             given = translated
         try:
             if from_cli and given is None:  # a bare --flag: true, for every boolean key, nullable or not
-                if (_strip_optional(tp) if _is_optional(tp) else tp) is not bool:
-                    raise _BadValue
+                if (strip_optional(tp) if is_optional(tp) else tp) is not bool:
+                    raise BadValue
                 value = True
             else:
                 value = coerce_cli(tp, given) if from_cli else coerce_json(tp, given)
-        except (_BadValue, TypeError):
-            shown = "nothing" if given is None and from_cli else _given(given)
+        except (BadValue, TypeError):
+            what = "nothing" if given is None and from_cli else shown(given)
             self.bad_keys.add(key)
-            self.problems.append(f"{key}: got {shown} (from {source}); expected {expected_value(tp)}.")
+            self.problems.append(f"{key}: got {what} (from {source}); expected {expected_value(tp)}.")
             return
         self.values[key], self.sources[key] = value, source
 
@@ -452,9 +383,11 @@ def load_config(argv: list[str]) -> LoadedConfig:
     merge.layer(cli, "command line", from_cli=True)
 
     config = TrainConfig(**merge.values)
-    invalid = validate(config)
-    merge.problems += [f"{key}: got {_given(getattr(config, key))} (from {merge.sources[key]}); expected {expected}."
-                       for key, expected in invalid]
+    # with the json file unread, its keys are at their defaults: what is wrong with those is not the user's doing
+    invalid = [(key, expected) for key, expected in validate(config)
+               if not (json_problems and merge.sources[key] == "default")]
+    merge.problems += [f"{key}: got {shown(getattr(config, key))} (from {merge.sources[key]}); expected {expected}."
+                       + _found_beside(getattr(config, key), merge.sources[key]) for key, expected in invalid]
     if merge.problems:
         bad = frozenset(merge.bad_keys | {key for key, _ in invalid})
         rest = None if json_problems else dataclasses.replace(config, **{key: FIELDS[key].default for key in bad})

@@ -6,7 +6,8 @@ import json
 import typing
 from typing import Any, Literal
 
-from trainer.config import DEFAULT_CONFIG_FILE, FIELD_TYPES, FIELDS, _given, _is_optional, _strip_optional, type_name
+from trainer.config import DEFAULT_CONFIG_FILE, FIELD_TYPES, FIELDS
+from trainer.config_values import is_optional, shown, strip_optional, type_name
 
 
 def help_text() -> str:
@@ -23,7 +24,7 @@ def help_text() -> str:
     ]
     for name, f in FIELDS.items():
         lines.append(f"  --{name} {_metavar(FIELD_TYPES[name])}")
-        lines.append(f"      {f.metadata['help']} (default: {_given(f.default)})")
+        lines.append(f"      {f.metadata['help']} (default: {shown(f.default)})")
     return "\n".join(lines)
 
 
@@ -45,8 +46,8 @@ def markdown_reference() -> str:
 
 
 def _metavar(tp: Any) -> str:
-    if _is_optional(tp):
-        return _metavar(_strip_optional(tp))
+    if is_optional(tp):
+        return _metavar(strip_optional(tp))
     if typing.get_origin(tp) is Literal:
         return "{" + ",".join(typing.get_args(tp)) + "}"
     return {bool: "[BOOL]", int: "INT", float: "FLOAT", str: "TEXT"}[tp]
