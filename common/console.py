@@ -9,6 +9,7 @@ written (a full disk) is said once and then left alone: telling the user things 
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -73,5 +74,5 @@ def first_line(err: BaseException) -> str:
     """The first line of an exception's text (its type when it has none), for one-line messages; a file-system
     error as its reason and file ("File exists: logs/r/samples"), without the errno and quotes."""
     if isinstance(err, OSError) and err.strerror:
-        return err.strerror + (f": {err.filename}" if err.filename else "")
+        return err.strerror + (f": {os.fsdecode(err.filename)}" if err.filename else "")  # tensorboard's are bytes
     return (str(err).strip().splitlines() or [type(err).__name__])[0]

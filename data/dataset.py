@@ -37,7 +37,8 @@ from transformers import CLIPTokenizer
 from common.console import say
 from data.captions import shuffle_tags, tokenize_captions
 from data.encode import scaled_latents
-from data.latent_cache import LATENT_CACHE_FOLDER, LatentCache, Variant, fill_cache, load_posterior, vae_fingerprint
+from data.latent_cache import (LATENT_CACHE_FOLDER, LatentCache, fill_cache, image_variants, latent_keys,
+                               load_posterior, vae_fingerprint)
 from data.options import DataOptions
 from data.pixels import bucket_pixels
 from data.scan import ImageItem, Scan, own_or_run, scan_data_root
@@ -147,13 +148,6 @@ def default_cache_dir(data_root: str | Path) -> Path:
     return Path(data_root) / LATENT_CACHE_FOLDER
 
 
-def latent_keys(items: list[ImageItem], flip_p: float) -> list[tuple[int, bool]]:
-    """(item index, flip) of every latent the run can draw: flipped too for each image whose flip_p (its own,
-    else the run's `flip_p`) is above 0."""
-    return [(i, flip) for i, item in enumerate(items)
-            for flip in ((False, True) if own_or_run(item.flip_p, flip_p) > 0 else (False,))]
-
-
 def prepare_latents(
     options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
 ) -> dict[tuple[int, bool], Path]:
@@ -163,8 +157,8 @@ def prepare_latents(
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """
     cache = LatentCache(cache_dir, vae_fingerprint(vae))
-    keys = latent_keys(scan.items, options.flip_p)
-    variants = [Variant(scan.items[i].path, scan.items[i].bucket, flip) for i, flip in keys]
+    keys = latent_keys(scan.items, options.flip_p)  # the same rule the preflight sized the cache by
+    variants = image_variants(scan.items, options.flip_p)
     encoded, reused = fill_cache(cache, variants, vae, options.batch_size, options.num_workers)
     say(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
     return {key: cache.entry(v) for key, v in zip(keys, variants)}

@@ -22,22 +22,45 @@ safetensors, unreadable) is encoded again, with one notice. One writer: the main
 training (`fill_cache`); other processes only read it, so multi-process runs call `fill_cache` on rank 0, wait
 at a barrier, then build their loaders.
 
+Room: an entry's size is known from its bucket alone (data/cache_room.py), so the preflight checks that the disk can
+take the entries not yet cached before any model loads (`room_problem_before_load`), and `fill_cache` checks
+again, exactly, once the VAE is known. A disk that fills anyway (another program writing to it) ends the fill in
+one message (`DataError`); the entries written until then are whole, and the next run reuses them.
+
 torch is imported only by the functions that encode or read latents: the preflight and `--dry_run` choose the
-cache folder from here without it, in seconds.
+cache folder and check its room from here without it, in seconds.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.console import say
-from common.files import atomic_file, place_problem, remove, remove_stale_partials, write_bytes_atomically
+from common.files import (
+    free_bytes,
+    human_bytes,
+    place_problem,
+    remove,
+    remove_stale_partials,
+    write_bytes_atomically,
+)
 from common.safetensors_header import HeaderError, read_header
 from data.buckets import Bucket, group_by_bucket
+from data.cache_room import (
+    block_size,
+    cache_bytes,
+    room_message,
+    sd_latent_shape,
+    variants_phrase,
+)
+from data.errors import DataError
+from data.scan import ImageItem, own_or_run
 from data.workers import ignore_stop_signals
 
 if TYPE_CHECKING:
@@ -46,6 +69,8 @@ if TYPE_CHECKING:
 LATENT_CACHE_FOLDER = ".latent_cache"  # under data_root unless latent_cache_dir says otherwise
 HASH_INDEX = "content_hashes.json"  # path -> (size, mtime_ns, sha256): unchanged files are not read again
 KEYS = ("mean", "std")  # what an entry holds: the posterior, float32 (latent_channels, H/8, W/8) each
+INDEX_RECORD_BYTES = 128  # the hash index's record of one image, besides its path
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def choose_cache_dir(data_root: Path, latent_cache_dir: str | None, fallback_root: Path) -> tuple[Path, str | None]:
@@ -72,6 +97,23 @@ class Variant:
     flip: bool
 
 
+def latent_keys(items: list[ImageItem], flip_p: float) -> list[tuple[int, bool]]:
+    """(item index, flip) of every latent the run can draw: flipped too for each image whose flip_p (its own,
+    else the run's `flip_p`) is above 0."""
+    return [(i, flip) for i, item in enumerate(items)
+            for flip in ((False, True) if own_or_run(item.flip_p, flip_p) > 0 else (False,))]
+
+
+def image_variants(items: list[ImageItem], flip_p: float) -> list[Variant]:
+    """The variant of every (image, flip) of `latent_keys`, in its order."""
+    return [Variant(items[i].path, items[i].bucket, flip) for i, flip in latent_keys(items, flip_p)]
+
+
+def entry_name(sha: str, variant: Variant) -> str:
+    """An entry's file name, from its image's content hash (it goes in the folder named by the hash's first 2)."""
+    return f"{sha}-{variant.bucket}{'-flip' if variant.flip else ''}.safetensors"
+
+
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """A short hash of the VAE's config and every weight with its dtype: any change to either gives a new cache
     folder (the same VAE in fp16 encodes slightly differently from fp32, so it has entries of its own).
@@ -96,34 +138,59 @@ def latent_shape(vae: torch.nn.Module, bucket: Bucket) -> tuple[int, int, int]:
     return vae.config.latent_channels, bucket.height // factor, bucket.width // factor
 
 
+def read_hash_index(root: Path) -> dict[str, list]:
+    """The content-hash index of the cache at `root`: resolved path -> [size, mtime_ns, sha256]; {} when there is
+    none or it is damaged (a damaged index only costs re-hashing)."""
+    index = Path(root) / HASH_INDEX
+    if not index.is_file():
+        return {}
+    try:
+        hashes = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return hashes if isinstance(hashes, dict) else {}
+
+
+def indexed_hash(hashes: dict[str, list], path: Path) -> str | None:
+    """`path`'s content hash as the index knows it, when the file is unchanged since (same size and mtime). The
+    index is keyed by resolved path; a path that is already one (no link on the way, the usual case) is found
+    without resolving it, which costs several system calls a file: thousands of images a second."""
+    stat = path.stat()
+    for resolve in (os.path.abspath, os.path.realpath):
+        known = hashes.get(resolve(path))
+        if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
+            return known[2]
+    return None
+
+
 class LatentCache:
     def __init__(self, root: Path, fingerprint: str):
         self.root = Path(root)
         self.folder = self.root / f"vae-{fingerprint}"
-        self._hashes: dict[str, list] = {}
+        self._hashes = read_hash_index(self.root)
         self._hashes_changed = False
         self._hash_index = self.root / HASH_INDEX
-        if self._hash_index.is_file():
-            try:
-                self._hashes = json.loads(self._hash_index.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self._hashes = {}  # a damaged index only costs re-hashing
 
     def content_hash(self, path: Path) -> str:
+        known = indexed_hash(self._hashes, path)
+        if known:
+            return known
         stat = path.stat()
-        key = str(path.resolve())
-        known = self._hashes.get(key)
-        if known and known[0] == stat.st_size and known[1] == stat.st_mtime_ns:
-            return known[2]
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        self._hashes[key] = [stat.st_size, stat.st_mtime_ns, digest]
+        self._hashes[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns, digest]
         self._hashes_changed = True
         return digest
 
     def entry(self, variant: Variant) -> Path:
         sha = self.content_hash(variant.path)
-        name = f"{sha}-{variant.bucket}{'-flip' if variant.flip else ''}.safetensors"
-        return self.folder / sha[:2] / name
+        return self.folder / sha[:2] / entry_name(sha, variant)
+
+    def index_bytes(self, anew: bool = False) -> int:
+        """About the bytes the hash index takes when `save_hashes` writes it now (0 when it has nothing new to
+        write), or, `anew`, in a new cache folder elsewhere."""
+        if not anew and not self._hashes_changed and self._hash_index.is_file():
+            return 0
+        return sum(len(key) + INDEX_RECORD_BYTES for key in self._hashes)
 
     def save_hashes(self) -> None:
         """Write the content-hash index (the one writer's job), when it learned new hashes. A process that finds
@@ -158,11 +225,13 @@ def entry_problem(path: Path, shape: tuple[int, ...]) -> str | None:
 
 
 def save_posterior(path: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    """Write one entry whole or not at all. Serialized in memory (an entry is at most a few hundred KiB) and written
+    through our own partial: safetensors' save_file writes through a temporary of its own, which a killed run
+    would leave under a name no clean-up knows, and reports a full disk as SafetensorError, not OSError."""
+    from safetensors.torch import save
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as partial:
-        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(partial))
+    write_bytes_atomically(path, save({"mean": mean.contiguous(), "std": std.contiguous()}))
 
 
 def load_posterior(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +239,81 @@ def load_posterior(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     tensors = load_file(str(path))
     return tensors["mean"], tensors["std"]
+
+
+def uncached_variants(root: Path, variants: list[Variant]) -> tuple[list[Variant], int]:
+    """(the variants with no entry in the cache at `root`, how many hash-prefix folders their entries need that
+    do not exist), judged without reading an image or knowing the VAE, for the preflight.
+
+    An image's content hash comes from the hash index; an image the index does not know, or that changed since,
+    counts as not cached (hashing it would read the whole data set). An entry under any VAE's folder counts as
+    cached: which VAE the run uses is known once it loads, and `fill_cache` checks the exact need then.
+    """
+    folders = [f for f in Path(root).glob("vae-*") if f.is_dir()] if Path(root).is_dir() else []
+    if not folders:
+        return list(variants), min(len({v.path for v in variants}), 256)
+    hashes = read_hash_index(root)
+    shas = {path: indexed_hash(hashes, path) for path in {v.path for v in variants}}
+    names, prefixes = set(), set()
+    for folder in folders:
+        for sub in os.scandir(folder):
+            if sub.is_dir():
+                prefixes.add(sub.name)
+                names.update(os.listdir(sub.path))
+    todo = [v for v in variants if shas[v.path] is None or entry_name(shas[v.path], v) not in names]
+    new_prefixes = {shas[v.path][:2] for v in todo if shas[v.path] is not None} - prefixes
+    return todo, min(len(new_prefixes) + sum(1 for sha in shas.values() if sha is None), 256)
+
+
+def room_problem_before_load(root: Path, items: list[ImageItem], flip_p: float) -> str | None:
+    """Why the disk of the cache at `root` cannot take the entries of `items` not yet cached (`uncached_variants`,
+    sized for SD's VAE), or None. The preflight's check, before any model loads: no torch, no image read."""
+    variants = image_variants(items, flip_p)
+    todo, new_folders = uncached_variants(root, variants)
+    if not todo:
+        return None
+    block = block_size(root)
+    index = sum(len(os.path.abspath(item.path)) + INDEX_RECORD_BYTES for item in items)
+    needed = cache_bytes((sd_latent_shape(v.bucket) for v in todo), new_folders, index, block)
+    free = free_bytes(root)
+    if free >= needed:
+        return None
+    what = variants_phrase(len(todo), variants, "not yet cached")
+    return room_message(root, what, needed, free)
+
+
+def check_room(cache: LatentCache, missing: list[Variant], variants: list[Variant], vae: torch.nn.Module) -> None:
+    """Raise DataError when the cache's disk cannot take the `missing` entries: `room_problem_before_load`'s check
+    again, exact now that the VAE (and so each entry's shape and folder) is known."""
+    if not missing:
+        return
+    block = block_size(cache.root)
+    new_folders = len({cache.entry(v).parent for v in missing if not cache.entry(v).parent.is_dir()})
+    needed = cache_bytes((latent_shape(vae, v.bucket) for v in missing), new_folders, cache.index_bytes(), block)
+    free = free_bytes(cache.root)
+    if free < needed:
+        raise DataError(room_message(cache.root, variants_phrase(len(missing), variants, "to encode"), needed, free))
+
+
+def disk_filled_message(cache: LatentCache, err: OSError, missing: list[Variant], variants: list[Variant],
+                        vae: torch.nn.Module) -> str:
+    """The disk filled during the fill (another program wrote to it): where, what is left to encode and what is
+    free, that the entries written are kept, and the ways on."""
+    left = [v for v in missing if not cache.entry(v).is_file()]
+    block = block_size(cache.root)
+    shapes = {v: latent_shape(vae, v.bucket) for v in variants}
+    left_bytes = cache_bytes((shapes[v] for v in left), 0, 0, block)
+    folders = len({cache.entry(v).parent for v in variants})
+    whole = cache_bytes(shapes.values(), folders, cache.index_bytes(anew=True), block)
+    written = len(missing) - len(left)
+    what = variants_phrase(len(left), variants, "still to encode")
+    return (f"the disk of the latent cache filled up while it was written ({err.strerror or err}, in "
+            f"{cache.folder}): {what} need about {human_bytes(left_bytes)} more, and "
+            f"{human_bytes(free_bytes(cache.root))} is free. The {written} entr{'y' if written == 1 else 'ies'} "
+            f"written {'is' if written == 1 else 'are'} whole, and the next run reuses "
+            f"{'it' if written == 1 else 'them'}. Free some space there and run again, or set latent_cache_dir to "
+            f"a folder on a disk with about {human_bytes(whole)} free (the whole cache; --latent_cache_dir "
+            "<folder>), or turn the cache off with --cache_latents false.")
 
 
 class _VariantPixels:
@@ -216,27 +360,41 @@ def fill_cache(
     """Encode every variant not yet in `cache`, or whose entry is damaged (said in one line); returns (encoded,
     already cached). Main process only.
 
-    Encodes on the GPU when there is one (the VAE goes back where it was afterwards), batching variants of one
-    bucket together while worker processes decode the next images.
+    Raises DataError, before encoding, when the disk cannot take the entries to write (`check_room`), and when it
+    fills during the fill all the same (another program writing there): the entries written are whole and kept.
     """
-    import torch
-
-    from data.encode import encode_posterior
-
     damaged = damaged_entries(cache, variants, vae)
     if damaged:
         say(damage_notice(cache, damaged))
         for variant in damaged:
             remove(cache.entry(variant))  # a folder or a link in an entry's place would refuse the new file
     missing = [v for v in variants if not cache.entry(v).is_file()]
-    cache.save_hashes()
-    if not missing:
-        return 0, len(variants)
+    for folder in sorted({cache.entry(v).parent for v in missing}):
+        remove_stale_partials(folder)  # what a killed fill left (before the room is measured: it frees some)
+    check_room(cache, missing, variants, vae)
+    try:
+        cache.save_hashes()
+        if missing:
+            _encode(cache, missing, len(variants), vae, batch_size, num_workers)
+    except OSError as err:
+        if err.errno not in NO_SPACE:  # a read-only or failing disk: trainer/failures.py says those in one line
+            raise
+        raise DataError(disk_filled_message(cache, err, missing, variants, vae)) from None
+    return len(missing), len(variants) - len(missing)
+
+
+def _encode(cache: LatentCache, missing: list[Variant], total: int, vae: torch.nn.Module, batch_size: int,
+            num_workers: int) -> None:
+    """Write the entries of `missing`, each whole or not at all. Encodes on the GPU when there is one (the VAE goes
+    back where it was afterwards), batching variants of one bucket together while worker processes decode the
+    next images."""
+    import torch
+
+    from data.encode import encode_posterior
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     home = next(vae.parameters()).device
-    say(f"Latent cache: encoding {len(missing)} of {len(variants)} image variants on {device} into {cache.folder}.")
-    for folder in sorted({cache.entry(v).parent for v in missing}):
-        remove_stale_partials(folder)  # what a killed fill left
+    say(f"Latent cache: encoding {len(missing)} of {total} image variants on {device} into {cache.folder}.")
     vae.to(device)
     try:
         for group in group_by_bucket(missing).values():
@@ -252,4 +410,3 @@ def fill_cache(
                 done += len(pixels)
     finally:
         vae.to(home)
-    return len(missing), len(variants) - len(missing)

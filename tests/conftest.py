@@ -84,9 +84,11 @@ class TrainProcess:
     """A `python train.py` in a process group of its own (as docker, systemd or SLURM start one), its output
     collected line by line as it comes, so a test can wait for a moment of the run and then signal it."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, preexec_fn=None):
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, preexec_fn=None,
+                 launcher: tuple[str, ...] = ()):
+        """`launcher`: what starts train.py instead of plain python (`accelerate launch` and its flags)."""
         self.popen = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+            [sys.executable, *launcher, str(REPO_ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True, preexec_fn=preexec_fn,
         )

@@ -7,15 +7,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, run_train
+from tests.conftest import REPO_ROOT, TrainProcess, run_train
 from tests.test_loop import saved_paths
 
 # Every sample's noise comes from its own seed, so what must match is only the arithmetic: fp32, no dropout.
@@ -24,14 +27,16 @@ from tests.test_loop import saved_paths
 LINEAR_ADAM = {"base": {"epsilon": 1.0}}
 
 
+# `accelerate launch` on two CPU processes, up to the script it starts
+LAUNCH_TWO = ("-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0")
+CPU_RANKS = {"ACCELERATE_USE_CPU": "1"}
+
+
 def launch_two(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`accelerate launch` of train.py on two CPU processes."""
-    return subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-         str(REPO_ROOT / "train.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "ACCELERATE_USE_CPU": "1"},
-    )
+    return subprocess.run([sys.executable, *LAUNCH_TWO, str(REPO_ROOT / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **CPU_RANKS})
 
 
 def trained_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -171,3 +176,58 @@ def test_fsdp_on_cpus_is_refused_in_one_line_with_accelerates_reason(shapes_dir:
     assert "FSDP needs GPUs (or other accelerators)" in result.stderr
     assert "There are currently no available devices found" in result.stderr  # accelerate's own reason
     assert "Model:" not in result.stdout
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of `rank`'s train.py among the launcher's child processes (each has RANK in its environment)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue  # ended while looked at
+        if f"RANK={rank}".encode() in environ:
+            return int(stat.parent.name)
+    raise AssertionError(f"no process of rank {rank} under the launcher {launcher}")
+
+
+def wait_for_partial_save(folder: Path, timeout: float = 120) -> None:
+    """Until a hidden partial save appears in `folder` (polled every few ms: it lives a fraction of a second)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if folder.is_dir() and any(p.name.startswith(".") for p in folder.iterdir()):
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"no partial save appeared in {folder}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the ranks' processes in /proc")
+@pytest.mark.parametrize("lost", [1, 0], ids=["rank 1 killed during a save", "rank 0 killed while training"])
+def test_a_killed_process_ends_the_run_in_one_line_naming_it_and_the_save_to_go_on_from(setup, lost: int):
+    """SIGKILL to one of two processes (what the out-of-memory killer sends): the survivor ends within the
+    launcher's grace time with one line naming the lost process and the last complete save, which is whole; no
+    traceback of ours and no partial save are left."""
+    logdir = setup.work / f"lost{lost}"
+    run = TrainProcess([*setup.common, "--batch_size", "2", "--max_steps", "400", "--save_every_n_epochs", "1",
+                        "--save_optimizer", "--logdir", logdir.name], cwd=setup.work, env=CPU_RANKS,
+                       launcher=LAUNCH_TWO)
+    saved = run.wait_for("Saved model:").split("Saved model:")[1].strip()
+    if lost == 1:  # the survivor is the main process, in the middle of writing the next save
+        wait_for_partial_save(Path(saved).parent)
+    pid = rank_pid(run.popen.pid, lost)
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    code, _, err = run.finish(timeout=120)
+    assert time.monotonic() - killed < 60, "the survivor must end well within the launcher's 30 s grace"
+    assert code != 0
+    (line,) = [line for line in err.splitlines() if "train.py: " in line]
+    line = line[line.index("train.py: "):]  # after the lost process's unfinished progress bar, if any
+    assert line.startswith(f"train.py: process {lost} of 2 (pid {pid}) was lost after step "), line
+    assert f"Process {1 - lost} cannot go on without it" in line and "nothing more was saved" in line
+    newest = max(p for p in Path(saved).parent.iterdir() if not p.name.startswith("."))
+    assert f"--resume_state {newest / 'training_state'}." in line, (line, newest)
+    assert (newest / "model_index.json").is_file() and (newest / "training_state").is_dir()
+    assert "bug" not in err and not re.search(r'File ".*/(trainer|train\.py)', err), err[-3000:]
+    assert not [p for p in Path(saved).parent.iterdir() if p.name.startswith(".")], "a partial save was left"

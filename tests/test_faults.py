@@ -157,6 +157,66 @@ def test_sampling_that_fails_costs_nothing(tiny_model, shapes_dir, tmp_path):
     assert log.index("Saved model:") < log.index("Warning: sampling at step 4")
 
 
+def test_a_run_folder_deleted_during_training_is_said_once_and_the_run_goes_on(tiny_model, shapes_dir, tmp_path):
+    """A clean-up script (or a user in the wrong terminal) deletes the run folder mid-run: one warning, no
+    traceback from the tensorboard writer's thread, and the saves and samples that follow are made whole."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "16", "--save_every_n_epochs", "1",
+                            "--sample_steps", "8", "--sample_prompts", "prompts.txt", "--log_step", "1",
+                            "--run_name", "r"), cwd=tmp_path)
+    run.wait_for("First step done")
+    shutil.rmtree(tmp_path / "logs" / "r")
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    assert warnings == ["Warning: the run folder logs/r was deleted during the run: train.log and the tensorboard "
+                        "log stop here, and training goes on; the saves go on into logs/r/ckpts, made again when "
+                        "the next save comes."], warnings
+    saves = saved_paths(out)
+    assert [p.name for p in saves] == ["myproj-ep01-gs00008", "last-myproj-ep02-gs00016"]
+    for save in saves:
+        assert (save / "model_index.json").is_file()
+        assert_all_finite(save)
+    assert list((tmp_path / "logs" / "r" / "samples").glob("gs00008*")), out[-2000:]  # written after the deletion
+
+
+def fill_up(disk: Path) -> None:
+    """Write zeros into `disk` until it has no room left."""
+    with open(disk / "filler", "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def test_logs_on_a_disk_that_fills_mid_run_are_said_once_and_the_run_goes_on(tiny_model, shapes_dir, tmp_path,
+                                                                             small_disk):
+    """train.log and tensorboard on a disk that fills after the first step (the saves go elsewhere): each log
+    says once that it stops, no writer thread prints a traceback, and the run ends trained and saved."""
+    disk = small_disk("logs", "2m")
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "48", "--log_step", "1", "--run_name", "r",
+                            "--logdir", str(disk), "--save_ckpt_dir", str(tmp_path / "ckpts")), cwd=tmp_path)
+    run.wait_for("First step done")
+    fill_up(disk)
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    # tmpfs fills by pages: train.log, written only when something is said, may still fit in its last one
+    assert [w for w in warnings if "train.log" not in w] == [
+        f"Warning: could not write the tensorboard log in {disk}/r/tensorboard (No space left on device); it stops "
+        "here, and training goes on."], warnings
+    assert all(w.startswith(f"Warning: cannot write {disk}/r/train.log (No space left on device") for w in warnings
+               if "train.log" in w) and len(warnings) <= 2, warnings
+    (final,) = saved_paths(out)
+    assert (final / "model_index.json").is_file()
+
+
 # ---------------------------------------------------------------- stops
 
 

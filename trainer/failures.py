@@ -7,6 +7,8 @@ from __future__ import annotations
 import errno
 import traceback
 
+from common.console import first_line
+
 ISSUES_URL = "the project's issue tracker"
 DISK_ERRORS = {
     errno.ENOSPC: "the disk is full",
@@ -39,7 +41,7 @@ def environment_message(err: BaseException) -> str | None:
 def _detail(err: BaseException) -> str:
     """The error's own words: for one raised again from a DataLoader worker, the original's last line."""
     if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror}" + (f": {err.filename}" if err.filename else "")
+        return first_line(err)
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(err).__name__
 

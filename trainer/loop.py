@@ -30,8 +30,10 @@ from trainer.optim_build import tweak_grad_scaler
 from trainer.preflight import Preflight
 from trainer.metrics import LogWindow, log_scalars
 from trainer.resume import TrainerState
+from trainer.run_logs import add_image, end_trackers, log_to_trackers, watch_run_folder
 from trainer.sampling import generate_samples, write_samples
-from trainer.saving import check_weights, rescue, save
+from trainer.peers import lost_process
+from trainer.saving import check_weights, how_to_go_on, rescue, save
 from trainer.setup import Run, ema_weights, prepare_run, start_state
 from trainer.stops import Aborted, StopRequest
 from trainer.validation_plan import MAIN_SET, STABILIZED_SET
@@ -77,10 +79,13 @@ def _train(run: Run, state: TrainerState, started: float | None) -> TrainResult:
                              "This run has no save.")) from None
         except UserError:
             raise
-        except Exception:
+        except Exception as err:
+            lost = lost_process(err, run.processes, state.global_step, how_to_go_on(run).capitalize())
+            if lost is not None:  # no save is possible without every process; say whom and where to go on from
+                raise lost from None
             rescue(run, state, start_step)
             raise
-    run.accelerator.end_training()
+    end_trackers(run)
     return TrainResult(final, state.global_step, stop.exit_code if stop.requested else 0)
 
 
@@ -105,6 +110,7 @@ def _train_steps(run: Run, state: TrainerState, started: float, progress: tqdm) 
                 continue
             state.global_step += 1
             run.guard.after_step(state.global_step)
+            watch_run_folder(run)
             if state.global_step == first_step:
                 say(f"First step done {time.monotonic() - started:.1f} s after start.")
             if run.emas and state.global_step % cfg.ema_update_interval == 0:
@@ -239,7 +245,7 @@ def validate(run: Run, step: int) -> None:
         unet.train(modes[0]), text_encoder.train(modes[1])
     if any(loss is None for loss in losses.values()):  # stopped part way: no loss worth logging
         return
-    run.accelerator.log({validation_tag(name): loss for name, loss in losses.items()}, step=step)
+    log_to_trackers(run, {validation_tag(name): loss for name, loss in losses.items()}, step)
     say(f"Validation loss at step {step}: " + ", ".join(
         f"{loss:.5f}" if name == MAIN_SET else f"{name} {loss:.5f}" for name, loss in losses.items()))
 
@@ -266,7 +272,6 @@ def _sample(run: Run, step: int) -> None:
     settings, cfg = run.prompts, run.cfg
     # one draw (captions, -1 seeds) for the model and its EMA, so the two compare image for image
     drawn = settings.draw(cfg.resolution, cfg.batch_size, [item.caption for item in run.data.loader.dataset.items])
-    tracker = run.accelerator.get_tracker("tensorboard", unwrap=True)
     for suffix, weights in [("", contextlib.nullcontext)] + ([("-ema", lambda: ema_weights(run))] if run.emas else []):
         if run.stop.requested:
             return
@@ -278,6 +283,5 @@ def _sample(run: Run, step: int) -> None:
             return
         grid = write_samples(images, drawn, run.run_dir / "samples", f"gs{step:05d}{suffix}", settings.scheduler)
         for index, row in sorted(images.items()):  # a sample's cfgs side by side (one size: one height)
-            tracker.add_image(f"samples{suffix}/{index:02d}", np.hstack([np.asarray(i) for i in row]), step,
-                              dataformats="HWC")
+            add_image(run, f"samples{suffix}/{index:02d}", np.hstack([np.asarray(i) for i in row]), step)
         say(f"Samples at step {step}: {grid}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common.console import warn
+from trainer.run_logs import log_to_trackers
 
 
 @dataclass
@@ -30,7 +30,7 @@ class LogWindow:
 
 def log_scalars(run, window: LogWindow, grad_norm, step: int) -> float:
     """Write the window's scalars to the trackers; returns its mean loss (this process's). A tracker that
-    cannot write (a full disk) is said once; it never stops the run."""
+    cannot write (a full disk, a deleted run folder) is said once; it never stops the run (trainer/run_logs.py)."""
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     optimizer_steps = -(-window.batches // run.cfg.grad_accum)
     mean_loss = float(window.loss_sum) / max(window.batches, 1)
@@ -46,8 +46,5 @@ def log_scalars(run, window: LogWindow, grad_norm, step: int) -> float:
         scalars["grad_norm"] = float(grad_norm)
     if torch.cuda.is_available():
         scalars["perf/gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    try:
-        run.accelerator.log(scalars, step=step)
-    except OSError as err:
-        warn(f"could not write the tensorboard log ({err.strerror}); training goes on.")
+    log_to_trackers(run, scalars, step)
     return mean_loss

@@ -8,7 +8,8 @@ It checks that
   data_root gets its latent cache in a writable place, said in a notice;
 - resume_ckpt names something (trainer/models.py's rules), and where it goes can take it: the ckpt_cache folder
   (writable, with room) for a single file to convert, the hub cache (writable) for a download;
-- the save folder's disk has room for one save, when the model's size can be read from its files;
+- the save folder's disk has room for one save, when the model's size can be read from its files; the latent
+  cache's disk has room for the entries not yet cached (data/latent_cache.py sizes them from the buckets);
 - sample_prompts and optimizer_config are valid, and wandb/xformers are installed when asked for;
 - resume_state exists, is complete, fits this run, and has steps left to train.
 
@@ -29,7 +30,7 @@ from common.console import first_line, say
 from common.files import free_bytes, human_bytes, place_problem
 from convert.lora_kohya import adapter_file_problems
 from data.errors import DataError
-from data.latent_cache import choose_cache_dir
+from data.latent_cache import choose_cache_dir, room_problem_before_load
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_sets
@@ -180,6 +181,8 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
         cache_dir, notice = choose_cache_dir(Path(cfg.data_root), cfg.latent_cache_dir, Path(cfg.logdir) / "latent_cache")
         notices += [notice] if notice else []
         problem = place_problem(cache_dir, "latent_cache_dir") if cfg.latent_cache_dir else None
+        if problem is None and train_scan:  # validation sets are encoded in memory, never cached
+            problem = room_problem_before_load(cache_dir, train_scan.items, cfg.flip_p)
         problems += [problem] if problem else []
     problems += model_source_problems(cfg)
     plan = attempt(plan_optimizers, cfg, notices)

@@ -247,13 +247,17 @@ def _gather_objects(value):
 
 
 def _go_on(run: Run) -> str:
-    hint = " Free space or fix the folder, then "
+    return " Free space or fix the folder, then " + how_to_go_on(run)
+
+
+def how_to_go_on(run: Run) -> str:
+    """How to continue from this run's last complete save (a sentence without its capital)."""
     if run.last_state:
-        return hint + f"continue with --resume_state {run.last_state}."
+        return f"continue with --resume_state {run.last_state}."
     if run.last_save:
-        return hint + f"start again from the last save with --resume_ckpt {run.last_save} (save_optimizer true " \
-                      "keeps a training state to continue exactly)."
-    return hint + "run again: this run had no complete save yet."
+        return (f"start again from the last save with --resume_ckpt {run.last_save} (save_optimizer true keeps a "
+                "training state to continue exactly).")
+    return "run again: this run had no complete save yet."
 
 
 def _last_good(run: Run) -> str:

@@ -45,8 +45,10 @@ from trainer.optim_build import (
     freeze_text_encoder_parts,
     tweak_grad_scaler,
 )
+from trainer.peers import roster
 from trainer.preflight import Preflight, count_steps, current_setup, save_folder
 from trainer.prompts import SampleSettings
+from trainer.run_logs import quiet_writer_threads
 from trainer.resume import (
     TrainerState,
     TrainingSetup,
@@ -101,6 +103,8 @@ class Run:
     text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
     adapters: Adapters | None = None  # LoRA mode: the adapters trained on the frozen base (trainer/lora.py)
     base_hash: str = ""  # LoRA mode: the base's weight files' sha256, written into each adapter file
+    processes: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) by rank: who was lost, if one is
+    logs_stopped: bool = False  # train.log and tensorboard could not be written (trainer/run_logs.py)
 
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
@@ -316,9 +320,11 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         owner=owner, prompts=preflight.prompts, validation=data.validation,
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
         text_cache=text_embedding_cache(cfg, models.text_encoder), adapters=adapters, base_hash=base,
+        processes=roster(accelerator),
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
+    quiet_writer_threads()
     say(f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
