@@ -64,6 +64,9 @@ def remove(path: Path) -> None:
             path.unlink()
         except (FileNotFoundError, NotADirectoryError):  # not there, or a file stands where its folder would
             pass
+        except OSError:
+            if os.path.lexists(path):  # a read-only mount refuses even to unlink what is not there (EROFS)
+                raise
 
 
 @contextmanager

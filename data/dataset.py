@@ -37,6 +37,7 @@ from transformers import CLIPTokenizer
 from common.console import say
 from data.captions import shuffle_tags, tokenize_captions
 from data.encode import scaled_latents
+from data.errors import read_during_run
 from data.latent_cache import (LATENT_CACHE_FOLDER, LatentCache, fill_cache, image_variants, latent_keys,
                                load_posterior, vae_fingerprint)
 from data.options import DataOptions
@@ -101,9 +102,11 @@ class TrainDataset(torch.utils.data.Dataset):
         row = {"input_ids": input_ids, "loss_weight": torch.tensor(self.loss_weight(draw)), "seed": draw.seed}
         if self.latents is None:
             item = self.items[draw.index]
-            row["pixel_values"] = bucket_pixels(item.path, item.bucket, draw.flip)
+            row["pixel_values"] = read_during_run(lambda: bucket_pixels(item.path, item.bucket, draw.flip), item.path,
+                                                  "image")
         else:
-            mean, std = load_posterior(self.latents[(draw.index, draw.flip)])
+            entry = self.latents[(draw.index, draw.flip)]
+            mean, std = read_during_run(lambda: load_posterior(entry), entry, "latent-cache entry")
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(draw.seed))
             row["latents"] = scaled_latents(mean, std, noise, self.scaling_factor)
         return row

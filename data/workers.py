@@ -2,7 +2,7 @@
 
 A stop request (`kill -TERM -- -<pgid>` from docker, systemd, SLURM or Kubernetes; Ctrl-C in a terminal) goes
 to every process of the run, the workers included. A worker that dies of it crashes the run ("DataLoader
-worker ... killed by signal") before the main process can save. So workers ignore SIGINT and SIGTERM: the
+worker ... killed by signal") before the main process can save. So workers ignore the stop signals: the
 main process handles the stop and shuts its workers down itself (they also exit on their own when the main
 process is gone: torch's worker loop watches it).
 """
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import signal
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Ctrl-C; what docker, systemd, SLURM and Kubernetes send; a closed terminal or ssh session (not on Windows)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader `worker_init_fn`: leave SIGINT and SIGTERM to the main process. Module-level, so it pickles
+    """A DataLoader `worker_init_fn`: leave the stop signals to the main process. Module-level, so it pickles
     for the spawn start method (macOS, Windows)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)

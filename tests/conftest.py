@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.hub_server import hub_server  # noqa: F401  (fixture shared by all tests)
+from tests.warm_python import WarmChild, can_take
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,16 +69,61 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_concept=8, size=64)
 
 
+class WarmServer:
+    """The session's warm Python (tests/warm_python.py), started at the first run that it can take; WARM_PYTHON=0
+    turns it off (every run a fresh `python`)."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.path = ""
+        self.env: dict[str, str] = {}
+        self.failed = os.environ.get("WARM_PYTHON") == "0" or sys.platform != "linux"
+
+    def child(self, argv: list[str], cwd: Path, env: dict[str, str], new_session: bool) -> WarmChild | None:
+        """The run as a child of the warm Python, or None where only a fresh `python` behaves the same."""
+        if not self.failed and self.process is None:
+            self._start()
+        if self.failed or not can_take(env, self.env):
+            return None
+        return WarmChild(self.path, argv, cwd, env, new_session)
+
+    def _start(self) -> None:
+        import atexit
+        import json
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="warm-python-")
+        self.path = os.path.join(folder, "socket")
+        self.process = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "warm_python.py"), self.path],
+                                        stdout=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.process.stdout.readline()
+        if not line.startswith("{"):  # it could not start: every run is a fresh `python`, which still works
+            self.failed = True
+            return
+        self.env = json.loads(line)["env"]
+        atexit.register(self._stop, folder)
+
+    def _stop(self, folder: str) -> None:
+        import shutil
+
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+WARM = WarmServer()
+
+
 def run_train(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """A real `python train.py ...` process, run from `cwd`."""
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
+    """A real `python train.py ...` process, run from `cwd` (forked from the warm Python when it can be)."""
+    argv = [str(REPO_ROOT / "train.py"), *args]
+    full_env = {**os.environ, **(env or {})}
+    child = WARM.child(argv, cwd, full_env, new_session=False)
+    if child is None:
+        return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+    out, err = child.communicate(timeout)
+    return subprocess.CompletedProcess([sys.executable, *argv], child.returncode, out, err)
 
 
 class TrainProcess:
@@ -87,10 +133,12 @@ class TrainProcess:
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None, preexec_fn=None,
                  launcher: tuple[str, ...] = ()):
         """`launcher`: what starts train.py instead of plain python (`accelerate launch` and its flags)."""
-        self.popen = subprocess.Popen(
-            [sys.executable, *launcher, str(REPO_ROOT / "train.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-            start_new_session=True, preexec_fn=preexec_fn,
+        argv = [str(REPO_ROOT / "train.py"), *args]
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        warm = None if preexec_fn or launcher else WARM.child(argv, cwd, full_env, new_session=True)
+        self.popen = warm or subprocess.Popen(
+            [sys.executable, *launcher, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=full_env, start_new_session=True, preexec_fn=preexec_fn,
         )
         self.out: list[str] = []
         self.err: list[str] = []

@@ -48,21 +48,22 @@ def test_a_save_name_in_use_gets_a_suffix(tmp_path):
     assert free_save_path(tmp_path, "last-p-ep01-gs00001") == tmp_path / "last-p-ep01-gs00001-3"
 
 
-def test_pruning_keeps_partial_final_and_interrupted_saves(tmp_path):
-    def save(name: str) -> None:
+def test_pruning_deletes_only_the_saves_it_is_given_with_their_twins_and_files(tmp_path):
+    def save(name: str) -> Path:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model_index.json").write_text("{}")
         (tmp_path / f"{name}.safetensors").write_text("w")
+        return tmp_path / name
 
-    for name in ("p-ep01-gs00001", "p-ep02-gs00002", "last-p-ep03-gs00003", "interrupted-p-ep03-gs00004"):
+    own = [save("p-ep01-gs00001"), save("p-ep02-gs00002")]
+    save("p-ep01-gs00001-ema")
+    others = ["other-ep01-gs00001", "last-p-ep03-gs00003", partial_path(tmp_path / "p-ep04-gs00005").name]
+    for name in others:  # another run's save in a shared folder, a final save, a save being written
         save(name)
-    save(partial_path(tmp_path / "p-ep04-gs00005").name)  # a save being written: not complete, not counted
-    deleted = prune_saves(tmp_path, keep=1)
-    assert [p.name for p in deleted] == ["p-ep01-gs00001"]
-    assert not (tmp_path / "p-ep01-gs00001.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(
-        ["p-ep02-gs00002", "last-p-ep03-gs00003", "interrupted-p-ep03-gs00004",
-         partial_path(tmp_path / "p-ep04-gs00005").name])
+    deleted = prune_saves(own, keep=1)
+    assert deleted == own[:1]
+    assert not (tmp_path / "p-ep01-gs00001.safetensors").exists() and not (tmp_path / "p-ep01-gs00001-ema").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == sorted(["p-ep02-gs00002", *others])
 
 
 def test_write_failures_are_told_apart_from_bugs():

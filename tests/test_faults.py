@@ -220,17 +220,19 @@ def test_logs_on_a_disk_that_fills_mid_run_are_said_once_and_the_run_goes_on(tin
 # ---------------------------------------------------------------- stops
 
 
-def test_sigterm_to_the_process_group_saves_and_resumes(tiny_model, shapes_dir, tmp_path):
-    """What docker stop, systemd, SLURM and Kubernetes do: SIGTERM to every process, DataLoader workers too."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_to_the_process_group_saves_and_resumes(tiny_model, shapes_dir, tmp_path, signum):
+    """What docker stop, systemd, SLURM and Kubernetes do (SIGTERM), and a closed terminal or ssh session to a run
+    started without nohup (SIGHUP): the signal to every process, DataLoader workers too."""
     common = args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--num_workers", "2")
     run = TrainProcess(common, cwd=tmp_path)
     run.wait_for("First step done")
     time.sleep(1)
-    run.signal_group(signal.SIGTERM)
+    run.signal_group(signum)
     code, out, err = run.finish()
 
-    assert code == 143, err[-3000:]
-    assert "SIGTERM: stopping after this step" in out and "DataLoader worker" not in err
+    assert code == 128 + signum, err[-3000:]
+    assert f"{signal.Signals(signum).name}: stopping after this step" in out and "DataLoader worker" not in err
     (saved,) = saved_paths(out)
     assert saved.name.startswith("interrupted-myproj-ep") and (saved / "training_state" / "trainer_state.json").is_file()
     assert f"Continue with --resume_state {saved}" in out
@@ -238,6 +240,112 @@ def test_sigterm_to_the_process_group_saves_and_resumes(tiny_model, shapes_dir, 
     resumed = run_train([*common, "--max_steps", str(step + 2), "--resume_state", str(saved)], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {saved / 'training_state'}" in resumed.stdout
+
+
+def test_a_save_folder_that_turns_read_only_mid_run_is_one_message(tiny_model, shapes_dir, tmp_path, small_disk):
+    disk = small_disk("saves", "64m")
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "6", "--save_ckpt_dir", str(disk)),
+                       cwd=tmp_path)
+    run.wait_for("First step done")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    code, out, err = run.finish()
+
+    assert code == 1, err[-3000:]
+    message = one_message(err)
+    assert message.startswith(f"train.py: could not save the model at step 6 as {disk}/last-myproj-ep01-gs00006: "
+                              "Read-only file system"), message
+    assert "Nothing of this save was left behind" in message and "run again" in message
+
+
+@pytest.mark.parametrize("change", ["replaced", "damaged"])
+def test_a_frozen_part_changed_on_disk_during_the_run_is_saved_as_the_run_used_it(tiny_model, tmp_path, shapes_dir,
+                                                                                  change):
+    """The base model's VAE file is replaced by another of the same shapes, or cut short, while the run trains:
+    the saves hold the VAE the run loaded and used (said once), and the run ends well."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("sd1"), model)
+    vae_file = model / "vae" / "diffusion_pytorch_model.safetensors"
+    loaded = {k: v.clone() for k, v in load_file(vae_file).items()}  # not memory-mapped: the file will change
+    other_vae = tiny_model("sd1", "fp16") / "vae" / "diffusion_pytorch_model.safetensors"  # built before the run
+    run = TrainProcess(args(model, shapes_dir, "--max_steps", "12", "--save_every_n_epochs", "1"), cwd=tmp_path)
+    run.wait_for("First step done")
+    if change == "replaced":  # the same VAE stored in fp16: every shape the same, the values not
+        shutil.copyfile(other_vae, vae_file)  # in place, as cp does
+    else:
+        vae_file.write_bytes(vae_file.read_bytes()[:1000])
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    assert warnings == [f"Warning: the vae files of {model} changed on disk during the run; saves keep the vae the "
+                        "run loaded and used, from memory (float32), instead of reading those files."], warnings
+    saves = saved_paths(out)
+    assert len(saves) == 2
+    for save in saves:
+        saved = load_file(save / "vae" / "diffusion_pytorch_model.safetensors")
+        assert saved.keys() == loaded.keys()
+        assert all(torch.equal(saved[k], loaded[k].half().float()) for k in loaded)  # fp16 saves, as loaded
+
+
+def damage_images(data: Path) -> None:
+    for image in data.glob("*.png"):
+        image.write_text("not an image any more")
+
+
+def damage_cache_entries(data: Path) -> None:
+    for entry in (data / ".latent_cache").rglob("*.safetensors"):
+        entry.write_bytes(entry.read_bytes()[:50])
+
+
+@pytest.mark.parametrize("damage, more, what", [
+    (damage_images, ["--cache_latents", "false"], "image"),
+    (damage_images, ["--cache_latents", "false", "--num_workers", "2"], "image"),
+    (damage_cache_entries, [], "latent-cache entry"),
+], ids=["image", "image read by a worker", "latent-cache entry"])
+def test_a_file_damaged_during_the_run_is_named_in_one_line_after_saving_what_trained(
+        tiny_model, shapes_dir, tmp_path, damage, more, what):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    common = args(tiny_model("sd1"), data, "--max_epochs", "500", *more)
+    run = TrainProcess(common, cwd=tmp_path)
+    run.wait_for("First step done")
+    damage(data)
+    code, out, err = run.finish()
+
+    assert code == 1, err[-3000:]
+    message = one_message(err)
+    assert message.startswith(f"train.py: the {what} {data}") and "can no longer be read" in message, message
+    assert message.endswith("then continue from the run's last save with --resume_state findlast."), message
+    assert "Warning: the error below stopped training at step" in err  # and what trained was saved first
+    (saved,) = saved_paths(out)
+    assert saved.name.startswith("interrupted-") and (saved / "training_state").is_dir()
+    if what == "latent-cache entry":  # the advice: resuming encodes the damaged entries again
+        resumed = run_train([*common, "--max_epochs", "1", "--max_steps", str(int(saved.name[-5:]) + 2),
+                             "--resume_state", "findlast"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "damaged entries will be encoded again" in resumed.stdout
+
+
+def test_a_stop_during_the_final_save_says_what_it_does(tiny_model, shapes_dir, tmp_path):
+    """The final save has begun: a stop can only skip what follows it, and says so (no interrupted save is
+    promised); the final save is whole."""
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "4", "--sample_prompts", "prompts.txt",
+                            "--run_name", "r"), cwd=tmp_path)
+    ckpts = tmp_path / "logs" / "r" / "ckpts"
+    deadline = time.monotonic() + 240
+    while not (ckpts.is_dir() and any(p.name.startswith(".") for p in ckpts.iterdir())):
+        assert time.monotonic() < deadline and run.popen.poll() is None, "the final save never began"
+        time.sleep(0.002)
+    run.signal_group(signal.SIGTERM)
+    code, out, err = run.finish()
+
+    assert code == 143, err[-3000:]
+    assert "SIGTERM: the final save is being written; the run stops once it is whole" in out
+    assert "interrupted" not in out
+    (final,) = saved_paths(out)
+    assert final.name == "last-myproj-ep01-gs00004" and (final / "model_index.json").is_file()
+    assert f"the trained model is {final}" in out and "Samples at step" not in out
 
 
 def test_a_stop_during_sampling_ends_it_and_saves(tiny_model, shapes_dir, tmp_path):
@@ -272,7 +380,7 @@ def test_a_stop_during_the_samples_after_the_final_save_says_the_model_is_saved(
     assert code == 143, err[-3000:]
     assert final.name == "last-myproj-ep01-gs00002" and (final / "model_index.json").is_file()
     assert f"SIGTERM: the final model is already saved ({final}); stopping the validation and samples" in out
-    assert f"Stopped during the validation and samples after the final save; the trained model is {final}." in out
+    assert f"Stopped during the final save or the validation and samples after it; the trained model is {final}." in out
     assert "interrupted" not in out and not partials(tmp_path / "logs")
 
 
@@ -358,6 +466,22 @@ def test_max_saves_never_prunes_a_good_save_for_a_broken_one(tiny_model, shapes_
     assert broken.returncode == 1 and "training diverged at step 1" in one_message(broken.stderr)
     assert fingerprint(tmp_path / "saves") == before
     assert_all_finite(tmp_path / "saves")
+
+
+def test_max_saves_never_prunes_another_runs_saves_in_a_shared_folder(tiny_model, shapes_dir, tmp_path):
+    shared = ["--save_ckpt_dir", "saves", "--save_every_n_epochs", "1", "--max_epochs", "3"]
+    first = run_train(args(tiny_model("sd1"), shapes_dir, *shared, "--project_name", "a"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = fingerprint(tmp_path / "saves")
+
+    second = run_train(args(tiny_model("sd1"), shapes_dir, *shared, "--project_name", "b", "--max_saves", "1"),
+                       cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Pruned old save b-ep01-gs00008" in second.stdout and "Pruned old save a-" not in second.stdout
+    after = fingerprint(tmp_path / "saves")
+    assert {k: v for k, v in after.items() if k in before} == before  # the first run's saves, byte for byte
+    assert sorted(p.name for p in (tmp_path / "saves").iterdir() if p.is_dir() and p.name.startswith("b-")) == [
+        "b-ep02-gs00016"]
 
 
 # ---------------------------------------------------------------- names

@@ -29,7 +29,6 @@ from common.files import (
     atomic_file,
     free_bytes,
     human_bytes,
-    is_partial,
     remove,
     remove_stale_partials,
     write_text_atomically,
@@ -117,15 +116,16 @@ def free_save_path(directory: Path, name: str) -> Path:
 # ---------------------------------------------------------------- what a save holds
 
 
-def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], trained: set[str],
+def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], from_memory: set[str],
                       dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """Every component's tensors in the save's dtype, on the CPU. Trained modules come from memory (their fp32
-    masters); frozen ones from the model's own files in `model_dir` when those hold them (frozen parts are held
-    in the compute precision, and a bf16 copy of an fp32 VAE must not be what the save keeps), else from memory."""
+    masters), and so do those in `from_memory`; frozen ones from the model's own files in `model_dir` when those
+    hold them (frozen parts are held in the compute precision, and a bf16 copy of an fp32 VAE must not be what the
+    save keeps), else from memory."""
     weights = {}
     for name, module in modules.items():
         state = module.state_dict()
-        stored = None if name in trained else stored_weights(model_dir, name)
+        stored = None if name in from_memory else stored_weights(model_dir, name)
         if stored is not None:
             state = {k: stored[k] if k in stored and stored[k].shape == v.shape else v for k, v in state.items()}
         weights[name] = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -135,15 +135,30 @@ def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], trai
 
 def stored_weights(model_dir: Path, component: str) -> dict[str, torch.Tensor] | None:
     """A component's tensors as its safetensors files hold them (memory-mapped), or None without such files."""
+    files = stored_files(model_dir, component)
+    return {k: v for file in files for k, v in load_file(file).items()} if files else None
+
+
+def stored_files(model_dir: Path, component: str) -> list[Path]:
+    """A component's safetensors weight files in `model_dir` (one, or the shards its index names); [] for none."""
     folder = model_dir / component
     single = folder / WEIGHT_FILES[component]
     if single.is_file():
-        return load_file(single)
+        return [single]
     index = folder / f"{WEIGHT_FILES[component]}.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(folder / shard).items()}
-    return None
+        return [folder / shard for shard in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                                                       .values()))]
+    return []
+
+
+def stored_stamp(model_dir: Path, component: str) -> tuple:
+    """What tells whether a component's weight files changed: each file's path, size and modification time; a
+    file that is gone or unreadable reads as its error."""
+    try:
+        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in stored_files(model_dir, component))
+    except (OSError, ValueError, KeyError) as err:
+        return (type(err).__name__,)
 
 
 def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
@@ -222,16 +237,11 @@ def room_problem(directory: Path, needed: int) -> str | None:
     return f"not enough free space in {directory}: the save needs about {human_bytes(needed)}, {human_bytes(free)} free"
 
 
-def prune_saves(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete periodic saves (never `last-` or `interrupted-` ones, never a
-    partial), each with its `-ema` twin and single files; returns the folders deleted."""
-    periodic = [
-        p for p in directory.iterdir()
-        if p.is_dir() and not is_partial(p) and not p.name.startswith(".") and (p / "model_index.json").is_file()
-        and not p.name.endswith("-ema") and not p.name.startswith(("last-", "interrupted-"))
-    ]
-    periodic.sort(key=lambda p: p.stat().st_mtime)
-    deleted = periodic[: max(0, len(periodic) - keep)]
+def prune_saves(saves: list[Path], keep: int) -> list[Path]:
+    """Delete all but the newest `keep` of `saves`, each with its `-ema` twin and single files; returns the folders
+    deleted. `saves` are the run's own complete periodic saves, oldest first: never another run's (a save folder
+    may be shared), never a `last-` or `interrupted-` save, never a partial one."""
+    deleted = saves[: max(0, len(saves) - keep)]
     for folder in deleted:
         for base in (folder, folder.with_name(folder.name + "-ema")):
             remove(base)

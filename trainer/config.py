@@ -183,7 +183,8 @@ class TrainConfig:
     save_every_n_epochs: int = _key(0, "Also save a model every this many epochs; 0: only at the end.")
     save_ckpt_dir: str | None = _key(None, "Folder for saved models; null: <run folder>/ckpts.")
     ckpt_every_n_minutes: float | None = _key(None, "Also save a model every this many minutes; null: off.")
-    max_saves: int | None = _key(None, "Keep only the newest this many periodic saves; null: keep all.")
+    max_saves: int | None = _key(None, "Keep only the newest this many of the run's periodic saves (other runs' "
+                                       "saves in a shared folder are never pruned); null: keep all.")
     save_full_precision: bool = _key(False, "Save weights in fp32 instead of fp16.")
     save_single_file: bool = _key(True, "Beside each diffusers folder, write an A1111/ComfyUI .safetensors file.")
     save_optimizer: bool = _key(False, "Save the full training state with each save, so resume_state can go on exactly.")

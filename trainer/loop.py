@@ -147,6 +147,7 @@ def finish(run: Run, state: TrainerState) -> Path:
     stopping = run.stop.requested
     # named after the epoch of the last step: at an epoch boundary the state already points at the next one
     named_epoch = state.epoch if state.batches_in_epoch else max(1, state.epoch - 1)
+    run.stop.saving_final = not stopping  # a stop from here on cannot make the final save an interrupted one
     final = save(run, state, epoch=named_epoch, prefix="interrupted-" if stopping else "last-", with_state=stopping)
     if stopping:
         say(f"Interrupted at step {state.global_step}; saved {final}. Continue with --resume_state {final}")
@@ -155,7 +156,7 @@ def finish(run: Run, state: TrainerState) -> Path:
     validate(run, state.global_step)
     sample(run, state.global_step)
     if run.stop.requested:
-        say(f"Stopped during the validation and samples after the final save; the trained model is {final}.")
+        say(f"Stopped during the final save or the validation and samples after it; the trained model is {final}.")
     return final
 
 

@@ -172,13 +172,24 @@ def _load_component(from_pretrained: Callable[..., Any], model_dir: Path, compon
     """One component's from_pretrained. What it raises on a file the checks before could not judge (weights
     that do not fit their config, a missing shard) becomes one message."""
     try:
-        return from_pretrained(model_dir, subfolder=component, **kwargs)
+        return _in_own_memory(from_pretrained(model_dir, subfolder=component, **kwargs))
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise UserError(
             f"could not load {model_dir / component}: {type(err).__name__}: {first_line(err)}. Expected files "
             "that fit its config; the folder is damaged or mixes files of different models: copy, download or "
             "convert the model again."
         ) from None
+
+
+def _in_own_memory(part: Any) -> Any:
+    """`part` with its weights copied out of the model's files. On the CPU, weights that load without a dtype
+    change stay memory-mapped from the safetensors files: a file replaced in place during the run would change
+    them, and one cut short would kill the run (SIGBUS) at the next read. On a GPU the move to it copies them."""
+    if isinstance(part, torch.nn.Module) and not torch.cuda.is_available():
+        with torch.no_grad():
+            for tensor in [*part.parameters(), *part.buffers()]:
+                tensor.data = tensor.data.clone()
+    return part
 
 
 def describe_model(model_dir: Path, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,

@@ -32,6 +32,7 @@ from trainer.checkpoints import (
     prune_saves,
     room_problem,
     save_name,
+    stored_stamp,
     weight_problems,
     write_model_folder,
     write_single_file,
@@ -73,6 +74,8 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
     if with_state:
         run.last_state = path / STATE_DIR
     run.last_save = path
+    if not prefix:
+        run.periodic_saves.append(path)
     _say_saved(run, path)
     if run.emas:
         twin = path.with_name(path.name + "-ema")
@@ -83,7 +86,7 @@ def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str
         for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
             agree(run, lambda folder=folder: _single_file(run, folder), folder, step=state.global_step, complete=True)
     if cfg.max_saves and not prefix and accelerator.is_main_process:
-        _prune(run, path.parent)
+        _prune(run)
     accelerator.wait_for_everyone()
     return path
 
@@ -149,7 +152,21 @@ def _say_saved(run: Run, path: Path) -> None:
 def _weights(run: Run, pipeline, dtype: torch.dtype) -> dict:
     modules = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder")}
     trained = {"unet"} | (set() if run.cfg.disable_textenc_training else {"text_encoder"})
-    return component_weights(Path(run.info.path), modules, trained, dtype)
+    return component_weights(Path(run.info.path), modules, trained | _changed_on_disk(run, modules, trained), dtype)
+
+
+def _changed_on_disk(run: Run, modules: dict, trained: set[str]) -> set[str]:
+    """The frozen parts whose files in the model folder changed since the run loaded them (replaced, damaged or
+    deleted by something else): those are saved from memory, as the run used them, said once each."""
+    model_dir = Path(run.info.path)
+    changed = {name for name, stamp in run.stored_stamps.items()
+               if name not in trained and stored_stamp(model_dir, name) != stamp}
+    for name in sorted(changed - run.changed_on_disk):
+        dtype = next(modules[name].parameters()).dtype
+        warn(f"the {name} files of {model_dir} changed on disk during the run; saves keep the {name} the run loaded "
+             f"and used, from memory ({str(dtype).removeprefix('torch.')}), instead of reading those files.")
+    run.changed_on_disk |= changed
+    return changed
 
 
 def _save_training_state(run: Run, partial: Path) -> None:
@@ -193,12 +210,13 @@ def _single_file(run: Run, folder: Path) -> None:
     return None
 
 
-def _prune(run: Run, directory: Path) -> None:
+def _prune(run: Run) -> None:
     try:
-        for old in prune_saves(directory, run.cfg.max_saves):
+        for old in prune_saves(run.periodic_saves, run.cfg.max_saves):
+            run.periodic_saves.remove(old)
             say(f"Pruned old save {old.name} (max_saves {run.cfg.max_saves}).")
     except OSError as err:  # the new save is complete; an old one left over costs only space
-        warn(f"could not prune old saves in {directory} ({err.strerror}); they are kept.")
+        warn(f"could not prune old saves in {run.save_dir} ({err.strerror}); they are kept.")
 
 
 def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, partial: Path | None = None,

@@ -29,6 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from common.console import say
 from common.files import owner_tag
 from data.dataset import TrainingData
+from trainer.checkpoints import stored_stamp
 from trainer.config import TrainConfig
 from trainer.device_defaults import require_resolved
 from trainer.errors import UserError
@@ -100,6 +101,9 @@ class Run:
     stop: StopRequest = field(default_factory=StopRequest)
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
     last_state: Path | None = None  # the newest complete training state
+    periodic_saves: list[Path] = field(default_factory=list)  # this run's, oldest first: what max_saves prunes
+    stored_stamps: dict[str, tuple] = field(default_factory=dict)  # the frozen parts' files as loaded (saving.py)
+    changed_on_disk: set[str] = field(default_factory=set)  # those that changed since: saved from memory
     text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
     adapters: Adapters | None = None  # LoRA mode: the adapters trained on the frozen base (trainer/lora.py)
     base_hash: str = ""  # LoRA mode: the base's weight files' sha256, written into each adapter file
@@ -321,6 +325,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
         text_cache=text_embedding_cache(cfg, models.text_encoder), adapters=adapters, base_hash=base,
         processes=roster(accelerator),
+        stored_stamps={name: stored_stamp(Path(models.info.path), name) for name in ("vae", "text_encoder", "unet")},
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
