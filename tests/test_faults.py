@@ -100,23 +100,28 @@ def test_run_names_cannot_leave_logdir(tmp_path):
 # ---------------------------------------------------------------- saves fail safe
 
 
-def test_a_full_disk_refuses_the_next_save_and_keeps_the_earlier_one(tiny_model, shapes_dir, tmp_path, small_disk):
+def test_a_full_save_disk_sends_the_next_saves_to_the_run_folder_and_keeps_the_earlier_one(
+        tiny_model, shapes_dir, tmp_path, small_disk):
     model = tiny_model("sd1")
     needed = tiny_save_bytes(model)
     disk = small_disk("disk", f"{(needed + 2**20) // 1024}k")  # room for one save, not two
     run = TrainProcess(args(model, shapes_dir, "--save_ckpt_dir", str(disk), "--save_every_n_epochs", "1",
-                            "--max_epochs", "3"), cwd=tmp_path)
+                            "--max_epochs", "3", "--run_name", "r"), cwd=tmp_path)
     first = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
     run.wait_for("Saved single file: ")
     before = fingerprint(disk)
     code, out, err = run.finish()
 
-    assert code == 1
-    message = one_message(err)
-    assert message.startswith("train.py: could not save the model at step 16 as ")
-    assert "not enough free space" in message and "Nothing of this save was left behind" in message
-    assert f"start again from the last save with --resume_ckpt {first}" in message
-    assert fingerprint(disk) == before and not partials(disk)
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
+    (warning,) = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    assert warning.startswith(f"Warning: could not save into save_ckpt_dir {disk} (not enough free space")
+    assert warning.endswith("This save and those after it go into the run folder instead: logs/r/ckpts."), warning
+    assert first.parent == disk and fingerprint(disk) == before and not partials(disk)
+    later = saved_paths(out)[1:]
+    assert [p.name for p in later] == ["myproj-ep02-gs00016", "last-myproj-ep03-gs00024"]
+    assert all(p.parent == (tmp_path / "logs" / "r" / "ckpts").resolve() and (p / "model_index.json").is_file()
+               for p in later)
 
 
 def test_a_save_failing_mid_write_leaves_nothing_and_says_how_to_go_on(tiny_model, shapes_dir, tmp_path):
@@ -242,19 +247,21 @@ def test_a_stop_signal_to_the_process_group_saves_and_resumes(tiny_model, shapes
     assert f"Resumed from {saved / 'training_state'}" in resumed.stdout
 
 
-def test_a_save_folder_that_turns_read_only_mid_run_is_one_message(tiny_model, shapes_dir, tmp_path, small_disk):
+def test_a_save_folder_that_turns_read_only_mid_run_costs_nothing(tiny_model, shapes_dir, tmp_path, small_disk):
     disk = small_disk("saves", "64m")
-    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "6", "--save_ckpt_dir", str(disk)),
-                       cwd=tmp_path)
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_steps", "6", "--save_ckpt_dir", str(disk),
+                            "--run_name", "r"), cwd=tmp_path)
     run.wait_for("First step done")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     code, out, err = run.finish()
 
-    assert code == 1, err[-3000:]
-    message = one_message(err)
-    assert message.startswith(f"train.py: could not save the model at step 6 as {disk}/last-myproj-ep01-gs00006: "
-                              "Read-only file system"), message
-    assert "Nothing of this save was left behind" in message and "run again" in message
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
+    (warning,) = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    assert warning.startswith(f"Warning: could not save into save_ckpt_dir {disk} (Read-only file system"), warning
+    (final,) = saved_paths(out)
+    assert final == (tmp_path / "logs" / "r" / "ckpts" / "last-myproj-ep01-gs00006").resolve()
+    assert (final / "model_index.json").is_file() and not list(disk.iterdir())
 
 
 @pytest.mark.parametrize("change", ["replaced", "damaged"])

@@ -43,7 +43,12 @@ WEIGHT_FILES = {c.name: c.weights for c in WEIGHTED_COMPONENTS}  # e.g. unet -> 
 
 
 class SaveError(UserError):
-    """A save could not be written; its partial output is gone and earlier saves are as they were."""
+    """A save could not be written; its partial output is gone and earlier saves are as they were. `reason`: the
+    failure in a few words; `folder_saved`: the model folder is whole, what failed was an addition to it."""
+
+    def __init__(self, message: str, reason: str = "", folder_saved: bool = False):
+        super().__init__(message)
+        self.reason, self.folder_saved = reason or message, folder_saved
 
 
 # ---------------------------------------------------------------- the run folder

@@ -47,7 +47,23 @@ from trainer.setup import Run, adapted_modules, ema_weights
 
 def save(run: Run, state: TrainerState, *, epoch: int | None = None, prefix: str = "", with_state: bool = False) -> Path:
     """A model save named after `epoch` (default: the state's), plus an EMA twin and, with save_optimizer or
-    `with_state`, the training state `state` to resume from. Returns the save's folder."""
+    `with_state`, the training state `state` to resume from. Returns the save's folder.
+
+    A save_ckpt_dir that cannot take it (its disk full, or turned read-only) does not cost what trained: the save,
+    and those after it, go into the run folder instead, said once."""
+    try:
+        return _save(run, state, epoch=epoch, prefix=prefix, with_state=with_state)
+    except SaveError as err:
+        fallback = run.run_dir / "ckpts"
+        if err.folder_saved or fallback.resolve() == run.save_dir.resolve():
+            raise
+        warn(f"could not save into save_ckpt_dir {run.save_dir} ({err.reason}); nothing of that save was left "
+             f"there. This save and those after it go into the run folder instead: {fallback}.")
+        run.save_dir = fallback
+        return _save(run, state, epoch=epoch, prefix=prefix, with_state=with_state)
+
+
+def _save(run: Run, state: TrainerState, *, epoch: int | None, prefix: str, with_state: bool) -> Path:
     cfg, accelerator = run.cfg, run.accelerator
     check_weights(run)
     check_in_sync(run, state.global_step)
@@ -245,10 +261,10 @@ def agree(run: Run, work: Callable[[], str | None], path: Path, *, step: int, pa
     if bug is not None:
         raise bug
     if complete:
-        raise SaveError(f"{failure}.{_go_on(run)}")
+        raise SaveError(f"{failure}.{_go_on(run)}", failure, folder_saved=True)
     space = "" if " free" in failure else f" ({_free_space(path)})"  # the room check says it itself
     raise SaveError(f"could not save the model at step {step} as {path}: {failure}{space}. Nothing "
-                    f"of this save was left behind, and earlier saves are untouched.{_go_on(run)}")
+                    f"of this save was left behind, and earlier saves are untouched.{_go_on(run)}", failure + space)
 
 
 def _free_space(path: Path) -> str:
