@@ -116,7 +116,14 @@ WARM = WarmServer()
 
 def run_train(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """A real `python train.py ...` process, run from `cwd` (forked from the warm Python when it can be)."""
-    argv = [str(REPO_ROOT / "train.py"), *args]
+    return run_script(REPO_ROOT / "train.py", args, cwd, timeout, env)
+
+
+def run_script(script: Path, args: list[str], cwd: Path, timeout: float = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """A real `python <script> ...` process, run from `cwd` with `env` added to this environment (forked from the
+    warm Python when it can be)."""
+    argv = [str(script), *args]
     full_env = {**os.environ, **(env or {})}
     child = WARM.child(argv, cwd, full_env, new_session=False)
     if child is None:

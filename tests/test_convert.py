@@ -51,7 +51,7 @@ from convert.tables import (  # noqa: E402
 )
 from convert.to_diffusers import convert_state, convert_unet, meta_model  # noqa: E402
 from convert.tokenizer import clip_tokenizer
-from tests.conftest import first_fast
+from tests.conftest import first_fast, run_script
 
 TO_DIFFUSERS = REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"
 TO_ORIGINAL = REPO_ROOT / "utils" / "convert_diffusers_to_original_stable_diffusion.py"
@@ -132,6 +132,9 @@ def _run_main(args: list[str], cwd: Path) -> int:
 
 
 def _run_cli(script: Path, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The script as a real process; `env`, when given, is its whole environment (a fresh `python` then)."""
+    if env is None:
+        return run_script(script, args, cwd)
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, capture_output=True, text=True,
                           env=env, timeout=300)
 

@@ -9,15 +9,13 @@ merged folder as its base. Wrong arguments are refused before any model loads, i
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file as save_numpy_file
 
-from tests.conftest import REPO_ROOT, run_train
+from tests.conftest import REPO_ROOT, run_script, run_train
 from utils import generate, merge_lora
 
 RANK, ALPHA = 4, 8.0  # alpha != rank: the file's alpha must be applied (scale 2)
@@ -231,9 +229,8 @@ def test_fp16_merge_of_a_v_model_and_its_single_file(tiny_model, tmp_path: Path)
     assert any(k.startswith("first_stage_model.") for k in keys)
     assert "parameterization: v" in (tmp_path / "merged-v.yaml").read_text()
     back = tmp_path / "back"
-    converted = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py"),
-         "--checkpoint_path", str(single), "--dump_path", str(back)], capture_output=True, text=True, timeout=300)
+    converted = run_script(REPO_ROOT / "utils" / "convert_original_stable_diffusion_to_diffusers.py",
+                           ["--checkpoint_path", str(single), "--dump_path", str(back)], cwd=tmp_path)
     assert converted.returncode == 0, converted.stderr[-3000:]
     original, again = unet_file(out), unet_file(back)
     assert original.keys() == again.keys()
@@ -283,8 +280,7 @@ def test_merge_cli_errors_are_one_line(tmp_path: Path, not_a_lora: Path):
         for script in ("merge_lora.py", "generate.py"):
             where = ["--base", "b", "--out", str(tmp_path / "o")] if script == "merge_lora.py" else \
                 ["--model", "m", "--prompt", "x"]
-            done = subprocess.run([sys.executable, str(REPO_ROOT / "utils" / script), *where, "--lora", lora],
-                                  capture_output=True, text=True, timeout=120)
+            done = run_script(REPO_ROOT / "utils" / script, [*where, "--lora", lora], cwd=tmp_path, timeout=120)
             assert done.returncode == 2, done.stderr
             one_line_error(done.stderr, f"{script}: --lora", word)
 

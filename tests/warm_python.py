@@ -17,7 +17,6 @@ status (negative: the signal that ended it, as subprocess reports it) as another
 
 from __future__ import annotations
 
-import array
 import io
 import json
 import os
@@ -54,12 +53,13 @@ def warm_up() -> None:
     for key, value in SERVER_SET.items():
         os.environ.setdefault(key, value)
     sys.path.insert(0, str(REPO_ROOT))
-    import trainer.loop  # noqa: F401  torch, accelerate, diffusers' models and pipelines, transformers' CLIP
-    import trainer.models  # noqa: F401
-    import trainer.memory_plan  # noqa: F401
-    import data.dataset  # noqa: F401
     from diffusers import StableDiffusionPipeline  # noqa: F401  (diffusers loads its classes on first use)
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import data.dataset  # noqa: F401
+    import trainer.loop  # noqa: F401  torch, accelerate, diffusers' models and pipelines, transformers' CLIP
+    import trainer.memory_plan  # noqa: F401
+    import trainer.models  # noqa: F401
 
 
 def serve(path: str) -> None:
@@ -69,7 +69,8 @@ def serve(path: str) -> None:
     server.listen(64)
     print(json.dumps({"ready": True, "env": ORIGINAL_ENV}), flush=True)  # the environment it was started with
     children: dict[int, socket.socket] = {}
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # the test session that started it has not ended (even if it was killed)
         readable, _, _ = select.select([server], [], [], 0.02)
         if readable:
             connection, _ = server.accept()
