@@ -12,13 +12,17 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from common.files import human_bytes, nearest_existing
 from data.buckets import Bucket
 
-if TYPE_CHECKING:
-    from data.latent_cache import Variant
+
+class Variant(Protocol):
+    """What sizing reads of a cached variant (data/latent_cache.py's Variant, which imports this module)."""
+
+    path: Path
+    flip: bool
 
 # SD 1.x/2.x latents, for sizing entries before the VAE loads (trainer/model_checks.py refuses a VAE whose
 # latent_channels differ from the UNet's 4)

@@ -80,7 +80,8 @@ def _train(run: Run, state: TrainerState, started: float | None) -> TrainResult:
         except UserError:
             raise
         except Exception as err:
-            lost = lost_process(err, run.processes, state.global_step, how_to_go_on(run).capitalize())
+            go_on = how_to_go_on(run)  # a sentence: its first letter up, the paths in it as they are
+            lost = lost_process(err, run.processes, state.global_step, go_on[:1].upper() + go_on[1:])
             if lost is not None:  # no save is possible without every process; say whom and where to go on from
                 raise lost from None
             rescue(run, state, start_step)

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Protocol
 
 from common.console import attach_log, first_line, warn
 
-if TYPE_CHECKING:
-    from trainer.setup import Run
+
+class Run(Protocol):
+    """What this module reads of the run (trainer/setup.py's Run), named here so that setup can import this."""
+
+    accelerator: Any
+    run_dir: Path
+    save_dir: Path
+    logs_stopped: bool
 
 
 def quiet_writer_threads() -> None:
