@@ -24,11 +24,15 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 from common.console import configure as configure_console  # noqa: E402
-from common.console import quiet_library_noise  # noqa: E402
-from common.console import say, warn  # noqa: E402
+from common.console import (  # noqa: E402
+    quiet_library_noise,  # noqa: E402
+    say,
+    warn,
+)
 from data.errors import DataError  # noqa: E402
-from trainer.config import ConfigError, TrainConfig, load_config  # noqa: E402
-from trainer.config_docs import help_text  # noqa: E402
+from trainer.config.docs import help_text  # noqa: E402
+from trainer.config.load import ConfigError, load_config
+from trainer.config.schema import TrainConfig  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 
 quiet_library_noise()
@@ -37,7 +41,7 @@ quiet_library_noise()
 def pick_seed(cfg: TrainConfig, say: Callable[[str], None]) -> TrainConfig:
     """seed -1 asks for a random seed; it is said, so the run can be repeated (and saved in the run's train.json).
     A resumed run goes on with the seed its training state recorded."""
-    from trainer.preflight import resumed_seed
+    from trainer.preflight.checks import resumed_seed
 
     if cfg.seed != -1:
         return cfg
@@ -66,7 +70,7 @@ def choose_gpu(cfg: TrainConfig) -> None:
 def fit_to_device(cfg: TrainConfig, device) -> TrainConfig:
     """The config's per-device `null`/`auto` settings made concrete for `device`, and said, with the threads' wait
     policy chosen at the top of this file."""
-    from trainer.device_defaults import resolve
+    from trainer.preflight.device import resolve
 
     cfg, lines = resolve(cfg, device)
     for line in [*lines, thread_wait_line()]:
@@ -86,9 +90,10 @@ def thread_wait_line() -> str:
 
 def dry_run(cfg: TrainConfig) -> int:
     """The preflight, the data plan and the memory plan: no weight is loaded."""
-    from trainer.device_defaults import Device
-    from trainer.memory_plan import memory_report, model_params_on_disk
-    from trainer.preflight import plan_lines, resolve_find_last, run_dir_path, run_preflight
+    from trainer.preflight.checks import resolve_find_last, run_dir_path, run_preflight
+    from trainer.preflight.device import Device
+    from trainer.preflight.memory import memory_report, model_params_on_disk
+    from trainer.preflight.report import plan_lines
 
     device = Device.here().planned(cfg.vram_gb)
     cfg = fit_to_device(resolve_find_last(pick_seed(cfg, say)), device)
@@ -115,14 +120,14 @@ def train_run(cfg: TrainConfig, started: float) -> int:
 
     from data.dataset import build_training_data
     from data.options import DataOptions
-    from trainer.checkpoints import open_run_folder
-    from trainer.device_defaults import Device
-    from trainer.memory_plan import memory_report, model_params_of
-    from trainer.loop import train
-    from trainer.models import load_models
-    from trainer.precision import component_dtypes, training_precision
-    from trainer.preflight import check_model_fits, resolve_find_last, run_dir_path, run_preflight
-    from trainer.setup import refuse_sharding_without_accelerators
+    from trainer.models.load import load_models
+    from trainer.models.precision import component_dtypes, training_precision
+    from trainer.preflight.checks import check_model_fits, resolve_find_last, run_dir_path, run_preflight
+    from trainer.preflight.device import Device
+    from trainer.preflight.memory import memory_report, model_params_of
+    from trainer.run.loop import train
+    from trainer.run.setup import refuse_sharding_without_accelerators
+    from trainer.saves.checkpoints import open_run_folder
 
     # One process, or one per device under `accelerate launch` (docs/DISTRIBUTED.md). What a process would pick
     # alone (the seed for -1, the run folder's time stamp) all take from the main process; what goes into shared
@@ -163,7 +168,7 @@ def main(argv: list[str]) -> int:
     try:
         loaded = load_config(argv)  # every config problem at once; imports no torch
     except ConfigError as err:  # with what the preflight finds in the rest of the config: one round of fixes
-        from trainer.preflight import problems_beside
+        from trainer.preflight.checks import problems_beside
 
         print(f"train.py: {err}{problems_beside(err)}", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ process; it prints
   bytes) + frozen parameters x their bytes (the VAE, fp32 on a CPU);
 - the optimizer state's bytes per trained parameter, read from the saved state (8-bit state: about 2);
 - bytes the process wrote against the size of what it left on disk (1.0: each tensor written once);
-- the peak the run's memory plan predicted (trainer/memory_plan.py), and its ratio to the measured peak.
+- the peak the run's memory plan predicted (trainer/preflight/memory.py), and its ratio to the measured peak.
 
     python bench/bench_fullsize.py [--keep-dir DIR] [--models sd15 sd21v] [--optimizers adamw adamw8bit adamw8bit+fused]
 
@@ -96,7 +96,7 @@ def folder_bytes(*paths: Path) -> int:
 
 
 def report(name: str, optimizer: str, result: dict, cache: Path) -> str:
-    from trainer import footprint
+    from trainer.saves import footprint
 
     counts = footprint.component_numels_in_folder(cache)
     trained, frozen = counts["unet"] + counts["text_encoder"], counts["vae"]
@@ -131,7 +131,7 @@ def main() -> None:
 
 
 def run(work: Path, models: list[str], optimizers: list[str]) -> None:
-    from trainer.synthetic import make_shapes_dataset
+    from trainer.tiny.shapes import make_shapes_dataset
 
     data = work / "data"
     if not data.is_dir():

@@ -23,13 +23,13 @@ import torch  # noqa: E402
 
 from data.dataset import build_dataloader, build_training_data  # noqa: E402
 from data.options import DataOptions  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.device_defaults import for_this_machine  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.models import load_models  # noqa: E402
-from trainer.preflight import run_preflight  # noqa: E402
-from trainer.synthetic import make_shapes_dataset  # noqa: E402
-from trainer.tiny import save_tiny_model  # noqa: E402
+from trainer.config.schema import TrainConfig  # noqa: E402
+from trainer.models.load import load_models  # noqa: E402
+from trainer.preflight.checks import run_preflight  # noqa: E402
+from trainer.preflight.device import for_this_machine  # noqa: E402
+from trainer.run.loop import train  # noqa: E402
+from trainer.tiny.model import save_tiny_model  # noqa: E402
+from trainer.tiny.shapes import make_shapes_dataset  # noqa: E402
 
 
 def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, float]:
@@ -69,7 +69,7 @@ def timed_run(cfg: TrainConfig, model_dir: Path, run_dir: Path) -> dict[str, flo
 
 def data_path_per_epoch(cfg: TrainConfig, model_dir: Path) -> float:
     """Seconds per epoch to produce the latents the UNet needs, without the UNet: loader (+ VAE when uncached)."""
-    from trainer.loop import encode_images
+    from trainer.run.loop import encode_images
 
     models = load_models(str(model_dir))
     loader = build_dataloader(DataOptions.from_config(cfg), models.tokenizer, models.vae)

@@ -14,13 +14,13 @@ With `--checkpointing on` or `both`, each is measured with gradient checkpointin
 
 The child process runs train.py's own `main` with two read-only probes around the trainer's functions: a
 pre-forward hook on the loaded UNet stamps each step's start (on CUDA a CUDA event, so no step waits for the
-GPU), and, just before the trainer's final save (`trainer.loop.finish`), the clock stops and the peak is read:
+GPU), and, just before the trainer's final save (`trainer.run.loop.finish`), the clock stops and the peak is read:
 on a CPU the process's peak RSS (VmHWM: loading, latent caching and every step; the final save is left out), on
 CUDA `torch.cuda.max_memory_allocated`. A step's time is the median interval between consecutive steps after
 the warm-up steps; on a CPU also in the process's CPU seconds, which other work on the same cores inflates far
 less than the wall clock (for wall times that count, measure on an idle machine). The trainable parameters are
 counted from the run's prepared models; "plan GiB" is the peak the trainer's memory plan printed for the run
-(trainer/memory_plan.py).
+(trainer/preflight/memory.py).
 
     python bench/bench_lora.py [--size small|full] [--device auto|cpu|cuda] [--checkpointing off|on|both]
                                [--variants full-adamw lora16-attn_ff ...] [--rounds N] [--keep-dir DIR]
@@ -90,9 +90,9 @@ def make_model(size: str, folder: Path) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.gpu_rows import SPECS, Parts, real_configs
-    from bench.gpu_trainer import save_model_folder
-    from trainer.tiny import SD_BETAS
+    from bench.gpu.gpu_rows import SPECS, Parts, real_configs
+    from bench.gpu.gpu_trainer import save_model_folder
+    from trainer.tiny.model import SD_BETAS
 
     spec = SPECS["sd15"]
     unet_config, vae_config, text_config = real_configs(spec)
@@ -111,7 +111,7 @@ def make_model(size: str, folder: Path) -> None:
 
 def prepare(work: Path, size: str, images: int) -> tuple[Path, Path]:
     """The model folder (built once: a kept work folder reuses it) and a generated image set of `images`."""
-    from trainer.synthetic import make_shapes_dataset
+    from trainer.tiny.shapes import make_shapes_dataset
 
     model = work / f"model-{size}"
     if not (model / "model_index.json").is_file():
@@ -181,8 +181,8 @@ def measured_run(out: Path, device: str, argv: list[str]) -> int:
 
     import torch
 
-    import trainer.loop
-    import trainer.models
+    import trainer.models.load
+    import trainer.run.loop
 
     cuda = torch.cuda.is_available()
     if device == "cuda" and not cuda:
@@ -205,8 +205,8 @@ def measured_run(out: Path, device: str, argv: list[str]) -> int:
             return finish(run, state)
         return finish_measured
 
-    probe(trainer.models, "load_models", clocked)
-    probe(trainer.loop, "finish", measured_finish)
+    probe(trainer.models.load, "load_models", clocked)
+    probe(trainer.run.loop, "finish", measured_finish)
     code = train_main(argv)
     out.write_text(json.dumps({**measured, **clock.intervals()}))
     return code

@@ -1,11 +1,11 @@
 """Trainer overhead: our training step against a bare PyTorch loop, side by side in one run.
 
 Ours runs as a user would: the config's defaults, resolved for this machine as train.py resolves them
-(trainer/device_defaults.py: precision, gradient checkpointing, loader workers, channels_last), and the threads'
+(trainer/preflight/device.py: precision, gradient checkpointing, loader workers, channels_last), and the threads'
 wait policy train.py sets; the bench fixes only the model, data, batch size, resolution and step count. Both
 train the same models (text encoder and UNet) with the same resolved precision, checkpointing and memory format,
 and the same optimizer: torch's AdamW with the learning rate ours plans, fused where torch has the kernel, as
-ours builds it (trainer/optim_build.py). The bare loop is the least a training step can be: fixed latents and
+ours builds it (trainer/optim/build.py). The bare loop is the least a training step can be: fixed latents and
 token ids already in memory, noise, forward, MSE, backward, step. Ours is a real `train()` run (accelerate, the
 bucket data loader reading the latent cache, per-sample noise, the divergence guard, logging). A step's time is
 the median interval between consecutive UNet forwards after a warm-up, measured by a pre-forward hook in both.
@@ -15,7 +15,7 @@ the median interval between consecutive UNet forwards after a warm-up, measured 
 Models: "tiny" (the test model, 64px) and "small SD-shaped" (SD1's four UNet levels, two resnets per level,
 cross-attention on the first three, at reduced width, 128px). Goal: ours / bare <= 1.02.
 
-The last column is the divergence guard's share of our step (trainer/guard.py: the loss and the largest weight
+The last column is the divergence guard's share of our step (trainer/run/guard.py: the loss and the largest weight
 checked after every optimizer step, on the device): its `after_step` timed alone over the same trained
 parameters, divided by our step time. Goal: <= 2%.
 """
@@ -40,17 +40,17 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 from data.dataset import build_training_data  # noqa: E402
 from data.options import DataOptions  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.device_defaults import for_this_machine  # noqa: E402
-from trainer.guard import WeightGuard  # noqa: E402
-from trainer.loop import train  # noqa: E402
-from trainer.models import load_models  # noqa: E402
-from trainer.optim import plan_optimizers  # noqa: E402
-from trainer.optim_build import fused_kernels_fit  # noqa: E402
-from trainer.precision import COMPUTE_DTYPES, component_dtypes, training_precision  # noqa: E402
-from trainer.preflight import run_preflight  # noqa: E402
-from trainer.synthetic import make_shapes_dataset  # noqa: E402
-from trainer.tiny import TEXT_WIDTH, make_tiny_pipeline  # noqa: E402
+from trainer.config.schema import TrainConfig  # noqa: E402
+from trainer.models.load import load_models  # noqa: E402
+from trainer.models.precision import COMPUTE_DTYPES, component_dtypes, training_precision  # noqa: E402
+from trainer.optim.build import fused_kernels_fit  # noqa: E402
+from trainer.optim.plan import plan_optimizers  # noqa: E402
+from trainer.preflight.checks import run_preflight  # noqa: E402
+from trainer.preflight.device import for_this_machine  # noqa: E402
+from trainer.run.guard import WeightGuard  # noqa: E402
+from trainer.run.loop import train  # noqa: E402
+from trainer.tiny.model import TEXT_WIDTH, make_tiny_pipeline  # noqa: E402
+from trainer.tiny.shapes import make_shapes_dataset  # noqa: E402
 
 WARMUP = 5
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from convert.configs import fitting_original_config, unet_config_from_ldm, yaml_prediction_type
 from common.console import first_line
+from convert.configs import fitting_original_config, unet_config_from_ldm, yaml_prediction_type
 from convert.errors import ConversionError
 from convert.read import LoadedCheckpoint, load_sidecar_config, sidecar_yaml_path
 from convert.shapes import block_indices

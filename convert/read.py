@@ -8,7 +8,7 @@
 * `.ckpt` files load with `torch.load(weights_only=True)` only, memory-mapped; safetensors memory-mapped too;
 * an LDM inference yaml, and a json config, parsed with one message per way they can be wrong.
 
-trainer/model_checks.py judges the files of a diffusers folder with the same functions.
+trainer/models/checks.py judges the files of a diffusers folder with the same functions.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from common.safetensors_header import MAX_HEADER, HeaderError, read_header
 from common.console import first_line
 from common.files import parse_problem, read_json_object
+from common.safetensors_header import MAX_HEADER, HeaderError, read_header
 from convert.errors import ConversionError
 from convert.tables import STOCK_CONFIGS
 

@@ -70,7 +70,7 @@ def write_diffusers_folder(dump_path: Path, parts: DiffusersParts, *, pad_token:
                 config = model.config
                 config.architectures = ["CLIPTextModel"]
                 # fp32 whatever the file stores: transformers' default dtype ("auto") takes it, as diffusers
-                # loads the UNet in fp32, so that a plain from_pretrained(folder) runs (trainer/checkpoints.py)
+                # loads the UNet in fp32, so that a plain from_pretrained(folder) runs (trainer/saves/checkpoints.py)
                 config.dtype = torch.float32
                 config.save_pretrained(tmp / component.name)
             else:

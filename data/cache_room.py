@@ -24,7 +24,7 @@ class Variant(Protocol):
     path: Path
     flip: bool
 
-# SD 1.x/2.x latents, for sizing entries before the VAE loads (trainer/model_checks.py refuses a VAE whose
+# SD 1.x/2.x latents, for sizing entries before the VAE loads (trainer/models/checks.py refuses a VAE whose
 # latent_channels differ from the UNet's 4)
 SD_LATENT_CHANNELS = 4
 SD_LATENT_FACTOR = 8

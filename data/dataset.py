@@ -6,10 +6,10 @@ Each batch is one of (all rows share one bucket size H x W, multiples of 64):
     {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...],
      "caption_ids": [...]}  cache on
 `loss_weight` is 0 for the rows that fill a group's last batch (see data/schedule.py), else the image's
-loss_scale (1 unless its data files set one): trainer/objective.py `compute_loss` multiplies each row's loss by it
+loss_scale (1 unless its data files set one): trainer/objective/loss.py `compute_loss` multiplies each row's loss by it
 and divides the sum by the batch size. `seed` is each row's `Draw.seed`, from which the objective draws that
-row's noise (trainer/objective.py `row_generators`). `caption_ids` are the bytes of each row's token ids, kept on
-the host: the key by which a frozen text encoder's states are reused (trainer/text_cache.py). Bytes, not tuples of
+row's noise (trainer/objective/loss.py `row_generators`). `caption_ids` are the bytes of each row's token ids, kept on
+the host: the key by which a frozen text encoder's states are reused (trainer/objective/text_cache.py). Bytes, not tuples of
 ints: accelerate walks every element of a tuple on its way to the device, 77 per row, each step.
 
 On a CUDA machine batches come in pinned memory, so that their copy to the GPU can be queued without blocking.
@@ -38,8 +38,15 @@ from common.console import say
 from data.captions import shuffle_tags, tokenize_captions
 from data.encode import scaled_latents
 from data.errors import read_during_run
-from data.latent_cache import (LATENT_CACHE_FOLDER, LatentCache, fill_cache, image_variants, latent_keys,
-                               load_posterior, vae_fingerprint)
+from data.latent_cache import (
+    LATENT_CACHE_FOLDER,
+    LatentCache,
+    fill_cache,
+    image_variants,
+    latent_keys,
+    load_posterior,
+    vae_fingerprint,
+)
 from data.options import DataOptions
 from data.pixels import bucket_pixels
 from data.scan import ImageItem, Scan, own_or_run, scan_data_root

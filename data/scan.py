@@ -19,12 +19,12 @@ from stat import S_ISREG
 from typing import TypeVar
 
 from common.console import say, warn
+from common.files import windows_path_hint
 from data.buckets import Bucket, bucket_table, fit_image, nearest_bucket
 from data.captions import CaptionError, read_caption
-from data.settings import SettingError, Settings, Unused, read_image_settings, settings_by_folder
-from common.files import windows_path_hint
 from data.errors import DataError
 from data.images import IMAGE_EXTENSIONS, BadImage, probe
+from data.settings import SettingError, Settings, Unused, read_image_settings, settings_by_folder
 
 LISTED_AT_MOST = 20  # names printed per report; the rest are counted
 T = TypeVar("T")

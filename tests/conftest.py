@@ -47,7 +47,7 @@ def first_fast(*values):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(family)` -> path of a tiny random diffusers model of that family, built once."""
-    from trainer.tiny import save_tiny_model
+    from trainer.tiny.model import save_tiny_model
 
     built: dict[tuple[str, str], Path] = {}
 
@@ -64,7 +64,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 generated 64px images (red circles, blue squares) with .txt captions."""
-    from trainer.synthetic import make_shapes_dataset
+    from trainer.tiny.shapes import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_concept=8, size=64)
 

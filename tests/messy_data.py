@@ -105,7 +105,7 @@ LINKED_DUPLICATES = 2  # sub/again.png (a link to circle_000.png) and square_000
 
 def make_linked_folder(root: Path, shapes_dir: Path) -> Path:
     """`root`/data: 4 shape images reached by 6 paths plus a loop; the real files and captions come from
-    `shapes_dir` (trainer/synthetic.py's 64px circles and squares). Returns the data folder."""
+    `shapes_dir` (trainer/tiny/shapes.py's 64px circles and squares). Returns the data folder."""
     data, outside = root / "data", root / "elsewhere"
     for folder in (data / "sub", outside):
         folder.mkdir(parents=True)

@@ -6,12 +6,17 @@ from __future__ import annotations
 import dataclasses
 import errno
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from common.files import atomic_folder, partial_path
-from trainer.checkpoints import (
+from trainer.config.schema import TrainConfig
+from trainer.errors import UserError
+from trainer.evaluation.sampling import sd_pipeline
+from trainer.models.load import load_models
+from trainer.saves.checkpoints import (
     component_weights,
     create_run_dir,
     free_save_path,
@@ -20,10 +25,6 @@ from trainer.checkpoints import (
     weight_problems,
     write_model_folder,
 )
-from trainer.config import TrainConfig
-from trainer.errors import UserError
-from trainer.models import load_models
-from trainer.sampling import sd_pipeline
 
 
 def test_two_runs_planned_in_the_same_second_get_two_folders(tmp_path, tiny_model):
@@ -95,7 +96,7 @@ def test_what_a_save_would_write_is_checked_in_its_dtype(tiny_model):
 
 
 def test_frozen_parts_are_saved_as_stored_whatever_precision_they_are_held_in(tiny_model, tmp_path):
-    from trainer.models import ComponentDtypes
+    from trainer.models.load import ComponentDtypes
 
     models = load_models(str(tiny_model("sd1")), dtypes=ComponentDtypes(vae=torch.bfloat16))
     weights = component_weights(tiny_model("sd1"), {"vae": models.vae}, set(), torch.float32)
@@ -174,7 +175,7 @@ def test_two_optimizers_train_save_their_state_and_resume_exactly(tiny_model, sh
 
 
 def test_a_training_state_records_each_models_schedule_and_older_states_still_read():
-    from trainer.resume import TrainerState, TrainingSetup, fixed_differences, honoured_changes
+    from trainer.saves.resume import TrainerState, TrainingSetup, fixed_differences, honoured_changes
 
     older = TrainingSetup("sd1", "x", ("unet", "text_encoder"),
                           {"freeze_embeddings": False, "freeze_front_n_layers": -2, "freeze_final_layer_norm": False},

@@ -13,16 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, run_train
-from trainer.config import (
-    FIELD_TYPES,
-    FIELDS,
-    ConfigError,
-    TrainConfig,
-    config_to_dict,
-    load_config,
-    save_config,
-)
-from trainer.config_docs import help_text
+from trainer.config.docs import help_text
+from trainer.config.load import ConfigError, load_config
+from trainer.config.schema import FIELD_TYPES, FIELDS, TrainConfig, config_to_dict, save_config
 
 ED2_TRAIN_JSON = Path(__file__).parent / "fixtures" / "everydream2_train.json"
 
@@ -225,7 +218,7 @@ def test_help_and_errors_answer_without_importing_torch(tmp_path: Path):
     result, _ = run_cli(["--help"], tmp_path)
     assert result.returncode == 0 and "--data_root TEXT" in result.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, trainer.config; print('torch' in sys.modules, 'diffusers' in sys.modules)"],
+        [sys.executable, "-c", "import sys, trainer.config.load; print('torch' in sys.modules, 'diffusers' in sys.modules)"],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )
     assert probe.stdout.split() == ["False", "False"]
@@ -238,7 +231,7 @@ def test_replace_keeps_types():
 
 
 def test_config_docs_are_generated_from_the_config_object():
-    from trainer.config_docs import markdown_reference
+    from trainer.config.docs import markdown_reference
 
     assert (REPO_ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8") == markdown_reference(), (
         "docs/CONFIG.md is stale: run python utils/write_config_docs.py"

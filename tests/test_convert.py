@@ -504,7 +504,7 @@ def test_ckpt_cache_says_and_records_a_guessed_text_encoder_depth_and_its_advice
     """What train.py's single-file conversion prints and keeps in converted_from.json says the depth, and its
     advice (a yaml beside the file) converts to the other reading: the cache converts again when the yaml appears,
     and reuses the conversion while it stays as it is."""
-    from trainer.ckpt_cache import SOURCE_RECORD, prepare_single_file
+    from trainer.models.ckpt_cache import SOURCE_RECORD, prepare_single_file
 
     checkpoint, model_yaml = _tiny_sd2_without_yaml(originals["sd2"], tmp_path)
     cache = tmp_path / "ckpt_cache"
@@ -915,7 +915,7 @@ def test_clip_tokenizer_matches_openai_ids():
 def test_a_folder_converted_from_an_fp16_file_loads_with_a_plain_from_pretrained(tiny_model, tmp_path):
     """Most downloaded single files are fp16. Their converted folder (ckpt_cache/, the converter's output) loads
     the common way, `StableDiffusionPipeline.from_pretrained(folder)` with no dtype, and generates: its text
-    encoder's config says fp32, as diffusers holds the UNet in fp32 (trainer/checkpoints.py says why)."""
+    encoder's config says fp32, as diffusers holds the UNet in fp32 (trainer/saves/checkpoints.py says why)."""
     from diffusers import StableDiffusionPipeline
 
     export = export_single_file(tiny_model("sd1"), tmp_path / "half.safetensors", half=True)

@@ -22,25 +22,42 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from convert.tokenizer import clip_tokenizer
 from data.buckets import Bucket, bucket_table, fit_image, group_by_bucket, nearest_bucket
 from data.captions import CaptionError, read_caption, shuffle_tags, tokenize_captions
-from data.settings import read_multiply
 from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.encode import encode_posterior
 from data.errors import DataError
 from data.images import load_for_bucket, load_rgb, resize_crop
-from data.latent_cache import (LatentCache, Variant, choose_cache_dir, entry_problem, fill_cache, latent_shape,
-                               vae_fingerprint)
+from data.latent_cache import (
+    LatentCache,
+    Variant,
+    choose_cache_dir,
+    entry_problem,
+    fill_cache,
+    latent_shape,
+    vae_fingerprint,
+)
 from data.options import DataOptions
 from data.scan import find_image_files, scan_data_root
 from data.schedule import batches_per_epoch, epoch_batches
+from data.settings import read_multiply
 from tests.conftest import REPO_ROOT, run_train
+from tests.messy_data import (
+    BLUE,
+    BROKEN,
+    EXPECTED,
+    LINKED_DUPLICATES,
+    LINKED_IMAGES,
+    LINKED_LOOP,
+    LINKED_SECOND_FOLDER,
+    RED,
+    make_linked_folder,
+    make_messy_folder,
+)
 from tests.test_imports import python_files
-from tests.messy_data import (BLUE, BROKEN, EXPECTED, LINKED_DUPLICATES, LINKED_IMAGES, LINKED_LOOP,
-                              LINKED_SECOND_FOLDER, RED, make_linked_folder, make_messy_folder)
-from trainer.config import TrainConfig
-from trainer.device_defaults import for_this_machine
-from convert.tokenizer import clip_tokenizer
+from trainer.config.schema import TrainConfig
+from trainer.preflight.device import for_this_machine
 
 
 @pytest.fixture(scope="module")
@@ -509,9 +526,9 @@ def test_fp16_overflow_is_encoded_again_in_float32_with_one_notice(tiny_model, t
 
 @pytest.mark.slow
 def test_training_loop_never_encodes_cached_latents(tiny_model, shapes_dir: Path, tmp_path: Path):
-    from trainer.loop import train
-    from trainer.models import load_models
-    from trainer.preflight import run_preflight
+    from trainer.models.load import load_models
+    from trainer.preflight.checks import run_preflight
+    from trainer.run.loop import train
 
     models = load_models(str(tiny_model("sd1")))
     cfg = config(few_shapes(shapes_dir, tmp_path / "data"), resolution=64, batch_size=2, max_epochs=2,
@@ -576,7 +593,7 @@ def test_validation_split_is_stable_disjoint_and_refuses_everything(shapes_dir: 
 
 
 def test_training_data_holds_out_validation_images(shapes_dir: Path, tiny_model, tmp_path: Path):
-    from trainer.models import load_models
+    from trainer.models.load import load_models
 
     models = load_models(str(tiny_model("sd1")))
     cfg = options(few_shapes(shapes_dir, tmp_path / "data", count=8), resolution=64, batch_size=2,

@@ -106,10 +106,10 @@ def test_resume_on_two_processes_from_a_one_process_save(setup):
 def test_schedule_does_not_depend_on_workers_or_processes(shapes_dir: Path):
     """An epoch's rows, by seed: the same with and without worker processes, and a two-process loader's global
     batches (each process takes half of each) are the one-process loader's batches of twice the size."""
-    from data.dataset import build_dataloader
-    from trainer.config import TrainConfig
-    from trainer.device_defaults import for_this_machine
     from convert.tokenizer import clip_tokenizer
+    from data.dataset import build_dataloader
+    from trainer.config.schema import TrainConfig
+    from trainer.preflight.device import for_this_machine
 
     cfg = for_this_machine(dataclasses.replace(TrainConfig(), data_root=str(shapes_dir), resolution=64,
                                                cache_latents=False))

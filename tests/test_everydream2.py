@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, run_train
-from trainer import everydream2 as ed2
-from trainer.config import FIELDS, ConfigError, load_config
+from trainer.config import everydream2 as ed2
+from trainer.config.load import ConfigError, load_config
+from trainer.config.schema import FIELDS
 from trainer.errors import UserError
-from trainer.preflight import find_last_model, resolve_find_last, run_preflight
-from trainer.validation_plan import ValidationPlan, plan_validation, read_validation_json
+from trainer.evaluation.validation import ValidationPlan, plan_validation, read_validation_json
+from trainer.preflight.checks import find_last_model, resolve_find_last, run_preflight
 
 SHIPPED = REPO_ROOT.parent / "shared" / "everydream2"
 needs_shipped = pytest.mark.skipif(not SHIPPED.is_dir(), reason="EveryDream2's files are not beside the project")

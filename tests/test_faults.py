@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from common.files import owner_tag
 from tests.conftest import TrainProcess, run_train
-from trainer import footprint
+from trainer.saves import footprint
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from data.errors import DataError
-from data.latent_cache import (LatentCache, entry_problem, fill_cache, image_variants,
-                               room_problem_before_load, vae_fingerprint)
+from data.latent_cache import (
+    LatentCache,
+    entry_problem,
+    fill_cache,
+    image_variants,
+    room_problem_before_load,
+    vae_fingerprint,
+)
 from data.scan import scan_data_root
 from tests.conftest import TrainProcess, run_train
 from tests.messy_data import LINKED_DUPLICATES, LINKED_LOOP, LINKED_SECOND_FOLDER, make_linked_folder

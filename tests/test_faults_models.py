@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from convert import export_single_file
 from convert.read import sidecar_yaml_path
 from tests.conftest import run_train
-from trainer.tiny import STORED_DTYPES, tiny_unet, tiny_vae
+from trainer.tiny.model import STORED_DTYPES, tiny_unet, tiny_vae
 
 SMALL_RUN = ["--resolution", "64", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "no",
              "--gradient_checkpointing", "false", "--num_workers", "0", "--logdir", "logs"]

@@ -1,4 +1,4 @@
-"""fused_backward (trainer/fused_backward.py): the same training as the ordinary step, never more than one
+"""fused_backward (trainer/optim/fused_backward.py): the same training as the ordinary step, never more than one
 gradient held, exact resume, and what it cannot combine with refused before any model loads."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import run_train
 from tests.test_loop import FAST, assert_same_weights, saved_paths
-from trainer.fused_backward import FusedBackwardOptimizer
+from trainer.optim.fused_backward import FusedBackwardOptimizer
 
 
 def test_each_parameter_steps_in_backward_and_its_gradient_is_freed():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.guard import LOSS_NOT_FINITE, WEIGHTS_NOT_FINITE, WEIGHTS_TOO_LARGE, WeightGuard
+from trainer.run.guard import LOSS_NOT_FINITE, WEIGHTS_NOT_FINITE, WEIGHTS_TOO_LARGE, WeightGuard
 
 
 def params() -> list[torch.nn.Parameter]:

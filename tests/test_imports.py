@@ -1,5 +1,5 @@
 """The direction of imports across the whole repository: train.py -> trainer -> data, with common/ and convert/ at
-the bottom, and nothing importing train.py (the entry point).
+the bottom, nothing importing train.py (the entry point), and no loop of imports between any two modules.
 
 Every .py file's imports are read with `ast`, not executed: imports inside functions and under TYPE_CHECKING
 count too (a lazy import is still a dependency), relative imports are resolved to their package, and
@@ -84,6 +84,73 @@ def violations(folder: str, forbidden: set[str], root: Path = REPO_ROOT) -> list
     return [str(found) for found in imports_under(folder, root) if found.top in forbidden - {folder}]
 
 
+def module_name(relative: Path) -> str:
+    """`trainer/run/loop.py` -> `trainer.run.loop`; a package's `__init__.py` is the package."""
+    return ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+
+
+def module_graph(root: Path = REPO_ROOT) -> dict[str, set[str]]:
+    """Each project module -> the project modules it imports (`from pkg import module` is the module; an import of
+    a name inside a module is that module)."""
+    modules = {module_name(path.relative_to(root)): path for path in python_files(root)}
+
+    def resolve(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        targets = {found.module for found in imports_of(path, root)}
+        targets |= {f"{node.module}.{alias.name}" for node in ast.walk(tree)
+                    if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                    for alias in node.names if f"{node.module}.{alias.name}" in modules}
+        graph[name] = {resolved for target in targets if (resolved := resolve(target)) and resolved != name}
+    return graph
+
+
+def import_loops(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that reach each other through imports (strongly connected components of more than
+    one module), each sorted; Tarjan's algorithm, iterative."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    loops: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start), on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child), on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                group = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    group.append(member)
+                    if member == node:
+                        break
+                if len(group) > 1:
+                    loops.append(sorted(group))
+    return loops
+
+
 # ---------------------------------------------------------------- the rules
 
 
@@ -105,6 +172,17 @@ def test_convert_imports_neither_trainer_nor_data():
 
 def test_nothing_imports_the_entry_point():
     assert [str(found) for path in python_files() for found in imports_of(path) if found.top == ENTRY_POINT] == []
+
+
+def test_no_two_modules_import_each_other():
+    assert import_loops(module_graph()) == []
+
+
+def test_no_module_of_the_product_is_over_450_lines():
+    """Long modules hide what they own: past this, a module splits along its concepts."""
+    long = [f"{path.relative_to(REPO_ROOT)}: {lines} lines" for folder in ("trainer", "data", "convert", "common")
+            for path in files_of(folder) if (lines := len(path.read_text(encoding="utf-8").splitlines())) > 450]
+    assert long == []
 
 
 # ---------------------------------------------------------------- the reader itself
@@ -139,5 +217,17 @@ def test_the_reader_sees_every_kind_of_import(tmp_path: Path):
 
 def test_the_rules_catch_what_the_repository_really_imports():
     """train.py imports the trainer, and the trainer imports data/: the reader finds real edges."""
-    assert any(found.module == "trainer.config" for found in imports_under(ENTRY_POINT))
+    assert any(found.module.startswith("trainer.config.") for found in imports_under(ENTRY_POINT))
     assert any(found.top == "data" for found in imports_under("trainer"))
+
+
+def test_the_loop_finder_finds_loops_and_only_loops(tmp_path: Path):
+    for name, text in {"a.py": "import b\n", "b.py": "from c import x\n", "c.py": "import a\nimport d\n",
+                       "d.py": "import os\n", "e.py": "from pkg import f\n", "pkg/__init__.py": "",
+                       "pkg/f.py": "def later():\n    import e\n"}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    graph = module_graph(tmp_path)
+    assert graph["a"] == {"b"} and graph["c"] == {"a", "d"} and graph["e"] == {"pkg", "pkg.f"}
+    assert import_loops(graph) == [["a", "b", "c"], ["e", "pkg.f"]]
+    assert import_loops({"x": {"y"}, "y": set()}) == []

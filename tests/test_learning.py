@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_train
-from trainer.synthetic import caption_losses, make_shapes_dataset
+from trainer.tiny.shapes import caption_losses, make_shapes_dataset
 
 
 @pytest.mark.slow

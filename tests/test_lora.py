@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from convert.lora_kohya import adapter_file_problems, from_kohya, to_kohya
 from tests.conftest import REPO_ROOT, run_train
 from tests.test_loop import FAST, saved_paths
-from trainer.config import ConfigError, load_config
-from trainer.lora import LoraSettings, adapter_weights, add_adapters, file_tensors, target_paths
-from trainer.tiny import TINY_FAMILIES, make_tiny_pipeline
+from trainer.adapters.lora import LoraSettings, adapter_weights, add_adapters, target_paths
+from trainer.adapters.lora_file import file_tensors
+from trainer.config.load import ConfigError, load_config
+from trainer.tiny.model import TINY_FAMILIES, make_tiny_pipeline
 
 LORA = ["--lora_rank", "4", "--lora_unet_lr", "1e-2", "--save_full_precision"]
 
@@ -101,8 +102,8 @@ def test_fresh_adapters_leave_the_base_unchanged_and_train_alone():
 
 
 def test_the_memory_plan_counts_the_adapters_the_run_trains():
-    from trainer.activations import meta_models
-    from trainer.lora import adapter_count
+    from trainer.adapters.lora import adapter_count
+    from trainer.preflight.activations import meta_models
 
     pipe, modules, adapters = adapted_pipeline("sd2", targets="all")
     trained = sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
@@ -112,7 +113,7 @@ def test_the_memory_plan_counts_the_adapters_the_run_trains():
 
 @pytest.mark.slow  # a bf16 forward and backward of both models: seconds on a CPU
 def test_the_frozen_base_is_held_in_the_compute_dtype_and_only_fp32_adapters_get_gradients(tmp_path: Path):
-    from trainer.precision import component_dtypes
+    from trainer.models.precision import component_dtypes
 
     cfg = load_config(["--data_root", str(tmp_path), "--lora_rank", "4", "--lora_text_encoder", "true"]).config
     dtypes = component_dtypes(cfg, "bf16")
@@ -295,9 +296,9 @@ def test_lora_init_starts_from_a_file_and_refuses_one_that_does_not_fit(tiny_mod
 
 @pytest.mark.slow
 def test_a_lora_learns_to_tell_captions_apart(tiny_model, tmp_path: Path):
-    """The full-mode learning test's measure (trainer/synthetic.py caption_losses), on the base with the saved
+    """The full-mode learning test's measure (trainer/tiny/shapes.py caption_losses), on the base with the saved
     adapter file applied by diffusers."""
-    from trainer.synthetic import caption_losses, make_shapes_dataset
+    from trainer.tiny.shapes import caption_losses, make_shapes_dataset
 
     start = tiny_model("sd1")
     own_before, other_before = caption_losses(start)
@@ -350,7 +351,7 @@ def test_samples_and_validation_run_with_the_adapters_applied(tiny_model, shapes
 
 
 def test_a_lora_save_given_as_the_base_model_says_how_to_use_it(tmp_path: Path):
-    from trainer.ckpt_cache import cache_entry, not_found_message
+    from trainer.models.ckpt_cache import cache_entry, not_found_message
 
     save = tmp_path / "last-myproj-ep01-gs00006"
     save.mkdir()

@@ -1,7 +1,7 @@
 """The LoRA tools, on tiny real models: utils/merge_lora.py (adapters fused into a base, written as a diffusers
 folder and a single file) and utils/generate.py --lora.
 
-The adapters are made in-process the way a LoRA run makes them (trainer/lora.py: peft layers on the base, their
+The adapters are made in-process the way a LoRA run makes them (trainer/adapters/lora.py: peft layers on the base, their
 up factors then drawn at random so that they change something) and written in the file format a run saves.
 What a merge writes is held against that adapted model in memory; a short real `python train.py` run takes the
 merged folder as its base. Wrong arguments are refused before any model loads, in one line, with exit status 2.
@@ -33,8 +33,9 @@ def adapted_model(base: Path, lora_file: Path, seed: int = 0):
     import torch
     from safetensors.torch import save_file
 
-    from trainer.lora import LoraSettings, add_adapters, file_tensors
-    from trainer.models import load_models
+    from trainer.adapters.lora import LoraSettings, add_adapters
+    from trainer.adapters.lora_file import file_tensors
+    from trainer.models.load import load_models
 
     models = load_models(str(base))
     modules = {"unet": models.unet, "text_encoder": models.text_encoder}
@@ -160,7 +161,7 @@ def test_generate_refuses_bad_loras_in_one_line(tmp_path: Path, not_a_lora: Path
 def test_merge_in_full_precision_equals_the_adapted_model(sd1_adapter, tmp_path: Path):
     import torch
 
-    from trainer.models import load_models
+    from trainer.models.load import load_models
 
     base, lora_file, adapted = sd1_adapter
     assert merge(base, [str(lora_file)], tmp_path / "m1", "--full_precision") == 0
@@ -207,7 +208,7 @@ def test_fp16_merge_of_a_v_model_and_its_single_file(tiny_model, tmp_path: Path)
     import torch
     from safetensors import safe_open
 
-    from trainer.models import load_models
+    from trainer.models.load import load_models
 
     base, lora_file = tiny_model("sd2-v"), tmp_path / "v.safetensors"
     adapted = adapted_model(base, lora_file, seed=3)

@@ -1,4 +1,4 @@
-"""The memory plan (trainer/memory_plan.py, trainer/activations.py): its arithmetic by hand, its trace against a
+"""The memory plan (trainer/preflight/memory.py, trainer/preflight/activations.py): its arithmetic by hand, its trace against a
 real forward pass, the model read from files without loading it, its advice, and the dry run that prints it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import run_train
-from trainer.activations import ActivationProfile, SavedTensor, trace
-from trainer.memory_plan import (
+from trainer.preflight.activations import ActivationProfile, SavedTensor, trace
+from trainer.preflight.memory import (
     CONTEXT_TOKENS,
     GIB,
     RUNTIME_BYTES,
@@ -52,7 +52,7 @@ def test_replay_with_checkpointing_by_hand():
 
 def test_trace_counts_what_a_real_forward_keeps(tiny_model):
     """The meta-device trace equals the bytes autograd really keeps in a real fp32 forward on the CPU."""
-    from trainer.models import load_models
+    from trainer.models.load import load_models
 
     models = load_models(str(tiny_model("sd1")))
     unet, text_encoder = models.unet.train(), models.text_encoder.train()
@@ -133,7 +133,7 @@ def test_advice_changes_settings_in_order_until_the_plan_fits(tiny_model):
 def test_model_read_from_files_equals_the_loaded_model(tiny_model, tmp_path: Path):
     """A diffusers folder and an original single file are read from their configs and headers (no weights)."""
     from convert import export_single_file
-    from trainer.models import load_models
+    from trainer.models.load import load_models
 
     folder = tiny_model("sd2-v")
     export_single_file(folder, tmp_path / "tiny.safetensors")

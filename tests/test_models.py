@@ -35,9 +35,10 @@ from tests.test_faults_models import (
     broken_folder,
     truncate,
 )
-from trainer.ckpt_cache import SOURCE_RECORD, CkptCache, find_ckpt_cache
 from trainer.errors import UserError
-from trainer.hub import (
+from trainer.models.checks import ModelConfigs, architecture_problem, folder_damage
+from trainer.models.ckpt_cache import SOURCE_RECORD, CkptCache, find_ckpt_cache
+from trainer.models.hub import (
     LOGIN_TOKEN,
     RepoRef,
     download_model,
@@ -47,8 +48,7 @@ from trainer.hub import (
     parse_repo_id,
     select_training_files,
 )
-from trainer.model_checks import ModelConfigs, architecture_problem, folder_damage
-from trainer.models import ComponentDtypes, load_model_dir, load_models, resolve_model_source
+from trainer.models.load import ComponentDtypes, load_model_dir, load_models, resolve_model_source
 
 TRAIN_ARGS = ["--max_steps", "1", "--resolution", "64", "--batch_size", "2", "--num_workers", "0",
               "--gradient_checkpointing", "false", "--cache_latents", "false", "--save_single_file", "false",
@@ -629,7 +629,7 @@ def test_a_single_file_is_read_and_detected_once_per_conversion(single_files, tm
     """ckpt_cache/'s writer and the converter share one load and one detection of the file."""
     import convert.detect
     import convert.single_file
-    import trainer.ckpt_cache
+    import trainer.models.ckpt_cache
 
     monkeypatch.chdir(tmp_path)
     calls = {"load_checkpoint": 0, "detect": 0}
@@ -641,7 +641,7 @@ def test_a_single_file_is_read_and_detected_once_per_conversion(single_files, tm
         return wrapper
 
     # the cache writer imports detect when it converts (it stays light for the preflight): patched at its home
-    for module in (trainer.ckpt_cache, convert.detect, convert.single_file):
+    for module in (trainer.models.ckpt_cache, convert.detect, convert.single_file):
         for name in calls:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, counted(name, getattr(module, name)))

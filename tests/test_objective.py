@@ -7,21 +7,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
-from trainer.models import load_models
-from trainer.objective import (
+from trainer.models.load import load_models
+from trainer.objective.loss import (
     Objective,
     compute_loss,
     elementwise_loss,
     encode_prompts,
     min_snr_weights,
-    offset_noise,
     perturb_embeddings,
-    pyramid_noise,
-    sample_timesteps,
     signal_to_noise,
     training_target,
-    zero_terminal_snr_schedulers,
 )
+from trainer.objective.noise import offset_noise, pyramid_noise, sample_timesteps, zero_terminal_snr_schedulers
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
@@ -170,7 +167,7 @@ def test_validation_loss_is_the_same_for_the_same_weights(tiny_model):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from trainer.objective import validation_loss
+    from trainer.objective.loss import validation_loss
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model("sd1"), subfolder="unet")
     text_encoder = CLIPTextModel.from_pretrained(tiny_model("sd1"), subfolder="text_encoder")

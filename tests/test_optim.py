@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.errors import UserError
-from trainer.optim import OPTIMIZERS, SPECS, LRSchedule, TextEncoderFreezing, plan_optimizers
-from trainer import optim_build as build
-from trainer.tiny import tiny_text_encoder
+from trainer.optim import build as build
+from trainer.optim.plan import OPTIMIZERS, SPECS, LRSchedule, TextEncoderFreezing, plan_optimizers
+from trainer.tiny.model import tiny_text_encoder
 
 CLASSES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "lion8bit": "Lion8bit", "prodigy": "Prodigy",
            "adafactor": "Adafactor", "dadapt_adam": "DAdaptAdam", "dadapt_lion": "DAdaptLion",

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.errors import UserError
-from trainer.optim import LRSchedule, OptimizerSettings, TextEncoderFreezing, plan_optimizers
+from trainer.optim.plan import LRSchedule, OptimizerSettings, TextEncoderFreezing, plan_optimizers
 
 SHIPPED = Path(__file__).resolve().parents[2] / "shared" / "everydream2"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from convert import export_single_file
-from trainer.ckpt_cache import prepare_single_file
-from trainer.config import TrainConfig
+from trainer.config.schema import TrainConfig
 from trainer.errors import ProblemsError
-from trainer.preflight import run_preflight
-from trainer.resume import STATE_DIR, STATE_FILE, TrainerState, TrainingSetup
+from trainer.models.ckpt_cache import prepare_single_file
+from trainer.preflight.checks import run_preflight
+from trainer.saves.resume import STATE_DIR, STATE_FILE, TrainerState, TrainingSetup
 
 MOVE_CACHE = ("To convert it elsewhere, set ckpt_cache_dir (in train.json, or --ckpt_cache_dir DIR) or the environment "
               "variable CKPT_CACHE_DIR to a writable folder with room")
@@ -169,7 +169,7 @@ def test_paths_through_a_file_and_cache_names_of_a_moved_cache_are_never_hub_ids
                                                                                  monkeypatch):
     """`notes.txt/model` and `files/m.safetensors/x` go through a file: local paths, the file named (not a near
     name of another model); `ckpt_cache/name` is a cache name wherever ckpt_cache_dir put the cache."""
-    from trainer.ckpt_cache import source_kind
+    from trainer.models.ckpt_cache import source_kind
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("x")

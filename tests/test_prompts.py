@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 from trainer.errors import UserError
-from trainer.prompts import SCHEDULERS, SamplePrompt, SampleSettings, aspect_size, read_sample_prompts
+from trainer.evaluation.prompts import SCHEDULERS, SamplePrompt, SampleSettings, aspect_size, read_sample_prompts
 
 ED2_FILES = Path(__file__).resolve().parents[2] / "shared" / "everydream2"
 
@@ -191,7 +191,7 @@ def test_unreadable_files_are_one_message(tmp_path):
 
 
 def test_reading_imports_no_torch():
-    code = "import sys, trainer.prompts; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
+    code = "import sys, trainer.evaluation.prompts; sys.exit('torch' in sys.modules or 'diffusers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO_ROOT).returncode == 0
 
 

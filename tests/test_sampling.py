@@ -13,9 +13,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from trainer.objective import zero_terminal_snr_schedulers
-from trainer.prompts import SCHEDULER_PACKAGES, SCHEDULERS, Drawn, read_sample_prompts
-from trainer.sampling import batches, generate_samples, sampling_scheduler, write_samples
+from trainer.evaluation.prompts import SCHEDULER_PACKAGES, SCHEDULERS, Drawn, read_sample_prompts
+from trainer.evaluation.sampling import batches, generate_samples, sampling_scheduler, write_samples
+from trainer.objective.noise import zero_terminal_snr_schedulers
 
 CPU = torch.device("cpu")
 

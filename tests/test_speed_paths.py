@@ -16,16 +16,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer.guard
-import trainer.loop
+import trainer.run.guard
+import trainer.run.loop
 from data.dataset import build_training_data
 from data.options import DataOptions
 from tests.conftest import REPO_ROOT, run_train
-from trainer.config import TrainConfig
-from trainer.device_defaults import for_this_machine
-from trainer.loop import train
-from trainer.models import load_models
-from trainer.preflight import run_preflight
+from trainer.config.schema import TrainConfig
+from trainer.models.load import load_models
+from trainer.preflight.checks import run_preflight
+from trainer.preflight.device import for_this_machine
+from trainer.run.loop import train
 
 
 @dataclasses.dataclass
@@ -52,17 +52,17 @@ def run_steps(model: Path, data_root: Path, work: Path, monkeypatch, steps: int 
     losses: list[float] = []
     rows = [0]
     models.text_encoder.register_forward_pre_hook(lambda module, args: rows.__setitem__(0, rows[0] + len(args[0])))
-    real_loss = trainer.loop.compute_loss
+    real_loss = trainer.run.loop.compute_loss
 
     def recorded(*args, **kwargs):
         loss = real_loss(*args, **kwargs)
         losses.append(loss.item())
         return loss
 
-    monkeypatch.setattr(trainer.loop, "compute_loss", recorded if record else real_loss)
+    monkeypatch.setattr(trainer.run.loop, "compute_loss", recorded if record else real_loss)
     run_dir.mkdir(parents=True)
     result = train(cfg, models, data, run_dir, preflight, "no")
-    monkeypatch.setattr(trainer.loop, "compute_loss", real_loss)
+    monkeypatch.setattr(trainer.run.loop, "compute_loss", real_loss)
     assert result.global_step == steps
     return Trained(losses, result.final_save, models.unet, rows[0])
 
@@ -82,8 +82,8 @@ def assert_saved_as_trained(trained: Trained) -> None:
 
 
 def test_fused_adamw_is_built_where_torch_has_it_and_steps_the_same(monkeypatch):
-    from trainer.optim import plan_optimizers
-    from trainer.optim_build import build_optimizer
+    from trainer.optim.build import build_optimizer
+    from trainer.optim.plan import plan_optimizers
 
     torch.manual_seed(0)
     modules = [torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)]  # a UNet and a text encoder
@@ -92,7 +92,7 @@ def test_fused_adamw_is_built_where_torch_has_it_and_steps_the_same(monkeypatch)
     fused = build_optimizer(plan, *modules, torch.device("cpu"))
     assert fused.defaults["fused"] is True  # torch >= 2.4 has fused AdamW on CPUs
     assert build_optimizer(plan, *modules, torch.device("meta")).defaults["fused"] is None  # no such kernel there
-    monkeypatch.setattr("trainer.optim_build.fused_kernels_fit", lambda groups, device: False)
+    monkeypatch.setattr("trainer.optim.build.fused_kernels_fit", lambda groups, device: False)
     plain = build_optimizer(plan, *twins, torch.device("cpu"))
     assert not plain.defaults["fused"]
     params = [p for module in modules for p in module.parameters()]
@@ -113,7 +113,7 @@ def test_fused_adamw_is_built_where_torch_has_it_and_steps_the_same(monkeypatch)
 @pytest.mark.slow  # whole in-process runs: seconds to tens of seconds on a CPU
 def test_fused_and_unfused_adamw_train_the_same(tiny_model, shapes_dir: Path, tmp_path: Path, monkeypatch):
     fused = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "fused", monkeypatch)
-    monkeypatch.setattr("trainer.optim_build.fused_kernels_fit", lambda groups, device: False)
+    monkeypatch.setattr("trainer.optim.build.fused_kernels_fit", lambda groups, device: False)
     plain = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "plain", monkeypatch)
     assert len(fused.losses) == 4
     torch.testing.assert_close(fused.losses, plain.losses, rtol=1e-5, atol=0)
@@ -151,10 +151,10 @@ def test_a_step_never_reads_the_device(tiny_model, shapes_dir: Path, tmp_path: P
         return call
 
     steps = 6  # with log_step 100, only the last is a log step (it reads the loss and checks the weights)
-    monkeypatch.setattr(trainer.loop, "micro_step",
-                        counted(trainer.loop.micro_step, lambda run, batch, number: number < steps))
-    monkeypatch.setattr(trainer.guard.WeightGuard, "after_step",
-                        counted(trainer.guard.WeightGuard.after_step, lambda guard, number: number < steps))
+    monkeypatch.setattr(trainer.run.loop, "micro_step",
+                        counted(trainer.run.loop.micro_step, lambda run, batch, number: number < steps))
+    monkeypatch.setattr(trainer.run.guard.WeightGuard, "after_step",
+                        counted(trainer.run.guard.WeightGuard.after_step, lambda guard, number: number < steps))
     ema_steps = []  # after each optimizer step, the UNet's EMA and the text encoder's
     monkeypatch.setattr(EMAModel, "step", counted(EMAModel.step, lambda ema, params: ema_steps.append(params)
                                                   or len(ema_steps) <= 2 * (steps - 1)))
@@ -210,7 +210,7 @@ def test_text_cache_trains_the_same_and_encodes_each_caption_once(tiny_model, sh
 
 
 def test_text_cache_is_used_only_when_it_can_save_work():
-    from trainer.setup import text_embedding_cache
+    from trainer.run.setup import text_embedding_cache
 
     frozen = dataclasses.replace(TrainConfig(), disable_textenc_training=True)
     encoder = torch.nn.Identity()
@@ -221,7 +221,7 @@ def test_text_cache_is_used_only_when_it_can_save_work():
 
 
 def test_text_cache_stops_growing_at_its_ceiling_and_still_answers():
-    from trainer.text_cache import TextEmbeddingCache
+    from trainer.objective.text_cache import TextEmbeddingCache
 
     class Encoder(torch.nn.Module):
         def forward(self, input_ids):
@@ -240,7 +240,7 @@ def test_text_cache_stops_growing_at_its_ceiling_and_still_answers():
 
 
 def test_training_precision_takes_concrete_values_only():
-    from trainer.precision import training_precision
+    from trainer.models.precision import training_precision
 
     assert training_precision("bf16") == "bf16" and training_precision("no") == "no"
     with pytest.raises(ValueError, match="resolve the config for the device"):

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.conftest import run_train
-from trainer.config import load_config
+from trainer.config.load import load_config
 
 
 def saved_paths(output: str) -> list[Path]:

@@ -57,9 +57,9 @@ def warm_up() -> None:
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     import data.dataset  # noqa: F401
-    import trainer.loop  # noqa: F401  torch, accelerate, diffusers' models and pipelines, transformers' CLIP
-    import trainer.memory_plan  # noqa: F401
-    import trainer.models  # noqa: F401
+    import trainer.models.load  # noqa: F401
+    import trainer.preflight.memory  # noqa: F401
+    import trainer.run.loop  # noqa: F401  torch, accelerate, diffusers' models and pipelines, transformers' CLIP
 
 
 def serve(path: str) -> None:

@@ -42,9 +42,9 @@ def run(command: list[str]) -> str:
 
 
 def main() -> None:
-    from trainer.ckpt_cache import find_ckpt_cache
-    from trainer.synthetic import caption_losses, make_shapes_dataset
-    from trainer.tiny import save_tiny_model
+    from trainer.models.ckpt_cache import find_ckpt_cache
+    from trainer.tiny.model import save_tiny_model
+    from trainer.tiny.shapes import caption_losses, make_shapes_dataset
 
     model_dir = find_ckpt_cache().path / MODEL_NAME
     if not model_dir.is_dir():

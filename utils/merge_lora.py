@@ -12,7 +12,7 @@ train.py's `resume_ckpt` takes: a diffusers folder, a ckpt_cache/ name, a .ckpt/
 
 This module owns reading `--lora file[:strength]`, checking an adapter file before any model loads, applying
 adapters to a diffusers pipeline (utils/generate.py uses the same), and the merge. Loading and writing models
-are the trainer's own (trainer/models.py, trainer/checkpoints.py), so a merged folder is an ordinary base model.
+are the trainer's own (trainer/models/load.py, trainer/saves/checkpoints.py), so a merged folder is an ordinary base model.
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ def merged_pipeline(base: str, specs: Sequence[LoraSpec]):
     """The base model with every adapter fused in at its strength, the adapter layers then removed: a plain pipeline
     (diffusers' documented recipe: load_lora_weights, set_adapters, fuse_lora, unload_lora_weights). Returns
     (pipeline, models)."""
-    from trainer.models import load_models
-    from trainer.sampling import sd_pipeline
+    from trainer.evaluation.sampling import sd_pipeline
+    from trainer.models.load import load_models
 
     try:  # fp32 whatever the files store: the deltas are added in fp32 and the sum rounded once, when written
         models = load_models(base)
@@ -229,7 +229,7 @@ def write_merged_folder(pipe, model_dir: Path, out: Path, full_precision: bool) 
     import torch
 
     from common.files import atomic_folder
-    from trainer.checkpoints import component_weights, weight_problems, write_model_folder
+    from trainer.saves.checkpoints import component_weights, weight_problems, write_model_folder
 
     dtype = torch.float32 if full_precision else torch.float16
     modules = {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder")}
@@ -247,7 +247,7 @@ def write_merged_folder(pipe, model_dir: Path, out: Path, full_precision: bool) 
 def merge(args: argparse.Namespace, specs: Sequence[LoraSpec]) -> None:
     """Fuse, write the folder, then its single file; a file-system failure becomes a UserError saying what is left."""
     from convert import ConversionError
-    from trainer.checkpoints import io_failure, write_single_file
+    from trainer.saves.checkpoints import io_failure, write_single_file
 
     out = Path(args.out)
     pipe, models = merged_pipeline(args.base, specs)

@@ -10,8 +10,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from trainer.config import TrainConfig, config_to_dict  # noqa: E402
-from trainer.config_docs import markdown_reference  # noqa: E402
+from trainer.config.docs import markdown_reference  # noqa: E402
+from trainer.config.schema import TrainConfig, config_to_dict  # noqa: E402
 
 
 def main() -> None:

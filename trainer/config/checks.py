@@ -1,0 +1,175 @@
+"""Impossible config values, found before anything runs: each as (key, what is expected instead).
+
+`trainer/config/schema.py` calls `validate` once the defaults, the json file and the command line are merged, and reports
+every problem together. Checks that need files or places beyond the config's own paths live in the preflight.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common.files import windows_path_hint
+
+if TYPE_CHECKING:
+    from trainer.config.schema import TrainConfig
+
+Problems = list[tuple[str, str]]
+_NAME_OK = re.compile(r"^[\w.\-]+$")
+
+
+def validate(cfg: TrainConfig) -> Problems:
+    """Impossible values as (key, what is expected instead); empty when the config can run."""
+    return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg),
+            *_lora(cfg)]
+
+
+def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
+    """An optional file (or folder) the config names, when it is named and not there."""
+    path = getattr(cfg, key)
+    if path is None or (Path(path).is_dir() if folder else Path(path).is_file()):
+        return []
+    return [(key, expected + windows_path_hint(path))]
+
+
+def _model_and_data(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if not cfg.resume_ckpt.strip():
+        bad.append(("resume_ckpt", "a model folder, a name in ckpt_cache/, or a Hugging Face repo id"))
+    subfolder = cfg.hf_repo_subfolder
+    if subfolder is not None and (not subfolder.strip("/") or ".." in subfolder.split("/") or "\\" in subfolder):
+        bad.append(("hf_repo_subfolder", "a folder path inside the repo such as 'diffusers' or 'models/v1', or null"))
+    data_root = Path(cfg.data_root)
+    if not data_root.exists():
+        bad.append(("data_root", "an existing folder of training images (it does not exist)"
+                    + windows_path_hint(cfg.data_root)))
+    elif not data_root.is_dir():
+        bad.append(("data_root", "a folder of training images (this is a file)"))
+    if cfg.resolution < 64 or cfg.resolution % 64:
+        bad.append(("resolution", "a multiple of 64 such as 512 or 768 (the UNet halves the latent size per level)"))
+    if not 0.0 <= cfg.flip_p <= 1.0:
+        bad.append(("flip_p", "a probability from 0 to 1"))
+    if not 0.0 <= cfg.cond_dropout <= 1.0:
+        bad.append(("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)"))
+    if cfg.keep_tags < 0:
+        bad.append(("keep_tags", "an integer >= 0"))
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        bad.append(("num_workers", "an integer >= 0, or null (chosen for the device)"))
+    if not 0 <= cfg.validation_split < 1:
+        bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
+    bad += _missing(cfg, "validation_data_root", "an existing folder of validation images, or null", folder=True)
+    if not cfg.validation_every_n_epochs > 0:
+        bad.append(("validation_every_n_epochs", "a number of epochs > 0, such as 1, 2 or 0.5 (twice an epoch)"))
+    bad += _missing(cfg, "validation_config", "the path of an existing validation json (EveryDream2's), or null")
+    return bad
+
+
+def _schedule(cfg: TrainConfig) -> Problems:
+    bad: Problems = [(key, "an integer >= 1") for key in ("batch_size", "grad_accum", "max_epochs", "log_step")
+                     if getattr(cfg, key) < 1]
+    bad += [(key, "an integer >= 0 (0 disables it)") for key in ("max_steps", "save_every_n_epochs")
+            if getattr(cfg, key) < 0]
+    if cfg.lr_decay_steps < 0:
+        bad.append(("lr_decay_steps", "an integer >= 0 (0: decay over the whole run)"))
+    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
+        bad.append(("lr_warmup_steps", "an integer >= 0, or null"))
+    if cfg.lr is not None and not cfg.lr > 0:
+        bad.append(("lr", "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"))
+    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
+        bad.append(("clip_grad_norm", "a norm > 0, or null for no clipping"))
+    bad += _missing(cfg, "optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
+    if cfg.gpuid is not None and cfg.gpuid < 0:
+        bad.append(("gpuid", "a GPU index >= 0 (nvidia-smi lists them), or null"))
+    if cfg.vram_gb is not None and not cfg.vram_gb > 0:
+        bad.append(("vram_gb", "GiB of memory per device > 0, such as 8 or 24, or null (the GPU's own)"))
+    if cfg.seed < -1:
+        bad.append(("seed", "an integer >= 0, or -1 for a random seed"))
+    return bad
+
+
+def _objective(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
+        bad.append(("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null"))
+    if cfg.zero_frequency_noise_ratio < 0:
+        bad.append(("zero_frequency_noise_ratio", "a ratio >= 0 (about 0.02 to 0.1)"))
+    if cfg.pyramid_noise_discount is not None and not 0 < cfg.pyramid_noise_discount < 1:
+        bad.append(("pyramid_noise_discount", "a discount between 0 and 1 (e.g. 0.8), or null"))
+    if not 1 <= cfg.timestep_end <= 1000:
+        bad.append(("timestep_end", "a timestep from 1 to 1000"))
+    elif not 0 <= cfg.timestep_start < cfg.timestep_end:
+        bad.append(("timestep_start", f"a timestep from 0 to below timestep_end ({cfg.timestep_end})"))
+    if not cfg.huber_c > 0:
+        bad.append(("huber_c", "a value > 0 such as 0.1"))
+    if not 0 <= cfg.clip_skip <= 4:
+        bad.append(("clip_skip", "0 (last layer) or 1 to 4"))
+    if cfg.embedding_perturbation < 0:
+        bad.append(("embedding_perturbation", "a standard deviation >= 0"))
+    return bad
+
+
+def _outputs(cfg: TrainConfig) -> Problems:
+    bad: Problems = []
+    if cfg.ckpt_every_n_minutes is not None and not cfg.ckpt_every_n_minutes > 0:
+        bad.append(("ckpt_every_n_minutes", "minutes > 0, or null"))
+    if cfg.max_saves is not None and cfg.max_saves < 1:
+        bad.append(("max_saves", "an integer >= 1, or null to keep every save"))
+    if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
+        bad.append(("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null"))
+    bad += [(key, "an integer >= 1") for key in ("ema_update_interval", "sample_steps") if getattr(cfg, key) < 1]
+    bad += _missing(cfg, "sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
+    if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
+        bad.append(("resume_state", "a saved training state folder, 'findlast', or null"))
+    for key in ("project_name", "run_name"):
+        name = getattr(cfg, key)
+        # one folder name: no separators, and never "." or "..", which would write into logdir or its parent
+        if name is not None and (not _NAME_OK.match(name) or not name.strip(".")):
+            bad.append((key, "a single folder name of letters, digits, '_', '-' and '.' (not '.' or '..')"))
+    return bad
+
+
+def _fused_backward(cfg: TrainConfig) -> Problems:
+    """What a step inside backward cannot do (trainer/optim/fused_backward.py says why)."""
+    if not cfg.fused_backward:
+        return []
+    bad: Problems = []
+    if cfg.grad_accum > 1:
+        bad.append(("grad_accum", "1 with fused_backward (each gradient is used and freed at once: nothing to "
+                                  "accumulate), or turn fused_backward off"))
+    if cfg.clip_grad_norm is not None:
+        bad.append(("clip_grad_norm", "null with fused_backward (clipping needs every gradient before any step), or "
+                                      "turn fused_backward off"))
+    if cfg.mixed_precision == "fp16":
+        bad.append(("mixed_precision", "bf16, no or auto with fused_backward (fp16's loss scaler must see every "
+                                       "gradient before any step), or turn fused_backward off"))
+    return bad
+
+
+LORA_ONLY = ("lora_alpha", "lora_unet_lr", "lora_text_encoder_lr", "lora_init")  # meaningless without lora_rank
+
+
+def _lora(cfg: TrainConfig) -> Problems:
+    """LoRA mode's keys: sound values, and none set without lora_rank (a run that would silently train the whole
+    model instead of adapters)."""
+    bad: Problems = []
+    if cfg.lora_rank < 0:
+        bad.append(("lora_rank", "an adapter rank > 0 such as 8, 16 or 32, or 0 for a full fine-tune"))
+    if not cfg.lora_rank:
+        bad += [(key, "null without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
+                for key in LORA_ONLY if getattr(cfg, key) is not None]
+        if cfg.lora_text_encoder:
+            bad.append(("lora_text_encoder", "false without lora_rank, or set lora_rank such as 16"))
+        return bad
+    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
+        bad.append(("lora_alpha", "a number > 0 (the rank, or 1 as kohya's default), or null for the rank"))
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        bad.append(("lora_dropout", "a probability from 0 to below 1"))
+    for key in ("lora_unet_lr", "lora_text_encoder_lr"):
+        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
+            bad.append((key, "a learning rate > 0 such as 1e-4, or null"))
+    if cfg.lora_text_encoder and cfg.disable_textenc_training:
+        bad.append(("disable_textenc_training", "false with lora_text_encoder true (in LoRA mode lora_text_encoder "
+                                                "alone decides whether the text encoder trains)"))
+    bad += _missing(cfg, "lora_init", "an existing kohya-format LoRA .safetensors file, or null")
+    return bad
