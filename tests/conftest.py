@@ -1,7 +1,8 @@
 """Shared fixtures: tiny real SD models (built once per session), a generated image set, and test tiers.
 
 Tests marked `slow` (real `python train.py` processes, full conversions) are skipped unless `--run-slow`
-is given; CI and the README's test command pass it.
+is given; CI and the README's test command pass it, with `-n auto` (pytest-xdist: one worker per core, each with
+its own warm Python and tiny models).
 """
 
 from __future__ import annotations
@@ -27,10 +28,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end test that takes more than a few seconds")
+    share_the_cores()
+
+
+def share_the_cores() -> None:
+    """Under pytest-xdist, each worker's processes (its tests, its warm Python and the runs it starts) use its share
+    of the cores (OMP_NUM_THREADS, read by torch at import): N workers each running torch on every core would ask
+    N times the cores there are. A value set by the user wins."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow"):
+        # the long tests first: with several workers (-n), the last test to start is then a short one, so no
+        # worker finishes long after the others (the order is the same in every worker, as pytest-xdist needs)
+        items.sort(key=lambda item: "slow" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow")
     for item in items:

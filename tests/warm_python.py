@@ -48,18 +48,31 @@ def can_take(env: dict[str, str], server_env: dict[str, str]) -> bool:
 
 
 def warm_up() -> None:
-    """Import what a training run imports (the heavy libraries, through the project's modules), without running
-    anything that starts threads: a fork copies only the thread that calls it."""
+    """Import what a training run imports (the heavy libraries, through every module of the project, and what those
+    import only when a run gets there: tensorboard's writer, the samplers' schedulers, PIL's image formats), without
+    running anything that starts threads: a fork copies only the thread that calls it."""
+    import importlib
+    import pkgutil
+
     for key, value in SERVER_SET.items():
         os.environ.setdefault(key, value)
     sys.path.insert(0, str(REPO_ROOT))
     from diffusers import StableDiffusionPipeline  # noqa: F401  (diffusers loads its classes on first use)
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import data.dataset  # noqa: F401
-    import trainer.models.load  # noqa: F401
-    import trainer.preflight.memory  # noqa: F401
-    import trainer.run.loop  # noqa: F401  torch, accelerate, diffusers' models and pipelines, transformers' CLIP
+    for package in ("common", "convert", "data", "trainer"):
+        for module in pkgutil.walk_packages([str(REPO_ROOT / package)], f"{package}."):
+            importlib.import_module(module.name)
+    import diffusers.optimization  # noqa: F401
+    import diffusers.training_utils  # noqa: F401
+    import torch.utils.tensorboard  # noqa: F401
+    from PIL import Image
+
+    Image.init()
+    from trainer.evaluation.prompts import SCHEDULERS
+
+    for class_name, _ in SCHEDULERS.values():  # diffusers imports each scheduler class on first use
+        getattr(importlib.import_module("diffusers"), class_name)
 
 
 def serve(path: str) -> None:

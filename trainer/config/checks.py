@@ -1,7 +1,8 @@
 """Impossible config values, found before anything runs: each as (key, what is expected instead).
 
-`trainer/config/schema.py` calls `validate` once the defaults, the json file and the command line are merged, and reports
-every problem together. Checks that need files or places beyond the config's own paths live in the preflight.
+`trainer/config/load.py` calls `validate` once the defaults, the json file and the command line are merged, and
+reports every problem together. Checks that need files or places beyond the config's own paths live in the
+preflight.
 """
 
 from __future__ import annotations

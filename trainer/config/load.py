@@ -213,7 +213,7 @@ def load_config(argv: list[str]) -> LoadedConfig:
         bad = frozenset(merge.bad_keys | {key for key, _ in invalid})
         rest = None if json_problems else dataclasses.replace(config, **{key: FIELDS[key].default for key in bad})
         raise ConfigError(merge.problems, rest, bad)
-    if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (config_checks refuses a contradiction)
+    if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (checks.py refuses a contradiction)
         config = dataclasses.replace(config, disable_textenc_training=not config.lora_text_encoder)
     merge.notices += [notice for key, notice in merge.null_notices.items() if merge.sources[key] == "default"]
     warnings = [ed2.not_honoured_warning(merge.not_honoured)] if merge.not_honoured else []

@@ -19,7 +19,7 @@ def training_precision(requested: str) -> str:
     """The mixed precision to run with: fp16 autocast needs CUDA, so a CPU-only machine trains in fp32 rather
     than fail, and says so (bf16 works on CPUs). `requested` is concrete: "auto" was resolved for the device
     (trainer/preflight/device.py: bf16 on GPUs that compute it natively, else fp16; no on a CPU)."""
-    if requested not in COMPUTE_DTYPES:  # a programming error: the config skipped device_defaults.resolve
+    if requested not in COMPUTE_DTYPES:  # a programming error: the config skipped preflight.device.resolve
         raise ValueError(f"mixed_precision {requested!r} is not one of {', '.join(COMPUTE_DTYPES)}: resolve the "
                          "config for the device first (trainer.preflight.device.resolve)")
     if requested == "fp16" and not torch.cuda.is_available():

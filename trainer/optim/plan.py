@@ -1,6 +1,6 @@
 """The optimizer plan: which optimizer, settings and learning-rate schedule each model trains with, and which parts
 of the text encoder stay frozen, from train.json and an EveryDream2 optimizer.json (read by optimizer_json.py).
-What is planned here is built by optim_build.py; planning imports no torch (the preflight plans before any model).
+What is planned here is built by build.py; planning imports no torch (the preflight plans before any model).
 
 - train.json's `optimizer`, `lr`, `lr_scheduler`, `lr_warmup_steps`, `lr_decay_steps` are the defaults; a value
   set in optimizer.json's `base` wins (each win over train.json's optimizer or lr is said).
@@ -8,7 +8,7 @@ What is planned here is built by optim_build.py; planning imports no torch (the 
   own lr is not), then `text_encoder_overrides` wins where set.
 - Where the two models differ only in lr, betas, epsilon or weight decay, they are two parameter groups of one
   optimizer under one schedule. Where they differ in optimizer, optimizer-specific keys or schedule, each model
-  gets its own optimizer and schedule (optim_build.ChainedOptimizer). Adaptive optimizers (Prodigy, D-Adaptation)
+  gets its own optimizer and schedule (chained.ChainedOptimizer). Adaptive optimizers (Prodigy, D-Adaptation)
   estimate one step size per optimizer and cannot honour per-group rates, so there any difference splits them.
 """
 
@@ -149,7 +149,7 @@ class OptimizerPlan:
     text_encoder_schedule: LRSchedule
     freezing: TextEncoderFreezing = TextEncoderFreezing(freeze_embeddings=False)
     train_text_encoder: bool = True
-    grad_scaler_tweaks: bool = False  # EveryDream2's fp16 grad-scaler settings (optim_build.GRAD_SCALER_*)
+    grad_scaler_tweaks: bool = False  # EveryDream2's fp16 grad-scaler settings (build.GRAD_SCALER_*)
     log_grad_norm: bool = True  # measure the gradient norm at log steps, for the log
 
     @property

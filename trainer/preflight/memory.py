@@ -6,8 +6,8 @@ The peak is the largest of three moments of a step, each a sum of parts:
   state, the EMA copy on the device, the text-embedding cache, and the runtime (CUDA context, or the process);
 - the end of the forward pass: static + every activation kept for backward + (mixed precision) the half copies
   autocast makes of the trained weights, which its cache holds until the forward returns;
-- the backward pass, replayed op by op in reverse (trainer/preflight/activations.py records each saved tensor with the op
-  that saved it): activations are freed as backward passes them and each trained weight's fp32 gradient appears
+- the backward pass, replayed op by op in reverse (`activations.py` records each saved tensor with the op that
+  saved it): activations are freed as backward passes them and each trained weight's fp32 gradient appears
   at its last use; with gradient checkpointing a region's activations exist only while backward is inside it, and
   its inputs until then. The optimizer step is the replay's end: static + every gradient.
 Activations come from the real architecture traced on the meta device at batch 1, and grow linearly with the
@@ -313,7 +313,7 @@ def read_json(path: Path) -> dict:
 
 
 def memory_report(cfg, preflight, device, model: ModelParams | None) -> tuple[list[str], list[str]]:
-    """The plan of a resolved config on `device` (trainer/device_defaults.Device), checked against vram_gb or
+    """The plan of a resolved config on `device` (trainer/preflight/device.Device), checked against vram_gb or
     the GPU's own memory."""
     caches_text = cfg.disable_textenc_training and cfg.text_embedding_cache and not cfg.shuffle_tags
     captions = len({item.caption for item in preflight.scan.items}) + 1 if caches_text else 0  # + the empty one

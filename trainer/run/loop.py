@@ -185,7 +185,7 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
             # optimizer); with no clip asked, max_norm=inf only measures the norm (for the log)
             params = [p for module in run.trained for p in module.parameters()]
             grad_norm = accelerator.clip_grad_norm_(params, run.cfg.clip_grad_norm or math.inf)
-        run.optimizer.step()  # one step of every model's optimizer (optim_build.ChainedOptimizer when split)
+        run.optimizer.step()  # one step of every model's optimizer (optim/chained.ChainedOptimizer when split)
         run.lr_scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients and run.plan.grad_scaler_tweaks:

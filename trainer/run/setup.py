@@ -3,7 +3,7 @@ guard, and where a resumed run starts. Everything the loop and its helpers share
 
 Also the speed paths a config turns on (each is said in the log, and each trains what the plain path trains):
 channels_last, regional torch.compile of the UNet's repeated blocks, cudnn's autotuner and TF32 on CUDA,
-pinned batches copied without blocking, fused AdamW (optim_build.py), and the text-embedding cache
+pinned batches copied without blocking, fused AdamW (optim/build.py), and the text-embedding cache
 (text_cache.py) when the text encoder is frozen.
 """
 
@@ -83,7 +83,7 @@ class Run:
     sample_scheduler: SchedulerMixin  # the model's own inference scheduler, saved with it
     info: ModelInfo
     trained: list[torch.nn.Module]
-    optimizer: torch.optim.Optimizer  # one, or one per model chained into one (optim_build.ChainedOptimizer)
+    optimizer: torch.optim.Optimizer  # one, or one per model chained into one (optim/chained.ChainedOptimizer)
     lr_scheduler: object  # each parameter group's own schedule
     plan: OptimizerPlan
     loader: torch.utils.data.DataLoader
@@ -141,7 +141,7 @@ def refuse_sharding_without_accelerators() -> None:
 
 def make_accelerator(cfg: TrainConfig, precision: str, run_dir: Path,
                      grad_scaler_tweaks: bool = False) -> Accelerator:
-    """`grad_scaler_tweaks`: start fp16's grad scaler as EveryDream2 does (optim_build.GRAD_SCALER_START); the
+    """`grad_scaler_tweaks`: start fp16's grad scaler as EveryDream2 does (optim/build.GRAD_SCALER_START); the
     other precisions have no scaler."""
     trackers = ["tensorboard"] + (["wandb"] if cfg.wandb else [])
     scaler = [GradScalerKwargs(**GRAD_SCALER_START)] if grad_scaler_tweaks and precision == "fp16" else []
@@ -359,7 +359,7 @@ def text_embedding_cache(cfg: TrainConfig, text_encoder: torch.nn.Module) -> Tex
 
 
 def fused_kernels(optimizer: torch.optim.Optimizer) -> list[str]:
-    """'fused AdamW' (optim_build.py) when the run's optimizers step in torch's fused kernels."""
+    """'fused AdamW' (optim/build.py) when the run's optimizers step in torch's fused kernels."""
     parts = optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
     fused = dict.fromkeys(type(part).__name__ for part in parts if part.defaults.get("fused"))  # once per class
     return [f"fused {' + '.join(fused)} step"] if fused else []
