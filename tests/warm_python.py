@@ -76,7 +76,14 @@ def warm_up() -> None:
 
 
 def serve(path: str) -> None:
+    import gc
+
     warm_up()
+    # What the imports made lives as long as the process: moved out of the collector's sight, a child's collections
+    # no longer walk (and copy on write) the ~500k objects it inherits. Measured: a tokenizer load in a child took
+    # 2.6 s with them in sight, 1.0 s frozen; a whole 2-step run about 0.6 s less.
+    gc.collect()
+    gc.freeze()
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(64)
