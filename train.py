@@ -159,7 +159,10 @@ def train_run(cfg: TrainConfig, started: float) -> int:
         if processes.is_main_process:
             run_dir = open_run_folder(cfg, models.info, run_dir, preflight.save_dir)
     (run_dir,) = broadcast_object_list([run_dir])
-    return train(cfg, models, data, run_dir, preflight, precision, started).exit_code
+    result = train(cfg, models, data, run_dir, preflight, precision, started)
+    if processes.num_processes > 1:
+        KEPT_UNTIL_EXIT.append(result)  # see end_without_teardown
+    return result.exit_code
 
 
 def main(argv: list[str]) -> int:
@@ -199,5 +202,21 @@ def main(argv: list[str]) -> int:
             sys.modules["data.workers"].end_worker_processes()
 
 
+# A multi-process run's objects (DDP's reducers, gloo's process group) are never torn down: freeing the process group
+# joins gloo's worker threads while holding the GIL, and a worker that is freeing a finished collective's tensors waits
+# for the GIL, forever (3 of about 30 two-process runs never exited after their final save). Its run is kept here
+# and the process ends without destructors once everything it writes is written.
+KEPT_UNTIL_EXIT: list = []
+
+
+def end_without_teardown(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_code = main(sys.argv[1:])
+    if KEPT_UNTIL_EXIT:
+        end_without_teardown(exit_code)
+    sys.exit(exit_code)

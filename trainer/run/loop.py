@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,8 @@ class TrainResult:
     final_save: Path | None
     global_step: int
     exit_code: int = 0  # 128 + the signal when a stop signal ended the run
+    # the run's objects, for a multi-process run to keep until it exits (train.py, end_without_teardown)
+    run: Run | None = field(default=None, repr=False, compare=False)
 
 
 def train(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir: Path, preflight: Preflight,
@@ -88,7 +90,7 @@ def _train(run: Run, state: TrainerState, started: float | None) -> TrainResult:
             rescue(run, state, start_step)
             raise
     end_trackers(run)
-    return TrainResult(final, state.global_step, stop.exit_code if stop.requested else 0)
+    return TrainResult(final, state.global_step, stop.exit_code if stop.requested else 0, run)
 
 
 def train_steps(run: Run, state: TrainerState, started: float) -> None:
