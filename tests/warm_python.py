@@ -29,7 +29,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # variables read at run time, or by nothing the warm process imported: a request may differ from the server in these
-RUN_TIME_VARIABLES = {"PYTHONUNBUFFERED", "CKPT_CACHE_DIR", "COLUMNS", "LINES", "PWD", "OLDPWD", "_"}
+# (pytest sets PYTEST_CURRENT_TEST to each test's name: with it compared, every test after the one that started the
+# server got a fresh `python`)
+RUN_TIME_VARIABLES = {"PYTHONUNBUFFERED", "CKPT_CACHE_DIR", "COLUMNS", "LINES", "PWD", "OLDPWD", "_",
+                      "PYTEST_CURRENT_TEST"}
 # set by the server itself before importing torch, as train.py sets it (train.py sets it again in the child)
 SERVER_SET = {"OMP_WAIT_POLICY": "PASSIVE"}
 
