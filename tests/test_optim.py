@@ -14,7 +14,8 @@ import torch
 
 from trainer.config.schema import TrainConfig
 from trainer.errors import UserError
-from trainer.optim import build as build
+from trainer.optim import build
+from trainer.optim.chained import ChainedOptimizer
 from trainer.optim.plan import OPTIMIZERS, SPECS, LRSchedule, TextEncoderFreezing, plan_optimizers
 from trainer.tiny.model import tiny_text_encoder
 
@@ -88,7 +89,7 @@ def test_each_model_gets_its_own_optimizer_when_they_differ(tmp_path: Path):
     assert plan.separate and plan.label == "lion+adamw"
     unet, text_encoder = two_modules()
     optimizer = build.build_optimizer(plan, unet, text_encoder)
-    assert isinstance(optimizer, build.ChainedOptimizer) and isinstance(optimizer, torch.optim.Optimizer)
+    assert isinstance(optimizer, ChainedOptimizer) and isinstance(optimizer, torch.optim.Optimizer)
     assert [type(part).__name__ for part in optimizer.optimizers] == ["Lion", "AdamW"]
     assert [(g["name"], g["lr"]) for g in optimizer.param_groups] == [("unet", 1e-4), ("text_encoder", 1e-3)]
     for _ in range(2):
