@@ -8,8 +8,9 @@ preflight.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.files import windows_path_hint
 
@@ -34,6 +35,31 @@ def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) ->
     return [(key, expected + windows_path_hint(path))]
 
 
+Rule = tuple[str, Callable[[Any], bool], str]  # (key, whether its value is sound, what is expected instead)
+
+
+def _failing(cfg: TrainConfig, rules: list[Rule]) -> Problems:
+    """The rules' keys whose value is not sound, each with what is expected instead, in the rules' order."""
+    return [(key, expected) for key, sound, expected in rules if not sound(getattr(cfg, key))]
+
+
+def _positive(value: float) -> bool:
+    return value > 0  # written so that NaN fails too
+
+
+def _probability(value: float) -> bool:
+    return 0.0 <= value <= 1.0
+
+
+def _at_least(least: int) -> Callable[[float], bool]:
+    return lambda value: value >= least
+
+
+def _or_null(sound: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """An optional key: null, or a value that is sound."""
+    return lambda value: value is None or sound(value)
+
+
 def _model_and_data(cfg: TrainConfig) -> Problems:
     bad: Problems = []
     if not cfg.resume_ckpt.strip():
@@ -49,76 +75,66 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
         bad.append(("data_root", "a folder of training images (this is a file)"))
     if cfg.resolution < 64 or cfg.resolution % 64:
         bad.append(("resolution", "a multiple of 64 such as 512 or 768 (the UNet halves the latent size per level)"))
-    if not 0.0 <= cfg.flip_p <= 1.0:
-        bad.append(("flip_p", "a probability from 0 to 1"))
-    if not 0.0 <= cfg.cond_dropout <= 1.0:
-        bad.append(("cond_dropout", "a probability from 0 to 1 (0.04 is EveryDream2's default)"))
-    if cfg.keep_tags < 0:
-        bad.append(("keep_tags", "an integer >= 0"))
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        bad.append(("num_workers", "an integer >= 0, or null (chosen for the device)"))
-    if not 0 <= cfg.validation_split < 1:
-        bad.append(("validation_split", "a fraction from 0 (none) to below 1, such as 0.1"))
+    bad += _failing(cfg, [
+        ("flip_p", _probability, "a probability from 0 to 1"),
+        ("cond_dropout", _probability, "a probability from 0 to 1 (0.04 is EveryDream2's default)"),
+        ("keep_tags", _at_least(0), "an integer >= 0"),
+        ("num_workers", _or_null(_at_least(0)), "an integer >= 0, or null (chosen for the device)"),
+        ("validation_split", lambda split: 0 <= split < 1, "a fraction from 0 (none) to below 1, such as 0.1"),
+    ])
     bad += _missing(cfg, "validation_data_root", "an existing folder of validation images, or null", folder=True)
-    if not cfg.validation_every_n_epochs > 0:
-        bad.append(("validation_every_n_epochs", "a number of epochs > 0, such as 1, 2 or 0.5 (twice an epoch)"))
+    bad += _failing(cfg, [("validation_every_n_epochs", _positive,
+                           "a number of epochs > 0, such as 1, 2 or 0.5 (twice an epoch)")])
     bad += _missing(cfg, "validation_config", "the path of an existing validation json (EveryDream2's), or null")
     return bad
 
 
 def _schedule(cfg: TrainConfig) -> Problems:
-    bad: Problems = [(key, "an integer >= 1") for key in ("batch_size", "grad_accum", "max_epochs", "log_step")
-                     if getattr(cfg, key) < 1]
-    bad += [(key, "an integer >= 0 (0 disables it)") for key in ("max_steps", "save_every_n_epochs")
-            if getattr(cfg, key) < 0]
-    if cfg.lr_decay_steps < 0:
-        bad.append(("lr_decay_steps", "an integer >= 0 (0: decay over the whole run)"))
-    if cfg.lr_warmup_steps is not None and cfg.lr_warmup_steps < 0:
-        bad.append(("lr_warmup_steps", "an integer >= 0, or null"))
-    if cfg.lr is not None and not cfg.lr > 0:
-        bad.append(("lr", "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"))
-    if cfg.clip_grad_norm is not None and not cfg.clip_grad_norm > 0:
-        bad.append(("clip_grad_norm", "a norm > 0, or null for no clipping"))
+    bad = _failing(cfg, [(key, _at_least(1), "an integer >= 1")
+                         for key in ("batch_size", "grad_accum", "max_epochs", "log_step")])
+    bad += _failing(cfg, [(key, _at_least(0), "an integer >= 0 (0 disables it)")
+                          for key in ("max_steps", "save_every_n_epochs")])
+    bad += _failing(cfg, [
+        ("lr_decay_steps", _at_least(0), "an integer >= 0 (0: decay over the whole run)"),
+        ("lr_warmup_steps", _or_null(_at_least(0)), "an integer >= 0, or null"),
+        ("lr", _or_null(_positive), "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"),
+        ("clip_grad_norm", _or_null(_positive), "a norm > 0, or null for no clipping"),
+    ])
     bad += _missing(cfg, "optimizer_config", "the path of an existing optimizer.json, or null (it does not exist)")
-    if cfg.gpuid is not None and cfg.gpuid < 0:
-        bad.append(("gpuid", "a GPU index >= 0 (nvidia-smi lists them), or null"))
-    if cfg.vram_gb is not None and not cfg.vram_gb > 0:
-        bad.append(("vram_gb", "GiB of memory per device > 0, such as 8 or 24, or null (the GPU's own)"))
-    if cfg.seed < -1:
-        bad.append(("seed", "an integer >= 0, or -1 for a random seed"))
+    bad += _failing(cfg, [
+        ("gpuid", _or_null(_at_least(0)), "a GPU index >= 0 (nvidia-smi lists them), or null"),
+        ("vram_gb", _or_null(_positive), "GiB of memory per device > 0, such as 8 or 24, or null (the GPU's own)"),
+        ("seed", _at_least(-1), "an integer >= 0, or -1 for a random seed"),
+    ])
     return bad
 
 
 def _objective(cfg: TrainConfig) -> Problems:
-    bad: Problems = []
-    if cfg.min_snr_gamma is not None and not cfg.min_snr_gamma > 0:
-        bad.append(("min_snr_gamma", "a gamma > 0 (5.0 is the paper's), or null"))
-    if cfg.zero_frequency_noise_ratio < 0:
-        bad.append(("zero_frequency_noise_ratio", "a ratio >= 0 (about 0.02 to 0.1)"))
-    if cfg.pyramid_noise_discount is not None and not 0 < cfg.pyramid_noise_discount < 1:
-        bad.append(("pyramid_noise_discount", "a discount between 0 and 1 (e.g. 0.8), or null"))
+    bad = _failing(cfg, [
+        ("min_snr_gamma", _or_null(_positive), "a gamma > 0 (5.0 is the paper's), or null"),
+        ("zero_frequency_noise_ratio", _at_least(0), "a ratio >= 0 (about 0.02 to 0.1)"),
+        ("pyramid_noise_discount", _or_null(lambda discount: 0 < discount < 1),
+         "a discount between 0 and 1 (e.g. 0.8), or null"),
+    ])
     if not 1 <= cfg.timestep_end <= 1000:
         bad.append(("timestep_end", "a timestep from 1 to 1000"))
     elif not 0 <= cfg.timestep_start < cfg.timestep_end:
         bad.append(("timestep_start", f"a timestep from 0 to below timestep_end ({cfg.timestep_end})"))
-    if not cfg.huber_c > 0:
-        bad.append(("huber_c", "a value > 0 such as 0.1"))
-    if not 0 <= cfg.clip_skip <= 4:
-        bad.append(("clip_skip", "0 (last layer) or 1 to 4"))
-    if cfg.embedding_perturbation < 0:
-        bad.append(("embedding_perturbation", "a standard deviation >= 0"))
+    bad += _failing(cfg, [
+        ("huber_c", _positive, "a value > 0 such as 0.1"),
+        ("clip_skip", lambda layers: 0 <= layers <= 4, "0 (last layer) or 1 to 4"),
+        ("embedding_perturbation", _at_least(0), "a standard deviation >= 0"),
+    ])
     return bad
 
 
 def _outputs(cfg: TrainConfig) -> Problems:
-    bad: Problems = []
-    if cfg.ckpt_every_n_minutes is not None and not cfg.ckpt_every_n_minutes > 0:
-        bad.append(("ckpt_every_n_minutes", "minutes > 0, or null"))
-    if cfg.max_saves is not None and cfg.max_saves < 1:
-        bad.append(("max_saves", "an integer >= 1, or null to keep every save"))
-    if cfg.ema_decay_rate is not None and not 0 < cfg.ema_decay_rate < 1:
-        bad.append(("ema_decay_rate", "a decay between 0 and 1 such as 0.999, or null"))
-    bad += [(key, "an integer >= 1") for key in ("ema_update_interval", "sample_steps") if getattr(cfg, key) < 1]
+    bad = _failing(cfg, [
+        ("ckpt_every_n_minutes", _or_null(_positive), "minutes > 0, or null"),
+        ("max_saves", _or_null(_at_least(1)), "an integer >= 1, or null to keep every save"),
+        ("ema_decay_rate", _or_null(lambda rate: 0 < rate < 1), "a decay between 0 and 1 such as 0.999, or null"),
+        *[(key, _at_least(1), "an integer >= 1") for key in ("ema_update_interval", "sample_steps")],
+    ])
     bad += _missing(cfg, "sample_prompts", "the path of an existing .txt or .json file of prompts, or null")
     if cfg.resume_state not in (None, "findlast") and not Path(cfg.resume_state).is_dir():
         bad.append(("resume_state", "a saved training state folder, 'findlast', or null"))
@@ -162,13 +178,12 @@ def _lora(cfg: TrainConfig) -> Problems:
         if cfg.lora_text_encoder:
             bad.append(("lora_text_encoder", "false without lora_rank, or set lora_rank such as 16"))
         return bad
-    if cfg.lora_alpha is not None and not cfg.lora_alpha > 0:
-        bad.append(("lora_alpha", "a number > 0 (the rank, or 1 as kohya's default), or null for the rank"))
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        bad.append(("lora_dropout", "a probability from 0 to below 1"))
-    for key in ("lora_unet_lr", "lora_text_encoder_lr"):
-        if getattr(cfg, key) is not None and not getattr(cfg, key) > 0:
-            bad.append((key, "a learning rate > 0 such as 1e-4, or null"))
+    bad += _failing(cfg, [
+        ("lora_alpha", _or_null(_positive), "a number > 0 (the rank, or 1 as kohya's default), or null for the rank"),
+        ("lora_dropout", lambda dropout: 0.0 <= dropout < 1.0, "a probability from 0 to below 1"),
+        *[(key, _or_null(_positive), "a learning rate > 0 such as 1e-4, or null")
+          for key in ("lora_unet_lr", "lora_text_encoder_lr")],
+    ])
     if cfg.lora_text_encoder and cfg.disable_textenc_training:
         bad.append(("disable_textenc_training", "false with lora_text_encoder true (in LoRA mode lora_text_encoder "
                                                 "alone decides whether the text encoder trains)"))
