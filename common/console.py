@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def quiet_library_noise() -> None:
 class _Channel:
     main: bool = True
     log_file: Path | None = None
+    log_folder_gone: Callable[[], None] | None = None  # says, in the caller's words, that the log's folder went
+
 
 
 _channel = _Channel()
@@ -43,6 +46,13 @@ def configure(*, main: bool = True) -> None:
 def attach_log(path: Path | None) -> None:
     """Mirror every message into `path` from now on (the run's train.log); None stops mirroring."""
     _channel.log_file = path
+    _channel.log_folder_gone = None
+
+
+def on_log_folder_gone(say_it: Callable[[], None]) -> None:
+    """`say_it` is called, instead of the usual line, when the log cannot be written because its folder is gone:
+    a run whose folder was deleted says that once, for all of its logs, in its own words."""
+    _channel.log_folder_gone = say_it
 
 
 def say(message: str) -> None:
@@ -67,7 +77,10 @@ def _emit(message: str, stream) -> None:
             log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
     except OSError as err:
         failed, _channel.log_file = _channel.log_file, None
-        tqdm.write(f"Warning: cannot write {failed} ({err.strerror}); messages go on here only.", file=sys.stderr)
+        if isinstance(err, FileNotFoundError) and _channel.log_folder_gone is not None:
+            _channel.log_folder_gone()  # appending creates the file: only its folder can be missing
+        else:
+            tqdm.write(f"Warning: cannot write {failed} ({err.strerror}); messages go on here only.", file=sys.stderr)
 
 
 def first_line(err: BaseException) -> str:

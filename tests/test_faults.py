@@ -187,6 +187,71 @@ def test_a_run_folder_deleted_during_training_is_said_once_and_the_run_goes_on(t
     assert list((tmp_path / "logs" / "r" / "samples").glob("gs00008*")), out[-2000:]  # written after the deletion
 
 
+@pytest.fixture
+def logged_run(tmp_path: Path, monkeypatch, capsys):
+    """A run's logs as a run starts them (trainer/run/logs.py): train.log mirrored by the console and accelerate's
+    real tensorboard tracker writing into logs/r; the run's fields that logs.py reads (its `Run` protocol)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from common import console
+    from trainer.run.logs import log_to_trackers, watch_logs
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = Path("logs/r")
+    run_dir.mkdir(parents=True)
+    accelerator = Accelerator(log_with="tensorboard", project_dir=str(run_dir))
+    accelerator.init_trackers("tensorboard")
+    run = SimpleNamespace(accelerator=accelerator, run_dir=run_dir, save_dir=run_dir / "ckpts", logs_stopped=False,
+                          tensorboard_lost=None)
+    console.attach_log(run_dir / "train.log")
+    watch_logs(run)
+    log_to_trackers(run, {"loss": 1.0}, step=1)
+    console.say("First step done")
+    assert (run_dir / "tensorboard").is_dir() and (run_dir / "train.log").is_file()
+    capsys.readouterr()
+    yield run
+    console.attach_log(None)
+
+
+def one_step(run, step: int) -> None:
+    """What a step of the loop does with the logs: log the loss, say something, then watch the run folder."""
+    from common.console import say
+    from trainer.run.logs import log_to_trackers, watch_run_folder
+
+    log_to_trackers(run, {"loss": 1.0}, step=step)
+    say(f"step {step}")
+    watch_run_folder(run)
+
+
+def test_a_run_folder_removed_from_the_inside_out_is_said_once_as_the_run_folder(logged_run, capsys):
+    """`rm -r` deletes what is inside first: the tensorboard log fails while logs/r still exists, and the folder
+    goes an instant later. One line, naming the run folder, as when the whole folder goes at once."""
+    shutil.rmtree(logged_run.run_dir / "tensorboard")
+    from trainer.run.logs import log_to_trackers
+
+    log_to_trackers(logged_run, {"loss": 1.0}, step=2)  # fails: its folder is gone, and logs/r is still there
+    shutil.rmtree(logged_run.run_dir)
+    for step in (2, 3, 4):
+        one_step(logged_run, step)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["Warning: the run folder logs/r was deleted during the run: train.log and the "
+                                "tensorboard log stop here, and training goes on; the saves go on into logs/r/ckpts, "
+                                "made again when the next save comes."], err
+
+
+def test_a_deleted_tensorboard_folder_alone_is_said_once_and_train_log_goes_on(logged_run, capsys):
+    shutil.rmtree(logged_run.run_dir / "tensorboard")
+    for step in (2, 3, 4):
+        one_step(logged_run, step)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["Warning: the tensorboard folder logs/r/tensorboard was deleted during the run: its "
+                                "log stops here, and training goes on."], err
+    assert "step 4" in (logged_run.run_dir / "train.log").read_text()
+    assert not (logged_run.run_dir / "tensorboard").exists()  # not made again by a writer still running
+
+
 def fill_up(disk: Path) -> None:
     """Write zeros into `disk` until it has no room left."""
     with open(disk / "filler", "wb") as filler:

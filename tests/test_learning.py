@@ -21,7 +21,7 @@ def test_tiny_model_learns_to_tell_captions_apart(tiny_model, tmp_path: Path):
     # captions onto each other before the UNet can use them (measured: gap 14% frozen vs 0.3% trained).
     result = run_train(
         ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", "64", "--batch_size", "8",
-         "--max_epochs", "80", "--lr", "1e-3", "--disable_textenc_training", "--gradient_checkpointing", "false",
+         "--max_epochs", "40", "--lr", "2e-3", "--disable_textenc_training", "--gradient_checkpointing", "false",
          "--mixed_precision", "no", "--zero_frequency_noise_ratio", "0", "--cond_dropout", "0",
          "--save_full_precision", "--save_single_file", "false", "--num_workers", "0", "--logdir", "logs"],
         cwd=tmp_path, timeout=600,
@@ -30,4 +30,4 @@ def test_tiny_model_learns_to_tell_captions_apart(tiny_model, tmp_path: Path):
     saved = Path([l for l in result.stdout.splitlines() if l.startswith("Saved model: ")][-1].split(": ", 1)[1])
     own, other = caption_losses(saved)
     assert own < 0.5 * own_before  # it learned the data
-    assert other / own > 1.05, (own, other)  # and its own caption now helps it denoise (measured ~1.14)
+    assert other / own > 1.05, (own, other)  # and its own caption now helps it denoise (measured 1.086; 1.127 after 80 epochs at 1e-3)

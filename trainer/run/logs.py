@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from common.console import attach_log, first_line, warn
+from common.console import attach_log, first_line, on_log_folder_gone, warn
 
 
 class Run(Protocol):
@@ -24,6 +24,18 @@ class Run(Protocol):
     run_dir: Path
     save_dir: Path
     logs_stopped: bool
+    tensorboard_lost: Path | None
+
+
+def watch_logs(run: Run) -> None:
+    """From the run's start: its logs' failures are said once each, from the main thread."""
+    quiet_writer_threads()
+
+    def train_log_folder_gone() -> None:
+        if not run.logs_stopped:
+            stop_logs(run, _deleted(run))
+
+    on_log_folder_gone(train_log_folder_gone)
 
 
 def quiet_writer_threads() -> None:
@@ -44,9 +56,20 @@ def quiet_writer_threads() -> None:
 
 def watch_run_folder(run: Run) -> None:
     """Once a step, on the main process (a stat): a run folder that has gone is said once, before anything else
-    tries to write there."""
-    if not run.logs_stopped and run.accelerator.is_main_process and not run.run_dir.is_dir():
-        stop_logs(run, f"the run folder {run.run_dir} was deleted during the run")
+    tries to write there. A tensorboard folder found gone during the step is said here too, now that it is known
+    whether the whole run folder went with it (`rm -r` deletes what is inside first)."""
+    if run.logs_stopped or not run.accelerator.is_main_process:
+        return
+    if not run.run_dir.is_dir():
+        stop_logs(run, _deleted(run))
+    elif run.tensorboard_lost is not None:
+        warn(f"the tensorboard folder {run.tensorboard_lost} was deleted during the run: its log stops here, and "
+             "training goes on.")
+    run.tensorboard_lost = None
+
+
+def _deleted(run: Run) -> str:
+    return f"the run folder {run.run_dir} was deleted during the run"
 
 
 def stop_logs(run: Run, reason: str) -> None:
@@ -65,7 +88,7 @@ def log_to_trackers(run: Run, values: dict, step: int) -> None:
     try:
         run.accelerator.log(values, step=step)
     except OSError as err:
-        _tensorboard_failed(run, err)
+        _tensorboard_failed(run, err, step_goes_on=True)
 
 
 def tensorboard_writer(run: Run):
@@ -83,12 +106,13 @@ def add_image(run: Run, tag: str, image, step: int) -> None:
     try:
         writer.add_image(tag, image, step, dataformats="HWC")
     except OSError as err:
-        _tensorboard_failed(run, err)
+        _tensorboard_failed(run, err, step_goes_on=True)
 
 
 def end_trackers(run: Run) -> None:
     """accelerate's end of training (the trackers' last flush, the process group), a last flush that fails said
     once: the run is complete and saved by now."""
+    watch_run_folder(run)  # a folder found gone since the last step
     for tracker in list(run.accelerator.trackers):
         try:
             tracker.finish()
@@ -98,12 +122,17 @@ def end_trackers(run: Run) -> None:
     run.accelerator.end_training()
 
 
-def _tensorboard_failed(run: Run, err: OSError) -> None:
+def _tensorboard_failed(run: Run, err: OSError, step_goes_on: bool = False) -> None:
+    """Said once; a folder found gone during a step is said by the watch after it (`watch_run_folder`), which
+    tells a deleted run folder from a deleted tensorboard folder."""
     if not run.run_dir.is_dir():
-        stop_logs(run, f"the run folder {run.run_dir} was deleted during the run")
+        stop_logs(run, _deleted(run))
         return
     folder = _tensorboard_folder(run)
     _drop_tensorboard(run)
+    if isinstance(err, FileNotFoundError) and step_goes_on:
+        run.tensorboard_lost = folder
+        return
     warn(f"could not write the tensorboard log in {folder} ({err.strerror or first_line(err)}); it stops here, and "
          "training goes on.")
 

@@ -52,7 +52,7 @@ from trainer.optim.plan import OptimizerPlan
 from trainer.preflight.checks import Preflight, count_steps, current_setup, save_folder
 from trainer.preflight.device import require_resolved
 from trainer.run.guard import WeightGuard
-from trainer.run.logs import quiet_writer_threads
+from trainer.run.logs import watch_logs
 from trainer.run.peers import roster
 from trainer.run.stops import StopRequest
 from trainer.saves.checkpoints import stored_stamp
@@ -111,6 +111,7 @@ class Run:
     base_hash: str = ""  # LoRA mode: the base's weight files' sha256, written into each adapter file
     processes: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) by rank: who was lost, if one is
     logs_stopped: bool = False  # train.log and tensorboard could not be written (trainer/run/logs.py)
+    tensorboard_lost: Path | None = None  # its folder, found gone during this step: said after it (logs.py)
 
     def unwrapped(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         unwrap = self.accelerator.unwrap_model
@@ -331,7 +332,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
-    quiet_writer_threads()
+    watch_logs(run)
     say(f"Training {models.info.family.upper()} ({models.info.prediction_type}) on {len(loader.dataset)} images at "
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
