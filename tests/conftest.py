@@ -27,7 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: end-to-end test that takes more than a few seconds")
+    # the quick tier (`python -m pytest`, the edit-test loop) stays under 2 minutes on 2 cores: every test that
+    # starts a `train.py` process, and every other that took over about 1.3 s there, is in the slow tier
+    config.addinivalue_line("markers", "slow: a train.py process, or over about a second: run with --run-slow")
     share_the_cores()
 
 

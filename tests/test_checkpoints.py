@@ -27,6 +27,7 @@ from trainer.saves.checkpoints import (
 )
 
 
+@pytest.mark.slow
 def test_two_runs_planned_in_the_same_second_get_two_folders(tmp_path, tiny_model):
     info = load_models(str(tiny_model("sd1"))).info
     cfg = dataclasses.replace(TrainConfig(), logdir=str(tmp_path))
@@ -196,6 +197,7 @@ def test_a_training_state_records_each_models_schedule_and_older_states_still_re
     assert honoured_changes(saved, both, 2, 2) == ["lr_decay_steps default -> 80"]
 
 
+@pytest.mark.slow
 def test_an_fp16_save_loads_and_generates_with_a_plain_from_pretrained(tiny_model, tmp_path):
     """`StableDiffusionPipeline.from_pretrained(save)`, no dtype: diffusers loads the UNet and VAE in fp32 whatever
     the files store, and transformers follows the text encoder's config, so the config must say fp32 for the two to

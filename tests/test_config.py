@@ -118,6 +118,7 @@ def test_every_problem_reported_together(tmp_path: Path, data_root: Path):
     assert "max_epochs: got 'two' (from command line); expected a whole number." in text
 
 
+@pytest.mark.slow
 def test_config_errors_and_the_preflights_problems_come_in_one_round(tmp_path: Path, data_root: Path):
     """A bad value and a missing file the preflight finds are fixed in one round trip, not two: the preflight runs
     on the rest of the config (each bad key at its default), and what it says of a bad key is not said twice."""
@@ -206,6 +207,7 @@ def run_cli(args: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, fl
     return result, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_bad_config_process_exits_2_without_traceback_or_files(tmp_path: Path):
     result, _ = run_cli(["--data_root", "nope", "--batch_size", "0", "--lrr", "1", "--logdir", "out"], tmp_path)
     assert result.returncode == 2
@@ -214,6 +216,7 @@ def test_bad_config_process_exits_2_without_traceback_or_files(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 def test_help_and_errors_answer_without_importing_torch(tmp_path: Path):
     result, _ = run_cli(["--help"], tmp_path)
     assert result.returncode == 0 and "--data_root TEXT" in result.stdout

@@ -180,6 +180,7 @@ def _diffusers_reference(checkpoint: Path, orig: TinyOriginal, yaml_path: Path) 
     return {name: getattr(pipe, name).state_dict() for name in COMPONENT_FILES}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", first_fast("ckpt", "safetensors", "fp16"))
 @pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_issue_commands_match_diffusers_bit_for_bit(originals, tmp_path, family, fmt, capsys):
@@ -227,6 +228,7 @@ def _check_against_diffusers(orig: TinyOriginal, tmp_path: Path, checkpoint: Pat
         assert all(torch.equal(ours[name][k], v.to(source_dtype)) for k, v in tensors.items()), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", first_fast("sd1", "sd2-v"))
 def test_converted_model_runs_and_trains(originals, tmp_path, family, capsys):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -267,6 +269,7 @@ def test_half_stores_fp16(originals, tmp_path):
         assert all(ours[k].dtype == torch.float16 and torch.equal(ours[k], v.half()) for k, v in tensors.items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", first_fast("sd1", "sd2", "sd2-v"))
 def test_round_trip_gives_back_the_same_file(originals, tmp_path, family):
     orig = originals[family]
@@ -334,6 +337,7 @@ def test_text_encoder_config_from_shapes():
     assert text_encoder_config("sd2", 128, 3, "last")["num_hidden_layers"] == 3
 
 
+@pytest.mark.slow
 def test_a_yaml_reading_the_penultimate_layer_drops_the_last_block_as_diffusers_does(originals, tmp_path):
     """A nonstandard SD2 file with 3 text blocks and `layer: penultimate`: 2 layers run, so 2 are converted (as
     diffusers' from_single_file gives), the unused block is kept for the way back, and `last` keeps all 3."""
@@ -473,6 +477,7 @@ def _tiny_sd2_without_yaml(orig: TinyOriginal, folder: Path) -> tuple[Path, dict
     return checkpoint, model_yaml
 
 
+@pytest.mark.slow
 def test_the_converter_says_a_guessed_text_encoder_depth_and_its_advice_works(originals, tmp_path, capsys):
     """The command line prints the text encoder's depth; a tiny SD2 file whose depth is a guess keeps both its
     blocks, and each way the evidence advises (a yaml beside the file, --original_config_file) keeps one."""
@@ -557,6 +562,7 @@ def test_a_given_yaml_that_does_not_fit_is_still_refused(originals, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_real_sizes_keep_the_shipped_yaml_and_a_pruned_sd1_reads_its_shapes():
     for (family, prediction), stock in STOCK_CONFIGS.items():
         original = load_original_config(REPO_ROOT / stock.yaml)
@@ -751,6 +757,7 @@ def test_refuses_a_damaged_or_disguised_checkpoint(originals, tmp_path, capsys, 
     _expect_refusal(_args(name, "v1-inference.yaml"), tmp_path, capsys, *needles)
 
 
+@pytest.mark.slow
 def test_pickle_named_safetensors_from_a_real_subprocess_has_no_traceback(originals, tmp_path):
     shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
     name = _damaged(originals["sd1"], tmp_path, "pickle named .safetensors")
@@ -760,6 +767,7 @@ def test_pickle_named_safetensors_from_a_real_subprocess_has_no_traceback(origin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_refusal_from_a_real_subprocess_has_no_traceback(originals, tmp_path):
     _write_original(originals["sd2"], tmp_path / "m.ckpt")
     shutil.copyfile(originals["sd1"].yaml_path, tmp_path / "v1-inference.yaml")
@@ -853,6 +861,7 @@ def test_the_documented_scheduler_types_are_the_converters():
     assert documented is not None and documented.group(1).split(", ") == list(SCHEDULER_TYPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheduler_type", first_fast("lms", *(t for t in SCHEDULER_TYPES if t != "lms")))
 def test_every_documented_scheduler_type_converts_and_samples(originals, tmp_path, scheduler_type):
     """`--scheduler_type` as documented, from a fresh `python utils/...` process: the folder's scheduler is the
@@ -872,6 +881,7 @@ def test_every_documented_scheduler_type_converts_and_samples(originals, tmp_pat
     assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(torch.from_numpy(image)).all())
 
 
+@pytest.mark.slow
 def test_a_scheduler_whose_package_is_missing_is_refused_before_writing(originals, tmp_path):
     """Without scipy (a python where `import scipy` fails, as diffusers sees a missing package), `--scheduler_type
     lms` stops in one line naming the package and the fix, and writes nothing."""
@@ -912,6 +922,7 @@ def test_clip_tokenizer_matches_openai_ids():
     assert len(padded) == 77 and padded[4:] == [0] * 73  # SD2 pads with "!" (id 0)
 
 
+@pytest.mark.slow
 def test_a_folder_converted_from_an_fp16_file_loads_with_a_plain_from_pretrained(tiny_model, tmp_path):
     """Most downloaded single files are fp16. Their converted folder (ckpt_cache/, the converter's output) loads
     the common way, `StableDiffusionPipeline.from_pretrained(folder)` with no dtype, and generates: its text

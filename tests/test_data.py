@@ -486,6 +486,7 @@ def random_pixels(count: int = 2, size: int = 64) -> torch.Tensor:
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_vae_encodes_in_its_own_dtype_and_gives_float32(tiny_model, shapes_dir: Path, dtype: torch.dtype):
     from data.validation import encode_validation_set
@@ -504,6 +505,7 @@ def test_vae_encodes_in_its_own_dtype_and_gives_float32(tiny_model, shapes_dir: 
     assert fed[-1] == dtype and batch["latents"].dtype == torch.float32 and batch["latents"].shape == (2, 4, 8, 8)
 
 
+@pytest.mark.slow
 def test_fp16_overflow_is_encoded_again_in_float32_with_one_notice(tiny_model, tmp_path: Path, capsys):
     vae = tiny_vae(tiny_model)
     with torch.no_grad():  # one latent channel near 1.2e5: beyond fp16's largest value, 65504
@@ -543,6 +545,7 @@ def test_training_loop_never_encodes_cached_latents(tiny_model, shapes_dir: Path
 # ---------------------------------------------------------------- dry run and real runs
 
 
+@pytest.mark.slow
 def test_dry_run_counts_steps_without_models(messy: Path, tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-X", "importtime", str(REPO_ROOT / "train.py"), "--dry_run", "--data_root", str(messy),

@@ -269,6 +269,7 @@ def test_resume_ckpt_findlast_resolves_or_says_there_is_none(tmp_path: Path, cap
     assert f"continuing from {save}" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_resume_ckpt_that_can_be_nothing_is_refused_by_the_dry_run(tmp_path: Path, shapes_dir: Path):
     """chain0.json's "sd_v1-5_vae" (a name in EveryDream2's ckpt_cache) is no folder, file, cache name or repo id
     here: said before torch loads, not after."""
@@ -288,6 +289,7 @@ FAST_SHIPPED = {"train.json", "chain1.json", "chain2.json"}
 @pytest.mark.parametrize("config", [  # the plain train.json and the findlast chains in the default tier
     *(p if p.name in FAST_SHIPPED else pytest.param(p, marks=pytest.mark.slow) for p in CURRENT),
     *(pytest.param(p, marks=pytest.mark.slow) for p in HISTORY)], ids=lambda p: str(p.relative_to(SHIPPED)))
+@pytest.mark.slow
 def test_every_shipped_train_json_dry_runs(config: Path, ed2_folder: Path, shapes_dir: Path, tiny_model):
     """Only data_root and resume_ckpt on the command line (and findlast for the chained files' resume_ckpt)."""
     relative = config.relative_to(SHIPPED)
@@ -321,7 +323,13 @@ def saved_models(output: str) -> list[Path]:
 @pytest.mark.slow
 def test_shipped_train_json_trains_tiny_sd1(ed2_folder: Path, shapes_dir: Path, tiny_model):
     """EveryDream2's train.json with its optimizer.json (adamw8bit, a cosine text-encoder schedule), its
-    validation_default.json and its sample_prompts.json; only the model, data and size made tiny."""
+    validation_default.json and its sample_prompts.json; only the model, data and size made tiny (the sample
+    prompts' own 640x384 too: at that size the tiny model's attention took half of this test's minute)."""
+    prompts = ed2_folder / "sample_prompts.json"
+    shipped = json.loads(prompts.read_text(encoding="utf-8"))
+    assert [sample.get("size") for sample in shipped["samples"]] == [None, None, [640, 384]]
+    shipped["samples"][2]["size"] = [128, 64]
+    prompts.write_text(json.dumps(shipped), encoding="utf-8")
     result = run_train(["--config", "train.json", "--data_root", str(shapes_dir), "--resume_ckpt",
                         str(tiny_model("sd1")), "--resolution", "64", "--max_epochs", "2",
                         "--sample_prompts", "sample_prompts.json"], ed2_folder)

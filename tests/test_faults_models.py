@@ -278,6 +278,7 @@ MOVE_CACHE = ("set ckpt_cache_dir (in train.json, or --ckpt_cache_dir DIR) or th
               "to a writable folder")
 
 
+@pytest.mark.slow
 def test_a_ckpt_cache_that_cannot_take_the_conversion_is_refused_before_any_model(tiny_single_file, shapes_dir,
                                                                                   small_disk, tmp_path):
     cwd = tmp_path / "run"
@@ -314,6 +315,7 @@ def test_ckpt_cache_dir_moves_the_conversion_and_the_names_looked_up(tiny_single
     assert f"Model source: ckpt_cache entry {converted / 'tiny'}" in by_name.stdout
 
 
+@pytest.mark.slow
 def test_a_mistyped_local_path_is_refused_before_any_model_and_asks_the_hub_nothing(hub_server, shapes_dir, tmp_path):
     hub = hub_server()
     cwd = tmp_path / "run"

@@ -306,6 +306,7 @@ def test_data_without_settings_files_reports_as_before(tmp_path: Path):
                                                       "Data: images per bucket: 64x64 2"]
 
 
+@pytest.mark.slow
 def test_the_dry_run_prints_the_settings_and_refuses_a_bad_one(tmp_path: Path):
     data_root = tmp_path / "data"
     images(data_root / "faces", "f1", "f2")

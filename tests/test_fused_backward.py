@@ -78,6 +78,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize("args, expected",  # the first in the default tier, the others with --run-slow
                          [REFUSALS[0], *(pytest.param(*r, marks=pytest.mark.slow) for r in REFUSALS[1:])])
+@pytest.mark.slow
 def test_what_it_cannot_combine_with_is_refused_before_loading(args, expected, tiny_model, shapes_dir: Path,
                                                                 tmp_path: Path):
     result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--fused_backward",

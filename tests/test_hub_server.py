@@ -115,6 +115,7 @@ def test_allow_patterns_downloads_only_that_subfolder(hub_server, tiny_folder, t
     assert sorted(hub.downloads(REPO)) == ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_gated_repo_needs_a_granted_token(hub_server, tiny_folder, tmp_path):
     hub = hub_server()
     hub.add_repo("owner/gated", tiny_folder, gated=True)
@@ -134,6 +135,7 @@ def test_gated_repo_needs_a_granted_token(hub_server, tiny_folder, tmp_path):
     assert granted and all(r.authorization == "Bearer hf_granted" for r in granted)
 
 
+@pytest.mark.slow
 def test_unknown_repo_is_repository_not_found(hub_server, tmp_path):
     hub = hub_server()
     hub.add_token("hf_user")
@@ -182,6 +184,7 @@ def test_in_process_client_info_files_revisions_and_errors(hub_server, tiny_fold
         api.model_info(REPO, token="hf_unknown")
 
 
+@pytest.mark.slow
 def test_broken_off_download_is_resumed_with_range(hub_server, tmp_path):
     folder = tmp_path / "big-src"
     folder.mkdir()
@@ -201,6 +204,7 @@ def test_broken_off_download_is_resumed_with_range(hub_server, tmp_path):
     assert hub.served_count(REPO, "model.safetensors") == 2
 
 
+@pytest.mark.slow
 def test_download_broken_off_in_its_first_chunk_starts_over(hub_server, tiny_folder, tmp_path):
     hub = hub_server()
     hub.add_repo(REPO, tiny_folder)
@@ -216,6 +220,7 @@ def test_download_broken_off_in_its_first_chunk_starts_over(hub_server, tiny_fol
     assert [(r.status, r.broken, r.range) for r in gets] == [(200, True, None), (200, False, None)]
 
 
+@pytest.mark.slow
 def test_offline_rerun_uses_the_cache_without_a_request(hub_server, tiny_folder, tmp_path):
     hub = hub_server()
     hub.add_repo(REPO, tiny_folder)

@@ -158,11 +158,13 @@ def test_data_imports_neither_trainer_nor_train():
     assert violations("data", {"trainer", ENTRY_POINT}) == []
 
 
+@pytest.mark.slow
 def test_common_imports_nothing_of_the_project():
     assert project_names() >= {"common", "data", "trainer", ENTRY_POINT}  # the rule below is not vacuous
     assert violations("common", project_names()) == []
 
 
+@pytest.mark.slow
 def test_convert_imports_neither_trainer_nor_data():
     if not files_of("convert"):
         pytest.skip("convert/ does not exist yet (the conversion package is being created); this rule applies to it "
@@ -170,14 +172,17 @@ def test_convert_imports_neither_trainer_nor_data():
     assert violations("convert", {"trainer", "data", ENTRY_POINT}) == []
 
 
+@pytest.mark.slow
 def test_nothing_imports_the_entry_point():
     assert [str(found) for path in python_files() for found in imports_of(path) if found.top == ENTRY_POINT] == []
 
 
+@pytest.mark.slow
 def test_no_two_modules_import_each_other():
     assert import_loops(module_graph()) == []
 
 
+@pytest.mark.slow
 def test_no_module_of_the_product_is_over_450_lines():
     """Long modules hide what they own: past this, a module splits along its concepts."""
     long = [f"{path.relative_to(REPO_ROOT)}: {lines} lines" for folder in ("trainer", "data", "convert", "common")
@@ -215,6 +220,7 @@ def test_the_reader_sees_every_kind_of_import(tmp_path: Path):
         f"{Path('pkg/sub/mod.py')}:2 imports trainer.config", f"{Path('pkg/sub/mod.py')}:9 imports train"]
 
 
+@pytest.mark.slow
 def test_the_rules_catch_what_the_repository_really_imports():
     """train.py imports the trainer, and the trainer imports data/: the reader finds real edges."""
     assert any(found.module.startswith("trainer.config.") for found in imports_under(ENTRY_POINT))

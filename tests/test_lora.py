@@ -70,6 +70,7 @@ def lora_layers(module: torch.nn.Module) -> set[str]:
 
 @pytest.mark.parametrize("family", [TINY_FAMILIES[0],
                                     *(pytest.param(f, marks=pytest.mark.slow) for f in TINY_FAMILIES[1:])])
+@pytest.mark.slow
 def test_diffusers_loads_the_file_onto_every_targeted_layer_with_the_same_outputs(family: str, tmp_path: Path,
                                                                                   caplog):
     pipe, modules, adapters = adapted_pipeline(family)

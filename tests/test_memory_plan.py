@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +51,7 @@ def test_replay_with_checkpointing_by_hand():
     assert replay(hand_profile(), batch=2, checkpointing=True, fused_backward=False) == (930, 2430)
 
 
+@pytest.mark.slow
 def test_trace_counts_what_a_real_forward_keeps(tiny_model):
     """The meta-device trace equals the bytes autograd really keeps in a real fp32 forward on the CPU."""
     from trainer.models.load import load_models
@@ -151,6 +153,7 @@ def _tuple(value):
     return value if isinstance(value, (list, tuple)) else (value,)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_what_to_change(tiny_model, shapes_dir: Path, tmp_path: Path):
     result = run_train(["--dry_run", "--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir),
                         "--resolution", "64", "--batch_size", "8", "--vram_gb", "0.6"], cwd=tmp_path)

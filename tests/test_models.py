@@ -344,6 +344,7 @@ def test_subfolder_repo(hub, repo_folder, tmp_path):
     assert sorted(hub.downloads("owner/nested")) == [f"diffusers/{f}" for f in TRAINING_FILES]
 
 
+@pytest.mark.slow
 def test_broken_download_is_retried_by_the_client(hub, repo_folder):
     hub.add_repo("owner/tiny", repo_folder)
     weights = "unet/diffusion_pytorch_model.safetensors"
@@ -561,6 +562,7 @@ def test_probe_reads_the_unet_output_as_automatic1111_does(single_files, tmp_pat
     assert value == expected and score == pytest.approx(bias - 0.5, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_single_file_converted_once_reused_and_converted_again_when_changed(
     single_files, tmp_path, monkeypatch, capsys
 ):
@@ -746,6 +748,7 @@ def test_train_from_a_single_file(family, name, single_files, shapes_dir, tmp_pa
         assert "converting" not in second.stdout and f"Model: reusing ckpt_cache/{checkpoint.stem}" in second.stdout
 
 
+@pytest.mark.slow
 def test_the_manual_converters_output_loads_by_its_cache_name(single_files, tmp_path, monkeypatch):
     """What utils/convert_original_stable_diffusion_to_diffusers.py writes to ckpt_cache/<name> is what
     `--resume_ckpt <name>` loads (training from a cache name: tests/test_train_e2e.py)."""
@@ -770,6 +773,7 @@ def dtypes_of(models) -> dict[str, set[torch.dtype]]:
     return {name: {p.dtype for p in getattr(models, name).parameters()} for name in ("unet", "text_encoder", "vae")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_a_half_precision_folder_loads_as_fp32_masters(dtype, tiny_model):
     folder = tiny_model("sd1", dtype)
@@ -790,6 +794,7 @@ def test_each_component_loads_in_the_dtype_asked_for(tiny_model):
     assert ComponentDtypes() == ComponentDtypes(torch.float32, torch.float32, torch.float32)
 
 
+@pytest.mark.slow
 def test_an_fp16_single_file_is_converted_as_fp16_and_loads_as_fp32(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     export = export_single_file(tiny_model("sd1", "fp16"), tmp_path / "models" / "half.safetensors")
@@ -802,6 +807,7 @@ def test_an_fp16_single_file_is_converted_as_fp16_and_loads_as_fp32(tiny_model, 
     assert dtypes_of(models) == {"unet": {torch.float32}, "text_encoder": {torch.float32}, "vae": {torch.float32}}
 
 
+@pytest.mark.slow
 def test_a_bf16_hub_model_loads_as_fp32(hub, tiny_model):
     hub.add_repo("owner/tiny-bf16", tiny_model("sd1", "bf16"))
 

@@ -190,6 +190,7 @@ def test_training_target_formula(prediction_type: str):
     torch.testing.assert_close(target, expected)
 
 
+@pytest.mark.slow
 def test_model_bundle_describes_each_family_and_loss_is_deterministic(tiny_model):
     for family, expected in [("sd1", ("sd1", "epsilon", False)), ("sd2-v", ("sd2", "v_prediction", True))]:
         models = load_models(str(tiny_model(family)))

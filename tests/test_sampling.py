@@ -32,6 +32,7 @@ def installed(scheduler: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_every_everydream2_scheduler_samples_from_the_models_config(pipelines, name):
     """Built from the v-prediction model's own config (prediction type, betas, offsets carry over), it draws."""
@@ -72,6 +73,7 @@ def test_batches_group_what_one_call_shares():
     assert batches(drawn, 8) == [[0, 1, 3], [2], [4]]
 
 
+@pytest.mark.slow
 def test_cfgs_sizes_and_batches_in_a_real_run(pipelines, tmp_path, monkeypatch):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"batch_size": 2, "seed": 3, "cfgs": [7, 1.5], "num_inference_steps": 2, "samples": [
