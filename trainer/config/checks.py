@@ -90,11 +90,9 @@ def _model_and_data(cfg: TrainConfig) -> Problems:
 
 
 def _schedule(cfg: TrainConfig) -> Problems:
-    bad = _failing(cfg, [(key, _at_least(1), "an integer >= 1")
-                         for key in ("batch_size", "grad_accum", "max_epochs", "log_step")])
-    bad += _failing(cfg, [(key, _at_least(0), "an integer >= 0 (0 disables it)")
-                          for key in ("max_steps", "save_every_n_epochs")])
-    bad += _failing(cfg, [
+    bad = _failing(cfg, [
+        *[(key, _at_least(1), "an integer >= 1") for key in ("batch_size", "grad_accum", "max_epochs", "log_step")],
+        *[(key, _at_least(0), "an integer >= 0 (0 disables it)") for key in ("max_steps", "save_every_n_epochs")],
         ("lr_decay_steps", _at_least(0), "an integer >= 0 (0: decay over the whole run)"),
         ("lr_warmup_steps", _or_null(_at_least(0)), "an integer >= 0, or null"),
         ("lr", _or_null(_positive), "a learning rate > 0, such as 1.5e-6, or null (optimizer_config's, else 1.5e-6)"),
