@@ -117,6 +117,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
 
     from data.dataset import build_training_data
     from data.options import DataOptions
+    from trainer.adapters.embeddings import add_embeddings
     from trainer.models.load import load_models
     from trainer.models.precision import component_dtypes, training_precision
     from trainer.preflight.checks import check_model_fits, resolve_find_last, run_dir_path, run_preflight
@@ -152,6 +153,8 @@ def train_run(cfg: TrainConfig, started: float) -> int:
                              ckpt_cache_dir=cfg.ckpt_cache_dir)
         say(f"Model: {models.info.describe()}")
         check_model_fits(cfg, preflight, models)  # a resumed state's architecture, the room for a save
+        if preflight.embeddings:  # new tokens, before any caption is tokenized
+            say(add_embeddings(models.text_encoder, models.tokenizer, preflight.embeddings).describe())
         say_memory_plan(memory_report(cfg, preflight, device, model_params_of(models)))
         # fills the latent cache if on; batches of batch_size x processes, split between the processes
         data = build_training_data(DataOptions.from_config(cfg), models.tokenizer, models.vae, processes.num_processes,

@@ -8,7 +8,8 @@ An image's caption is the first of these that exists (EveryDream2's rules):
   3. the file name up to the first `_` (`a red car_03.jpg` -> `a red car`).
 Text files may be UTF-8 with or without a BOM and with CRLF line ends.
 
-Captions become token ids in one place, `tokenize_captions`, for training rows and validation batches alike.
+Captions become token ids in one place, `tokenize_captions`, for training rows and validation batches alike; a
+token that stands for several vectors (an embedding's, diffusers' convention) is spelled out there first.
 Reading captions imports no torch (the preflight and `--dry_run` scan with it).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,7 +105,42 @@ def shuffle_tags(caption: str, keep_tags: int, rng: random.Random) -> str:
 
 def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """(len(captions), model_max_length) token ids: each caption padded to the text encoder's window (77 for
-    CLIP), or cut to it, so a batch's rows stack into one tensor."""
+    CLIP), or cut to it, so a batch's rows stack into one tensor; multi-vector tokens spelled out."""
+    groups = multi_vector_tokens(tokenizer)
     return tokenizer(
-        captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+        [spell_out_vectors(caption, groups) for caption in captions], padding="max_length", truncation=True,
+        max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
+
+
+def multi_vector_tokens(tokenizer: CLIPTokenizer) -> dict[str, list[str]]:
+    """The tokenizer's added tokens that stand for several vectors, by diffusers' convention (what its
+    `load_textual_inversion` adds and its pipelines read): T with T_1 ... T_{n-1} also added. T -> [T, T_1, ...]."""
+    added = tokenizer.get_added_vocab()
+    groups = {}
+    for token in added:
+        names = [token]
+        while f"{token}_{len(names)}" in added:
+            names.append(f"{token}_{len(names)}")
+        if len(names) > 1 and not re.search(r"_\d+$", token):
+            groups[token] = names
+    return groups
+
+
+def spell_out_vectors(caption: str, groups: dict[str, list[str]]) -> str:
+    """`caption` with each multi-vector token T written as its n tokens "T T_1 ... T_{n-1}": matched as the
+    tokenizer matches added tokens (any case and spacing, also inside a word), not where T_i is written already."""
+    return _each_token(caption, groups, " ".join)
+
+
+def as_added(prompt: str, groups: dict[str, list[str]]) -> str:
+    """`prompt` with each multi-vector token written as the tokenizer holds it: diffusers' pipelines spell such a
+    token out themselves, but only where it is written exactly so (they match its text case for case)."""
+    return _each_token(prompt, groups, lambda names: names[0])
+
+
+def _each_token(text: str, groups: dict[str, list[str]], written) -> str:
+    for token, names in groups.items():
+        pattern = r"\s+".join(re.escape(word) for word in token.split()) + r"(?!_\d)"
+        text = re.sub(pattern, written(names), text, flags=re.IGNORECASE)
+    return text

@@ -5,6 +5,13 @@
 
 With `--lora file[:strength]` (repeatable) LoRA adapter files, such as a LoRA run's saves, apply to the model at
 their strengths (default 1.0) without changing it: the same adapters and strengths utils/merge_lora.py fuses in.
+Embeddings bundled in a LoRA file (pivotal tuning) come with it, called by their names. With `--embedding
+file[:token]` (repeatable) an embedding file (textual inversion, such as an embedding run's `<token>.safetensors`)
+joins the prompt's vocabulary as `token` (default: the file's name), the way diffusers' load_textual_inversion
+adds it: write the token in the prompt.
+
+    python utils/generate.py --model my_model --embedding logs/<run>/ckpts/last-.../sks-dog.safetensors \
+      --prompt "a photo of sks-dog on the beach"
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                         help="a LoRA adapter file to apply, at a strength (default 1.0); repeat for several")
+    parser.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                        help="an embedding file and the token prompts call it by (default: the file's name); repeat "
+                             "for several")
     return parser.parse_args(argv)
 
 
@@ -39,6 +49,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         loras = parse_loras(args.lora)  # judged before the slow imports and the model load
+        embeddings = [parse_embedding(text) for text in args.embedding]
     except LoraError as err:
         print(f"generate.py: {err}", file=sys.stderr)
         return err.exit_code
@@ -52,13 +63,16 @@ def main(argv: list[str]) -> int:
     pipe = StableDiffusionPipeline.from_pretrained(
         args.model, dtype=torch.float16 if device == "cuda" else torch.float32
     ).to(device)
-    if loras:
-        try:
-            apply_loras(pipe, loras)
-        except LoraError as err:
-            print(f"generate.py: {err}", file=sys.stderr)
-            return err.exit_code
-        print("LoRA: " + ", ".join(spec.describe() for spec in loras))
+    try:
+        bundled = {}
+        if loras:
+            bundled = apply_loras(pipe, loras)[1]
+            print("LoRA: " + ", ".join(spec.describe() for spec in loras))
+        for token, vectors in [*bundled.items(), *((token, read_vectors(path)) for path, token in embeddings)]:
+            print(f"Embedding: {add_embedding(pipe, vectors, token)}")
+    except LoraError as err:
+        print(f"generate.py: {err}", file=sys.stderr)
+        return err.exit_code
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     image = pipe(
         args.prompt,
@@ -71,6 +85,46 @@ def main(argv: list[str]) -> int:
     image.save(args.out)
     print(f"Wrote {Path(args.out).resolve()} ({size}x{size}, {args.prompt!r})")
     return 0
+
+
+def parse_embedding(text: str) -> tuple[Path, str]:
+    """`file[:token]` as (file, token), the file checked to hold one embedding (from its header); raises LoraError."""
+    from common.safetensors_header import HeaderError, read_header
+
+    path, token = (Path(text), None) if Path(text).is_file() or ":" not in text else \
+        (Path(text.rsplit(":", 1)[0]), text.rsplit(":", 1)[1])
+    hint = "expected an embedding .safetensors file (e.g. a 'Saved embedding:' path of a train.py --embedding_token run)"
+    if not path.is_file() or path.suffix.lower() != ".safetensors":
+        what = "no such file" if not path.exists() else "not a .safetensors file (pickled .pt/.bin files are not read)"
+        raise LoraError(f"--embedding {text}: {what}; {hint}.")
+    try:
+        tensors = read_header(path).tensors
+    except (HeaderError, OSError) as err:
+        raise LoraError(f"--embedding {text}: cannot be read ({err}); {hint}.") from None
+    if len(tensors) != 1:
+        raise LoraError(f"--embedding {text} holds {len(tensors)} tensors, not one embedding; {hint} (a LoRA with "
+                        "embeddings bundled goes to --lora).")
+    return path, token or path.stem
+
+
+def read_vectors(path: Path):
+    from trainer.adapters.embedding_file import read_embedding_file
+
+    return read_embedding_file(path)
+
+
+def add_embedding(pipe, vectors, token: str) -> str:
+    """`vectors` ([n, width]) into the pipeline's vocabulary as `token` (diffusers' load_textual_inversion: also
+    token_1 ... token_{n-1}, which its pipelines spell out); returns what was added, or raises LoraError."""
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    if vectors.shape[-1] != width:
+        raise LoraError(f"the embedding for {token!r} is {vectors.shape[-1]} wide and this model's text encoder "
+                        f"{width} (SD1: 768, SD2: 1024); use an embedding made for this model's family.")
+    if token in pipe.tokenizer.get_vocab():
+        raise LoraError(f"{token!r} is a word this model's tokenizer already has, so an embedding cannot take its "
+                        f"name; call it something new, such as --embedding FILE:<{token}>, and write that in the prompt.")
+    pipe.load_textual_inversion(vectors.to(pipe.text_encoder.dtype), token=token)
+    return f"{token!r} ({vectors.shape[0]} vector{'s' if vectors.shape[0] > 1 else ''})"
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ quiet_library_noise()
 # writes, and A1111/ComfyUI/kohya's tools), peft's, and diffusers' older attention-processor one.
 DOWN_MARKERS = (".lora_down.", ".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
 ADAPTER_FILE_HINT = "a LoRA .safetensors file (e.g. the 'Saved LoRA:' path of a train.py --lora_rank run)"
+BUNDLE_PREFIX = "bundle_emb."  # embeddings kept inside a LoRA file (pivotal tuning), by name
 
 
 class LoraError(UserError):
@@ -132,23 +133,31 @@ def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
 # ---------------------------------------------------------------- adapters on a pipeline
 
 
-def apply_loras(pipe, specs: Sequence[LoraSpec]) -> list[str]:
+def apply_loras(pipe, specs: Sequence[LoraSpec]) -> tuple[list[str], dict]:
     """Load each adapter into `pipe` (diffusers' load_lora_weights, one named adapter per file) and give each its
-    strength; returns the adapter names. Raises LoraError for a file that does not fit the model."""
+    strength; returns the adapter names, and the embeddings bundled in the files (pivotal tuning: name -> vectors),
+    which are prompt words rather than weights. Raises LoraError for a file that does not fit the model."""
     names = [f"lora{index}" for index in range(1, len(specs) + 1)]
+    bundled = {}
     for spec, name in zip(specs, names):
-        load_adapter(pipe, spec, name)
+        bundled.update(load_adapter(pipe, spec, name))
     pipe.set_adapters(names, adapter_weights=[spec.strength for spec in specs])
-    return names
+    return names, bundled
 
 
-def load_adapter(pipe, spec: LoraSpec, name: str) -> None:
-    """One file's adapters into `pipe` as adapter `name`, every one of its layers placed, or LoraError."""
+def load_adapter(pipe, spec: LoraSpec, name: str) -> dict:
+    """One file's adapters into `pipe` as adapter `name`, every one of its layers placed, or LoraError. Returns the
+    embeddings the file bundles (kohya's and AUTOMATIC1111's `bundle_emb.<name>.*`), which diffusers' loader
+    refuses inside a LoRA: name -> vectors."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(spec.path))
+    bundled = {key.split(".")[1]: tensors.pop(key) for key in [k for k in tensors if k.startswith(BUNDLE_PREFIX)]}
     with quiet_diffusers(), warnings.catch_warnings():
         # peft warns that a model with adapters gets another one: several files are exactly that here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         try:
-            pipe.load_lora_weights(str(spec.path), adapter_name=name)
+            pipe.load_lora_weights(tensors, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as err:
             raise LoraError(f"--lora {spec.path} does not fit this base model ({mismatch_detail(err)}); expected a "
                             "LoRA trained on a model of the base's family and size: use one made for it, or another "
@@ -160,6 +169,7 @@ def load_adapter(pipe, spec: LoraSpec, name: str) -> None:
         raise LoraError(f"--lora {spec.path}: only {placed} of its {expected} adapted layers exist in this base model "
                         "(the rest name layers it does not have); expected a LoRA made for this model's family: use "
                         "one made for it, or another base.")
+    return bundled
 
 
 @contextmanager
@@ -218,7 +228,11 @@ def merged_pipeline(base: str, specs: Sequence[LoraSpec]):
         wrapped.exit_code = err.exit_code
         raise wrapped from None
     pipe = sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer, models.sample_scheduler)
-    names = apply_loras(pipe, specs)
+    names, bundled = apply_loras(pipe, specs)
+    if bundled:  # an embedding is a prompt word, not a weight: nothing of it can be fused into the model
+        print(f"Not merged: the embedding{'s' if len(bundled) > 1 else ''} {', '.join(sorted(bundled))} bundled in the "
+              "LoRA: use the <token>.safetensors beside it (AUTOMATIC1111's or ComfyUI's embeddings folder, or "
+              "utils/generate.py --embedding) with the merged model.")
     pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     return pipe, models

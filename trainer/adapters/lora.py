@@ -5,12 +5,14 @@
   `lora_targets` names; conv layers get conv adapters (kohya's LoCon). The base stays frozen in the precision it
   was loaded in (the compute dtype on a GPU); the adapters are fp32 masters, the only trainable parameters.
 - **Training states.** accelerate would store each prepared model's whole state dict, the frozen base included;
-  its save/load hooks here keep and restore only the adapters (and check that they all came back).
+  its save/load hooks here keep and restore only what trains (and check that it all came back): the adapters,
+  and an embedding's rows (trainer/adapters/embeddings.py).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,30 +123,31 @@ def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if is_adapter_key(key)}
 
 
-# ---------------------------------------------------------------- training states hold only the adapters
+# ---------------------------------------------------------------- training states hold only what trains
 
 
-def keep_states_to_adapters(accelerator) -> None:
-    """accelerate's save_state writes each prepared model's state dict: here only its adapters (MBs, not the base's
-    GBs). load_state then finds only those, so they are loaded here, checked to be complete, and accelerate is left
-    no model to load."""
+def keep_states_to_trained(accelerator, is_trained: Callable[[str], bool] = is_adapter_key) -> None:
+    """accelerate's save_state writes each prepared model's state dict: here, on a frozen base, only the tensors
+    that train (`is_trained` by key: the adapters, an embedding's rows), MBs or KBs, not the base's GBs. load_state
+    then finds only those, so they are loaded here, checked to be complete, and accelerate is left no model to
+    load."""
     from accelerate.utils.constants import SAFE_MODEL_NAME
     from safetensors.torch import load_file
 
-    def keep_adapters(models, weights, output_dir) -> None:
+    def keep_trained(models, weights, output_dir) -> None:
         for index, state in enumerate(weights):
-            weights[index] = {key: value for key, value in state.items() if is_adapter_key(key)}
+            weights[index] = {key: value for key, value in state.items() if is_trained(key)}
 
-    def load_adapters(models, input_dir) -> None:
+    def load_trained(models, input_dir) -> None:
         for index, model in enumerate(models):
             path = Path(input_dir) / f"{SAFE_MODEL_NAME}{'' if index == 0 else f'_{index}'}.safetensors"
             saved = load_file(str(path))
-            expected = {key for key in model.state_dict() if is_adapter_key(key)}
+            expected = {key for key in model.state_dict() if is_trained(key)}
             if set(saved) != expected:
                 raise ValueError(f"{path.name} holds {len(set(saved) & expected)} of this run's {len(expected)} "
-                                 "adapter tensors")
+                                 "trained tensors")
             model.load_state_dict(saved, strict=False)
         models.clear()  # loaded: accelerate would expect the base's tensors too
 
-    accelerator.register_save_state_pre_hook(keep_adapters)
-    accelerator.register_load_state_pre_hook(load_adapters)
+    accelerator.register_save_state_pre_hook(keep_trained)
+    accelerator.register_load_state_pre_hook(load_trained)

@@ -24,7 +24,7 @@ _NAME_OK = re.compile(r"^[\w.\-]+$")
 def validate(cfg: TrainConfig) -> Problems:
     """Impossible values as (key, what is expected instead); empty when the config can run."""
     return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg),
-            *_lora(cfg)]
+            *_lora(cfg), *_embedding(cfg)]
 
 
 def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
@@ -186,4 +186,39 @@ def _lora(cfg: TrainConfig) -> Problems:
         bad.append(("disable_textenc_training", "false with lora_text_encoder true (in LoRA mode lora_text_encoder "
                                                 "alone decides whether the text encoder trains)"))
     bad += _missing(cfg, "lora_init", "an existing kohya-format LoRA .safetensors file, or null")
+    return bad
+
+
+EMBEDDING_DEFAULTS = {"embedding_init": "*", "embedding_vectors": 1, "embedding_lr": 0.005, "embedding_steps": 0}
+
+
+def _embedding(cfg: TrainConfig) -> Problems:
+    """Embedding mode's keys: sound values, none set without a token to train, and what cannot go with it."""
+    from trainer.config.schema import MAX_EMBEDDING_VECTORS, embedding_mode
+
+    if not embedding_mode(cfg):
+        return [(key, f"{default!r} without embedding_token or embedding_config (it only applies to embedding mode), "
+                      "or set embedding_token such as 'sks-dog'")
+                for key, default in EMBEDDING_DEFAULTS.items() if getattr(cfg, key) != default]
+    bad = _failing(cfg, [
+        ("embedding_token", lambda token: token is None or bool(token.strip()),
+         "the word the captions use for the new concept, such as 'sks-dog', or null"),
+        ("embedding_init", lambda words: bool(words.strip()), "one or more words, such as 'dog', or '*'"),
+        ("embedding_vectors", lambda count: 1 <= count <= MAX_EMBEDDING_VECTORS,
+         f"a vector count from 1 to {MAX_EMBEDDING_VECTORS}"),
+        ("embedding_lr", _positive, "a learning rate > 0 such as 5e-3"),
+        ("embedding_steps", _at_least(0), "a number of optimizer steps >= 0 (0: the whole run)"),
+    ])
+    if cfg.embedding_steps and not cfg.lora_rank:
+        bad.append(("embedding_steps", "0 without lora_rank (it stops the embedding while a LoRA goes on); to train "
+                                       "an embedding alone for fewer steps, set max_steps"))
+    if cfg.embedding_token is not None and cfg.embedding_config is not None:
+        bad.append(("embedding_token", "null with embedding_config, whose tokens list names every token to train"))
+    if not cfg.lora_rank and cfg.disable_textenc_training:
+        bad.append(("disable_textenc_training", "false in embedding mode: the new vectors are rows of the text "
+                                                "encoder's token table (every other weight stays frozen)"))
+    if cfg.fused_backward:
+        bad.append(("fused_backward", "false in embedding mode (a few KB of vectors have no gradient memory to save)"))
+    bad += _missing(cfg, "embedding_config", "an existing json file with a tokens list (EveryDream2's "
+                                             "textual_inversion.json), or null")
     return bad

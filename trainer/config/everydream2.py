@@ -28,7 +28,13 @@ TRANSLATIONS: dict[str, tuple[type, Translation]] = {
     # the names of the EMA keys before EveryDream2 renamed them (its files of 2023-09)
     "ema_decay_interval": (int, lambda steps: {"ema_update_interval": steps}),
     "ema_decay_device": (str, lambda device: {"ema_device": EMA_DEVICES.get(device, device)}),
+    # its textual-inversion plugin reads its tokens from plugins/textual_inversion.json, beside the plugin's code
+    "plugins": (list, lambda names: {"embedding_config": TEXTUAL_INVERSION_JSON}
+                if TEXTUAL_INVERSION_PLUGIN in names else {}),
 }
+
+TEXTUAL_INVERSION_PLUGIN = "plugins.textual_inversion.TextualInversionPlugin"
+TEXTUAL_INVERSION_JSON = "plugins/textual_inversion.json"
 
 EMA_DEVICES = {"cuda": "gpu", "gpu": "gpu", "cpu": "cpu"}
 
@@ -45,7 +51,6 @@ NOT_HONOURED: dict[str, str] = {
     "lowvram": "an old preset; set gradient_checkpointing true, batch_size 1 and optimizer adamw8bit",
     "ed1_mode": "an EveryDream1 compatibility key that EveryDream2 itself ignores",
     "write_schedule": "--dry_run prints the batches per bucket and the steps",
-    "plugins": "there are no plugins",
     "load_settings_every_epoch": "a run's settings stay fixed so that it can be resumed exactly",
     "rated_dataset_target_dropout_percent": "only read with rated_dataset",
     "rated_dataset_target_dropout_rate": "only read with rated_dataset",
@@ -67,12 +72,24 @@ ED2_DEFAULTS: dict[str, object] = {"rated_dataset_target_dropout_percent": 50, "
 # key -> what to do instead: keys that would change what is trained, refused when set (a run doing something
 # other than what its file asks would be worse than no run)
 REFUSED_WHEN_SET: dict[str, str] = {
-    "disable_unet_training": "the UNet is always trained here; remove the key (or set it false)",
+    "disable_unet_training": "the UNet trains here unless only embeddings train (embedding_token or "
+                             "embedding_config, or EveryDream2's textual-inversion plugin in plugins): set one of "
+                             "those, or remove the key",
     "rated_dataset": "rated data sets are not supported; weigh folders with multiply.txt or loss_scale.txt",
     "ema_strength_target": "set ema_decay_rate instead: EveryDream2's rate is ema_strength_target ^ "
                            "(ema_update_interval / total steps), and --dry_run prints the total steps",
     "ema_decay_target": "set ema_decay_rate instead (ema_decay_target is ema_strength_target's older name)",
 }
+
+
+# disable_unet_training true is what EveryDream2's textual-inversion plugin asks for (its notes): there, and only
+# there, it states what the run does here anyway
+UNET_FROZEN = "disable_unet_training"
+
+
+def other_plugins(names: list) -> list:
+    """The plugins named besides the textual-inversion one: none of them runs here."""
+    return [name for name in names if name != TEXTUAL_INVERSION_PLUGIN]
 
 
 def is_set(key: str, value: object) -> bool:

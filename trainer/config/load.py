@@ -16,7 +16,7 @@ from typing import Any
 from common.files import read_json_object
 from trainer.config import everydream2 as ed2
 from trainer.config.checks import validate
-from trainer.config.schema import DEFAULT_CONFIG_FILE, FIELD_TYPES, FIELDS, TrainConfig
+from trainer.config.schema import DEFAULT_CONFIG_FILE, FIELD_TYPES, FIELDS, TrainConfig, embedding_mode
 from trainer.config.values import (
     BadValue,
     cli_value,
@@ -127,6 +127,22 @@ class _Merge:
     not_honoured: set[str] = field(default_factory=set)
     bad_keys: set[str] = field(default_factory=set)  # keys of ours whose given value has a problem
     null_notices: dict[str, str] = field(default_factory=dict)  # said only if no later source sets the key
+    unet_frozen_in: str | None = None  # where EveryDream2's disable_unet_training true was given
+    plugins_in: str | None = None  # where EveryDream2's textual-inversion plugin was named
+
+    def embedding_problems(self, config: TrainConfig) -> list[str]:
+        """EveryDream2's way of asking for textual inversion (its plugin, with the UNet frozen) against ours: an
+        embedding trains alone, or beside a LoRA, never beside a full fine-tune of the UNet."""
+        if self.unet_frozen_in and not (embedding_mode(config) and not config.lora_rank):
+            return [f"{ed2.UNET_FROZEN}: true (from {self.unet_frozen_in}), an EveryDream2 key not supported here: "
+                    f"{ed2.REFUSED_WHEN_SET[ed2.UNET_FROZEN]}."]
+        if self.plugins_in and self.sources["embedding_config"] == self.plugins_in and not self.unet_frozen_in \
+                and not config.lora_rank:
+            return [f"plugins: EveryDream2's textual-inversion plugin (from {self.plugins_in}) with the UNet "
+                    "training: here embeddings train alone (textual inversion) or beside a LoRA (pivotal tuning), "
+                    "never beside a full fine-tune. Set disable_unet_training true, as the plugin's notes advise for "
+                    "textual inversion, or lora_rank (such as 16) for pivotal tuning."]
+        return []
 
     def layer(self, raw: dict[str, Any], source: str, from_cli: bool) -> None:
         """Merge one source. EveryDream2's translated keys go first, so that a key of ours given in the same
@@ -137,7 +153,9 @@ class _Merge:
         for key, given in raw.items():
             if from_cli and (key in ed2.REFUSED_WHEN_SET or key in ed2.NOT_HONOURED):
                 given = cli_value(given)
-            if key in ed2.REFUSED_WHEN_SET and ed2.is_set(key, given):
+            if key == ed2.UNET_FROZEN and ed2.is_set(key, given):
+                self.unet_frozen_in = source  # allowed only for embeddings alone: judged once all is merged
+            elif key in ed2.REFUSED_WHEN_SET and ed2.is_set(key, given):
                 self.problems.append(f"{key}: {shown(given)} (from {source}), an EveryDream2 key not supported here: "
                                      f"{ed2.REFUSED_WHEN_SET[key]}.")
             elif key in ed2.NOT_HONOURED and ed2.is_set(key, given):
@@ -154,11 +172,17 @@ class _Merge:
         if given is None and not from_cli:
             self.notices.append(f"{key}: null in {source} (EveryDream2 key) changes nothing.")
             return
+        if from_cli and tp is list:  # `--plugins name`, or a json list
+            given = cli_value(given) if isinstance(cli_value(given), list) else [given]
         try:
             value = True if given is None and tp is bool else (coerce_cli(tp, given) if from_cli else coerce_json(tp, given))
         except (BadValue, TypeError):
             self.problems.append(f"{key}: got {shown(given)} (from {source}); expected {expected_value(tp)}.")
             return
+        if key == "plugins":
+            self.plugins_in = source if ed2.TEXTUAL_INVERSION_PLUGIN in value else None
+            if ed2.other_plugins(value):
+                self.not_honoured.add("plugins")
         for ours, translated in translation(value).items():
             self.values[ours], self.sources[ours] = translated, source
             self.notices.append(f"{key}: {shown(value)} (EveryDream2 key) is read as {ours}: {shown(translated)}.")
@@ -204,6 +228,7 @@ def load_config(argv: list[str]) -> LoadedConfig:
     merge.layer(cli, "command line", from_cli=True)
 
     config = TrainConfig(**merge.values)
+    merge.problems += merge.embedding_problems(config)
     # with the json file unread, its keys are at their defaults: what is wrong with those is not the user's doing
     invalid = [(key, expected) for key, expected in validate(config)
                if not (json_problems and merge.sources[key] == "default")]
@@ -213,8 +238,10 @@ def load_config(argv: list[str]) -> LoadedConfig:
         bad = frozenset(merge.bad_keys | {key for key, _ in invalid})
         rest = None if json_problems else dataclasses.replace(config, **{key: FIELDS[key].default for key in bad})
         raise ConfigError(merge.problems, rest, bad)
-    if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (checks.py refuses a contradiction)
-        config = dataclasses.replace(config, disable_textenc_training=not config.lora_text_encoder)
+    if config.lora_rank:  # in LoRA mode lora_text_encoder alone decides (checks.py refuses a contradiction);
+        # an embedding's rows are the text encoder's, so with one it always takes part in training
+        config = dataclasses.replace(config, disable_textenc_training=not (config.lora_text_encoder
+                                                                          or embedding_mode(config)))
     merge.notices += [notice for key, notice in merge.null_notices.items() if merge.sources[key] == "default"]
     warnings = [ed2.not_honoured_warning(merge.not_honoured)] if merge.not_honoured else []
     return LoadedConfig(config, merge.sources, merge.notices, warnings)

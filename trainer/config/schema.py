@@ -25,6 +25,7 @@ OptimizerName = Literal[
 ]
 LoraTargets = Literal["attn", "attn_ff", "all"]
 PredictionTypeOverride = Literal["epsilon", "v_prediction"]
+MAX_EMBEDDING_VECTORS = 75  # CLIP's window holds 77 tokens, two of them its start and end markers
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -150,6 +151,27 @@ class TrainConfig:
         None, "LoRA mode: start the adapters from this kohya-format .safetensors file (its rank and alpha must "
         "match lora_rank and lora_alpha); null: fresh adapters (up weights zero: the base's outputs)."
     )
+    # embeddings (trainer/adapters/embeddings.py, docs/EMBEDDINGS.md): new token vectors, saved as files of a few KB
+    embedding_token: str | None = _key(
+        None, "Embedding mode (textual inversion): train new vectors for this token, written in the captions as it is "
+        "here (e.g. 'sks-dog'), on the frozen model (with lora_rank: beside a LoRA, pivotal tuning); saved as "
+        "<token>.safetensors for AUTOMATIC1111, ComfyUI and diffusers. null: no embedding."
+    )
+    embedding_init: str = _key(
+        "*", "Embedding mode: the words whose token vectors the new ones start from (e.g. 'dog'), cycled over the "
+        "vectors; '*' is AUTOMATIC1111's default."
+    )
+    embedding_vectors: int = _key(1, "Embedding mode: vectors per token (1-16 usual; each takes a place of the "
+                                     "prompt's 75).")
+    embedding_lr: float = _key(0.005, "Embedding mode: the new vectors' learning rate (AUTOMATIC1111's default).")
+    embedding_steps: int = _key(
+        0, "Pivotal tuning (with lora_rank): train the embedding for only this many optimizer steps, then the LoRA "
+        "alone; 0: the whole run."
+    )
+    embedding_config: str | None = _key(
+        None, "Several embeddings at once: EveryDream2's textual_inversion.json (a tokens list of token, initializer, "
+        "vector_length); wins over embedding_token, embedding_init and embedding_vectors."
+    )
     # the objective (trainer/objective/loss.py documents each formula and its paper)
     min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")
     zero_frequency_noise_ratio: float = _key(0.02, "Offset noise: share of per-channel constant noise (0: off).")
@@ -204,6 +226,21 @@ FIELD_TYPES: dict[str, Any] = typing.get_type_hints(TrainConfig)
 def lora_alpha(cfg: TrainConfig) -> float:
     """LoRA's alpha as trained: lora_alpha, or the rank when null (a scale of 1)."""
     return float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+
+
+def embedding_mode(cfg: TrainConfig) -> bool:
+    """Whether the run trains embeddings (alone: textual inversion; with lora_rank: pivotal tuning)."""
+    return cfg.embedding_token is not None or cfg.embedding_config is not None
+
+
+def frozen_base(cfg: TrainConfig) -> bool:
+    """Whether the base model stays frozen (LoRA, embeddings): held in the compute precision, saved as small files."""
+    return bool(cfg.lora_rank) or embedding_mode(cfg)
+
+
+def trains_unet(cfg: TrainConfig) -> bool:
+    """Whether anything of the UNet trains: all but textual inversion alone (an embedding without a LoRA)."""
+    return not embedding_mode(cfg) or bool(cfg.lora_rank)
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from PIL import Image
 
 from common.console import warn
 from common.files import atomic_file, write_text_atomically
+from data.captions import as_added, multi_vector_tokens
 from trainer.evaluation.prompts import SCHEDULERS, Drawn
 
 
@@ -113,6 +114,9 @@ def _generate_batch(pipeline: StableDiffusionPipeline, group: list[Drawn], devic
 
     rows: list[list[Image.Image]] = [[] for _ in group]
     (width, height), first = group[0].size, group[0]
+    groups = multi_vector_tokens(pipeline.tokenizer)  # an embedding's tokens, written as training reads them
+    prompts, negative = ([as_added(text, groups) if text else text for text in texts] for texts in
+                         ([s.prompt for s in group], [s.negative_prompt for s in group]))
     for cfg in first.cfgs:
         if stop_requested():
             return None
@@ -121,7 +125,7 @@ def _generate_batch(pipeline: StableDiffusionPipeline, group: list[Drawn], devic
         generators = [torch.Generator(device).manual_seed(sample.seed) for sample in group]
         with torch.autocast(device.type, dtype=low or torch.float32, enabled=low is not None):
             result = pipeline(
-                [s.prompt for s in group], negative_prompt=[s.negative_prompt for s in group], width=width,
+                prompts, negative_prompt=negative, width=width,
                 height=height, num_inference_steps=first.steps, guidance_scale=cfg, generator=generators,
                 output_type="np", callback_on_step_end=interrupt_on_stop,
                 clip_skip=clip_skip - 1 if clip_skip >= 2 else None,  # diffusers counts layers skipped after the last

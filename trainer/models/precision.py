@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from common.console import warn
+from trainer.config.schema import frozen_base
 from trainer.models.load import ComponentDtypes
 
 COMPUTE_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,10 +31,10 @@ def training_precision(requested: str) -> str:
 
 def component_dtypes(cfg, precision: str) -> ComponentDtypes:
     """The UNet (trained) in fp32; the VAE in the compute dtype; the text encoder in fp32 when it is trained,
-    else in the compute dtype. In LoRA mode the whole base is frozen, so all of it is in the compute dtype (its
-    adapters are fp32: trainer/adapters/lora.py)."""
+    else in the compute dtype. In LoRA and embedding mode the whole base is frozen, so all of it is in the compute
+    dtype (the adapters and rows that train are fp32: trainer/adapters/)."""
     frozen = COMPUTE_DTYPES[precision]
-    if cfg.lora_rank:
+    if frozen_base(cfg):
         return ComponentDtypes(unet=frozen, text_encoder=frozen, vae=frozen)
     text_encoder = frozen if cfg.disable_textenc_training else torch.float32
     return ComponentDtypes(unet=torch.float32, text_encoder=text_encoder, vae=frozen)

@@ -28,28 +28,37 @@ GRAD_SCALER_START = {"init_scale": 2**17.5, "growth_factor": 2.0, "backoff_facto
 GRAD_SCALER_STEPS = {500: (1.8, 100), 1000: (1.6, 200), 2000: (1.3, 500), 4000: (1.15, 2000)}
 
 
-def build_optimizer(plan: OptimizerPlan, unet: torch.nn.Module, text_encoder: torch.nn.Module | None,
+def build_optimizer(plan: OptimizerPlan, unet: torch.nn.Module | None, text_encoder: torch.nn.Module | None,
                     device: torch.device | None = None, fused_backward: bool = False) -> torch.optim.Optimizer:
-    """The optimizer over the trainable parameters: a UNet group and, when trained, a text-encoder group, in one
+    """The optimizer over the trainable parameters: a UNet group (None: the UNet is frozen, as in textual
+    inversion), a text-encoder group when it trains, and an embedding's rows in a group of their own, in one
     optimizer, or chained from one optimizer per model when the plan separates them; with `fused_backward`, one
-    per parameter, stepped inside backward (trainer/optim/fused_backward.py). `device`: where the parameters will train
-    (accelerate's prepare moves them there after this); None: where they are."""
-    device = device or next(unet.parameters()).device
-    unet_group = _group(_trainable(unet), plan.unet, "unet")
+    per parameter, stepped inside backward (trainer/optim/fused_backward.py). `device`: where the parameters will
+    train (accelerate's prepare moves them there after this); None: where they are."""
+    device = device or next((unet or text_encoder).parameters()).device
+    unet_groups = [_group(_trainable(unet), plan.unet, "unet")] if unet is not None else []
+    te_groups = _text_encoder_groups(plan, text_encoder) if text_encoder is not None else []
     if fused_backward:
         from trainer.optim.fused_backward import FusedBackwardOptimizer
 
         settings = {"unet": plan.unet, "text_encoder": plan.text_encoder}
-        groups = [unet_group] + ([_group(_trainable(text_encoder), plan.text_encoder, "text_encoder")]
-                                 if text_encoder is not None else [])
-        return FusedBackwardOptimizer(groups, lambda one: _optimizer(settings[one[0]["name"]], one, device))
-    if text_encoder is None:
-        return _optimizer(plan.unet, [unet_group], device)
-    te_group = _group(_trainable(text_encoder), plan.text_encoder, "text_encoder")
-    if not plan.separate:
-        return _optimizer(plan.unet, [unet_group, te_group], device)
-    return ChainedOptimizer([_optimizer(plan.unet, [unet_group], device),
-                             _optimizer(plan.text_encoder, [te_group], device)])
+        return FusedBackwardOptimizer(unet_groups + te_groups,
+                                      lambda one: _optimizer(settings[one[0]["name"]], one, device))
+    if not te_groups or not unet_groups or not plan.separate:
+        return _optimizer(plan.unet if unet_groups else plan.text_encoder, unet_groups + te_groups, device)
+    return ChainedOptimizer([_optimizer(plan.unet, unet_groups, device),
+                             _optimizer(plan.text_encoder, te_groups, device)])
+
+
+def _text_encoder_groups(plan: OptimizerPlan, text_encoder: torch.nn.Module) -> list[dict]:
+    """The text encoder's trained parameters (if any besides an embedding's rows), then the rows, at their rate."""
+    from trainer.adapters.embeddings import is_rows_key
+
+    trained = [(key, p) for key, p in text_encoder.named_parameters() if p.requires_grad]
+    rest = [p for key, p in trained if not is_rows_key(key)]
+    rows = [p for key, p in trained if is_rows_key(key)]
+    groups = [_group(rest, plan.text_encoder, "text_encoder")] if rest or not rows else []
+    return groups + ([_group(rows, plan.embedding, "embedding")] if rows else [])
 
 
 def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -143,17 +152,21 @@ def build_lr_scheduler(plan: OptimizerPlan, optimizer: torch.optim.Optimizer, to
     """One LambdaLR with each parameter group's own schedule (diffusers' schedules, held at their end value after
     their decay steps), stepped once per optimizer step: the loop prepares it with split_batches, so accelerate
     steps it once per step whatever the process count."""
-    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule}
+    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule,
+                 "embedding": plan.text_encoder_schedule}
     parts = optimizer.optimizers if isinstance(optimizer, ChainedOptimizer) else [optimizer]
-    rules = [schedule_rule(schedules[group["name"]], part, total_steps)
+    rules = [schedule_rule(schedules[group["name"]], part, total_steps,
+                           stop=plan.embedding_steps if group["name"] == "embedding" else 0)
              for part in parts for group in part.param_groups]
     return LambdaLR(optimizer, rules)
 
 
-def schedule_rule(schedule: LRSchedule, optimizer: torch.optim.Optimizer, total_steps: int):
+def schedule_rule(schedule: LRSchedule, optimizer: torch.optim.Optimizer, total_steps: int, stop: int = 0):
     """The factor on the peak lr at each step. diffusers' cosine comes back up past its decay steps (the bounce
     EveryDream2 has); here the factor stays where the decay ended. The rule is taken from a stand-in optimizer
-    with the real one's default lr (diffusers' polynomial schedule reads it), so the real one is left untouched."""
+    with the real one's default lr (diffusers' polynomial schedule reads it), so the real one is left untouched.
+    `stop` > 0: the factor is 0 from that step on (an embedding's rows in pivotal tuning: at lr 0 an optimizer's
+    step leaves them as they are, weight decay included)."""
     from diffusers.optimization import get_scheduler
 
     warmup, decay = schedule.resolved(total_steps)
@@ -161,7 +174,7 @@ def schedule_rule(schedule: LRSchedule, optimizer: torch.optim.Optimizer, total_
     rule = get_scheduler(schedule.name, stand_in, num_warmup_steps=warmup, num_training_steps=decay).lr_lambdas[0]
 
     def held(step: int) -> float:
-        return rule(min(step, decay))
+        return 0.0 if stop and step >= stop else rule(min(step, decay))
 
     return held
 

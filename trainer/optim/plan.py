@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.config.schema import OptimizerName
+from trainer.config.schema import OptimizerName, embedding_mode, trains_unet
 from trainer.errors import ProblemsError
 from trainer.optim.optimizer_json import OptimizerFile, read_optimizer_file
 
@@ -151,6 +151,10 @@ class OptimizerPlan:
     train_text_encoder: bool = True
     grad_scaler_tweaks: bool = False  # EveryDream2's fp16 grad-scaler settings (build.GRAD_SCALER_*)
     log_grad_norm: bool = True  # measure the gradient norm at log steps, for the log
+    embedding: OptimizerSettings | None = None  # embedding mode: the token rows' (the text encoder's, at their lr)
+    embedding_steps: int = 0  # pivotal tuning: the rows' lr is 0 after this many optimizer steps; 0: never
+    train_unet: bool = True  # false: textual inversion, where only the embedding trains
+    text_encoder_layers: bool = True  # whether anything of the text encoder but an embedding's rows trains
 
     @property
     def separate(self) -> bool:
@@ -187,6 +191,10 @@ def plan_optimizers(cfg, notices: list[str] | None = None) -> OptimizerPlan:
         plan = _apply_file(found, plan, problems, notices, cfg.lr)
     if cfg.lora_rank:
         plan = _lora_rates(plan, cfg.lora_unet_lr, cfg.lora_text_encoder_lr, notices)
+    if embedding_mode(cfg):  # the rows train with the text encoder's optimizer and schedule, at their own rate
+        plan = replace(plan, embedding=replace(plan.text_encoder, lr=cfg.embedding_lr),
+                       embedding_steps=cfg.embedding_steps, train_unet=trains_unet(cfg),
+                       text_encoder_layers=cfg.lora_text_encoder)
     if problems:
         raise ProblemsError(problems, heading="in optimizer_config")  # each names the file and key
     _say_slips(plan, notices)

@@ -36,7 +36,8 @@ from data.schedule import batches_per_epoch
 from data.validation import validation_sets
 from trainer.config.everydream2 import FIND_LAST
 from trainer.config.load import ConfigError
-from trainer.config.schema import TrainConfig, lora_alpha
+from trainer.adapters.embedding_tokens import EmbeddingToken, configured_tokens, unnamed_tokens
+from trainer.config.schema import TrainConfig, embedding_mode, frozen_base, lora_alpha, trains_unet
 from trainer.errors import ProblemsError, UserError, bulleted
 from trainer.evaluation.prompts import SampleSettings, read_sample_prompts
 from trainer.evaluation.validation import MAIN_SET, ValidationPlan, plan_validation
@@ -48,6 +49,7 @@ from trainer.saves.resume import (
     TrainerState,
     TrainingSetup,
     architecture_hash,
+    embedding_record,
     find_training_state,
     fixed_differences,
     honoured_changes,
@@ -86,6 +88,7 @@ class Preflight:
     resume: ResumePlan | None
     validation_plan: ValidationPlan = field(default_factory=ValidationPlan)
     notices: list[str] = field(default_factory=list)
+    embeddings: tuple[EmbeddingToken, ...] = ()  # embedding mode: the tokens to train
 
 
 
@@ -191,6 +194,7 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else None
     problems += missing_packages(cfg)
     problems += lora_init_problems(cfg) if cfg.lora_init else []
+    tokens = attempt(embedding_tokens, cfg, train_scan, notices) if embedding_mode(cfg) else ()
     if cfg.fused_backward and plan is not None:
         from trainer.optim.fused_backward import problems as fused_backward_problems
 
@@ -208,7 +212,7 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     if problems:
         raise ProblemsError(problems)
     return Preflight(train_scan, validation, run_dir, save_dir, cache_dir, steps_per_epoch, total_steps, plan,
-                     prompts, resume, validation_plan, notices)
+                     prompts, resume, validation_plan, notices, tokens or ())
 
 
 def problems_beside(error: ConfigError) -> str:
@@ -299,6 +303,25 @@ def lora_init_problems(cfg: TrainConfig) -> list[str]:
     return [f"lora_init {path}: {problem}." for problem in problems]
 
 
+def embedding_tokens(cfg: TrainConfig, scan: Scan | None, notices: list[str]) -> tuple[EmbeddingToken, ...]:
+    """The tokens to train (embedding_config's, or embedding_token's), each written in some training caption: a
+    token no caption writes would never train."""
+    tokens = configured_tokens(cfg)
+    if cfg.embedding_config is not None:
+        notices.append(f"embedding_config {cfg.embedding_config}: training " + ", ".join(
+            f"'{t.token}' ({t.vectors} vector{'s' if t.vectors > 1 else ''}, from '{t.initializer}')" for t in tokens)
+            + "; each starts from its initializer's token embeddings.")
+    unnamed = unnamed_tokens(tokens, [item.caption for item in scan.items]) if scan else []
+    if unnamed:
+        names = ", ".join(f"'{token}'" for token in unnamed)
+        raise UserError(f"embedding token{'s' if len(unnamed) > 1 else ''} {names} {'is' if len(unnamed) == 1 else 'are'}"
+                        f" written in no caption of data_root {cfg.data_root} ({len(scan.items)} images), so "
+                        f"{'it' if len(unnamed) == 1 else 'they'} would never train. Write the token into the captions "
+                        "of the images that show its concept (e.g. 'a photo of sks-dog'), or name the word those "
+                        "captions already use.")
+    return tokens
+
+
 def missing_packages(cfg: TrainConfig) -> list[str]:
     asked = {"wandb": cfg.wandb, "attn_type": cfg.attn_type == "xformers"}
     return [f"{key}: asks for the {package} package, which is not installed; {fix}."
@@ -327,8 +350,9 @@ def known_model_size(cfg: TrainConfig) -> footprint.ModelSize | None:
 def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
                   size: footprint.ModelSize | None = None) -> list[str]:
     """Whether the disk where saves go has room for one save of the model (of `size`, or as read from its files).
-    A LoRA save holds only adapters (MBs) whose size is known once they exist: each save checks its room then."""
-    if cfg.lora_rank:
+    A LoRA or embedding save holds only adapters or vectors (MBs, KBs) whose size is known once they exist: each
+    save checks its room then."""
+    if frozen_base(cfg):
         return []
     size = size or known_model_size(cfg)
     if size is None:
@@ -351,13 +375,19 @@ def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
 
 def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, family: str = "",
                   architecture: str = "", base: str = "") -> TrainingSetup:
-    trained = ("unet",) if cfg.disable_textenc_training else ("unet", "text_encoder")
+    trained = (("unet",) if trains_unet(cfg) else ()) + (() if cfg.disable_textenc_training else ("text_encoder",))
     lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
-    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule}
+    if plan.embedding is not None:
+        lr = {**({"unet": lr["unet"]} if trains_unet(cfg) else {}), "embedding": plan.embedding.lr}
+        if cfg.lora_text_encoder:
+            lr["text_encoder"] = plan.text_encoder.lr
+    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule,
+                 "embedding": plan.text_encoder_schedule}
     return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.label,
                          cfg.ema_decay_rate is not None, lr, plan.unet_schedule.name, plan.unet_schedule.warmup_steps,
                          total_steps, cfg.grad_accum, schedules={group: schedules[group].record() for group in lr},
-                         seed=cfg.seed, fused_backward=cfg.fused_backward, lora=lora_record(cfg), base=base)
+                         seed=cfg.seed, fused_backward=cfg.fused_backward, lora=lora_record(cfg), base=base,
+                         embedding=embedding_record(cfg))
 
 
 def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,

@@ -65,17 +65,24 @@ class Settings:
     save_bytes: int = 2  # per parameter of a save's weights (fp16; 4 with save_full_precision)
     lora_rank: int = 0  # LoRA mode: only adapters train; the base is held in the compute precision
     lora_targets: str = "attn_ff"
+    lora_text_encoder: bool = False  # LoRA mode: the text encoder has adapters too
+    embedding_rows: int = 0  # embedding mode: the token rows that train (vectors x width each); the base is frozen
+
+    @property
+    def frozen_base(self) -> bool:
+        return bool(self.lora_rank or self.embedding_rows)
 
     @classmethod
     def from_config(cls, cfg, optimizer_label: str, text_cache_entries: int = 0, processes: int = 1,
-                    gpu: bool = True) -> Settings:
+                    gpu: bool = True, embedding_vectors: int = 0) -> Settings:
         return cls(batch=cfg.batch_size, resolution=cfg.resolution, precision=cfg.mixed_precision,
                    optimizer=optimizer_label, gradient_checkpointing=bool(cfg.gradient_checkpointing),
                    train_text_encoder=not cfg.disable_textenc_training,
                    ema_on_device=cfg.ema_decay_rate is not None and cfg.ema_device == "gpu",
                    fused_backward=cfg.fused_backward, text_cache_entries=text_cache_entries, processes=processes,
                    gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2, lora_rank=cfg.lora_rank,
-                   lora_targets=cfg.lora_targets)
+                   lora_targets=cfg.lora_targets, lora_text_encoder=cfg.lora_text_encoder,
+                   embedding_rows=embedding_vectors)
 
 
 @dataclass(frozen=True)
@@ -111,8 +118,9 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
     profile = trace(model.unet_config, model.text_encoder_config if settings.train_text_encoder else None,
                     settings.resolution, settings.precision)
     compute = DTYPE_BYTES[settings.precision]
-    if settings.lora_rank:  # the whole base frozen in the compute dtype; the adapters train
-        trained = adapter_params(model, settings)
+    if settings.frozen_base:  # the whole base frozen in the compute dtype; adapters and embedding rows train
+        trained = (adapter_params(model, settings) if settings.lora_rank else 0) + \
+            settings.embedding_rows * model.text_width
         frozen_bytes = (model.unet + model.text_encoder + model.vae) * compute
     else:
         trained = model.unet + (model.text_encoder if settings.train_text_encoder else 0)
@@ -126,9 +134,9 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
         "runtime": RUNTIME_BYTES["gpu" if settings.gpu else "cpu"],
     }
     forward, backward = replay(profile, settings.batch, settings.gradient_checkpointing, settings.fused_backward,
-                               frozen_base=bool(settings.lora_rank))
+                               frozen_base=settings.frozen_base)
     # a save gathers the weights in their save dtype in host memory: a GPU's memory never holds that copy
-    saved = trained if settings.lora_rank else model.unet + model.text_encoder + model.vae
+    saved = trained if settings.frozen_base else model.unet + model.text_encoder + model.vae
     save = 0 if settings.gpu else saved * settings.save_bytes
     return MemoryPlan(parts, forward, backward, ALLOCATOR_SLACK, save)
 
@@ -206,7 +214,7 @@ def advice(model: ModelParams, settings: Settings, budget: int) -> list[tuple[st
             continue
         current = dataclasses.replace(current, **{attribute: value})
         if attribute == "train_text_encoder" and current.lora_rank:
-            words = "lora_text_encoder false"
+            current, words = dataclasses.replace(current, lora_text_encoder=False), "lora_text_encoder false"
         steps.append((words, plan_memory(model, current).peak))
         if steps[-1][1] <= budget:
             return steps
@@ -224,13 +232,16 @@ def adapter_params(model: ModelParams, settings: Settings) -> int:
     from trainer.preflight.activations import meta_models
 
     unet, text_encoder = meta_models(model.unet_config, model.text_encoder_config)
-    modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.train_text_encoder else {})}
+    modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.lora_text_encoder else {})}
     return adapter_count(modules, settings.lora_rank, settings.lora_targets)
 
 
 def _allowed(settings: Settings, attribute: str) -> bool:
-    """fused_backward cannot combine with several processes (trainer/config/checks.py has the full list)."""
-    return not (attribute == "fused_backward" and settings.processes > 1)
+    """fused_backward cannot combine with several processes or embeddings (trainer/config/checks.py has the full
+    list); an embedding's rows are the text encoder's, so it keeps training."""
+    if attribute == "fused_backward":
+        return settings.processes == 1 and not settings.embedding_rows
+    return not (attribute == "train_text_encoder" and settings.embedding_rows)
 
 
 # ---------------------------------------------------------------- the model, and what a run says
@@ -317,7 +328,8 @@ def memory_report(cfg, preflight, device, model: ModelParams | None) -> tuple[li
     the GPU's own memory."""
     caches_text = cfg.disable_textenc_training and cfg.text_embedding_cache and not cfg.shuffle_tags
     captions = len({item.caption for item in preflight.scan.items}) + 1 if caches_text else 0  # + the empty one
-    settings = Settings.from_config(cfg, preflight.optimizer.label, captions, device.processes, device.gpu)
+    settings = Settings.from_config(cfg, preflight.optimizer.label, captions, device.processes, device.gpu,
+                                    sum(token.vectors for token in preflight.embeddings))
     budget = int(cfg.vram_gb * GIB) if cfg.vram_gb else device.memory
     return report(model, settings, budget)
 

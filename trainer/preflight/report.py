@@ -4,6 +4,7 @@ optimizers and their schedules, validation, samples and the state it would resum
 
 from __future__ import annotations
 
+from trainer.adapters.embedding_tokens import names_token
 from trainer.config.schema import TrainConfig
 from trainer.optim.plan import OptimizerPlan
 from trainer.preflight.checks import Preflight
@@ -18,11 +19,16 @@ def optimizer_line(plan: OptimizerPlan, total_steps: int) -> str:
             else "constant"
         return f"{settings.optimizer} lr {settings.lr:g}, {shape}"
 
-    models = [("UNet", plan.unet, plan.unet_schedule)]
-    if plan.train_text_encoder:
+    models = [("UNet", plan.unet, plan.unet_schedule)] if plan.train_unet else []
+    if plan.train_text_encoder and plan.text_encoder_layers:
         models.append(("text encoder", plan.text_encoder, plan.text_encoder_schedule))
-    kind = "one optimizer per model" if plan.separate else "one optimizer"
-    return f"Dry run: {kind}: " + "; ".join(f"{who} {one(s, schedule)}" for who, s, schedule in models) + "."
+    if plan.embedding is not None:
+        until = f" for the first {plan.embedding_steps} steps" if plan.embedding_steps else ""
+        models.append(("embedding", plan.embedding, plan.text_encoder_schedule))
+    else:
+        until = ""
+    kind = "one optimizer per model" if plan.separate and plan.train_unet else "one optimizer"
+    return f"Dry run: {kind}: " + "; ".join(f"{who} {one(s, schedule)}" for who, s, schedule in models) + until + "."
 
 
 def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -> list[str]:
@@ -44,6 +50,11 @@ def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -
     lines.append(f"Dry run: the run folder would be {preflight.run_dir}, saves in {preflight.save_dir}"
                  + (f", the latent cache in {preflight.cache_dir}" if preflight.cache_dir else "") + ".")
     lines.append(optimizer_line(preflight.optimizer, preflight.total_steps))
+    if preflight.embeddings:
+        lines.append("Dry run: embeddings: " + ", ".join(
+            f"'{t.token}' ({t.vectors} vector{'s' if t.vectors > 1 else ''} from '{t.initializer}', in "
+            f"{sum(names_token(item.caption, t.token) for item in preflight.scan.items)} captions)"
+            for t in preflight.embeddings) + ".")
     plan = preflight.validation_plan
     if preflight.validation:
         sets = ", ".join(f"{name} {len(items)} images" for name, items in preflight.validation.items())

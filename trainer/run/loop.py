@@ -175,8 +175,10 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
     with accelerator.accumulate(*run.trained):
         latents = batch["latents"] if "latents" in batch else encode_images(run.vae, batch["pixel_values"], generators)
         encoder_hidden_states = text_states(run, batch)
-        loss = compute_loss(run.unet, run.noise_scheduler, latents, encoder_hidden_states, generators,
-                            run.objective, batch.get("loss_weight"))
+        # a prepared UNet runs under autocast already; a frozen one (textual inversion) is not prepared
+        with contextlib.nullcontext() if run.unet in run.trained else accelerator.autocast():
+            loss = compute_loss(run.unet, run.noise_scheduler, latents, encoder_hidden_states, generators,
+                                run.objective, batch.get("loss_weight"))
         run.guard.add_loss(loss)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
         grad_norm = None

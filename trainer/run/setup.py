@@ -29,9 +29,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from common.console import say
 from common.files import owner_tag
 from data.dataset import TrainingData
-from trainer.adapters.lora import Adapters, LoraSettings, adapter_parameters, add_adapters, keep_states_to_adapters
+from trainer.adapters.embeddings import TrainedRows, is_rows_key, trained_rows
+from trainer.adapters.lora import Adapters, LoraSettings, add_adapters, is_adapter_key, keep_states_to_trained
 from trainer.adapters.lora_file import base_hash
-from trainer.config.schema import TrainConfig
+from trainer.config.schema import TrainConfig, embedding_mode, frozen_base, trains_unet
 from trainer.errors import UserError
 from trainer.evaluation.prompts import SampleSettings
 from trainer.evaluation.sampling import sd_pipeline
@@ -75,7 +76,7 @@ class Run:
 
     cfg: TrainConfig
     accelerator: Accelerator
-    unet: torch.nn.Module  # prepared (its repeated blocks compiled in place when asked)
+    unet: torch.nn.Module  # prepared when trained (its repeated blocks compiled in place when asked)
     text_encoder: torch.nn.Module  # prepared when trained
     vae: torch.nn.Module
     tokenizer: object
@@ -108,6 +109,7 @@ class Run:
     changed_on_disk: set[str] = field(default_factory=set)  # those that changed since: saved from memory
     text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
     adapters: Adapters | None = None  # LoRA mode: the adapters trained on the frozen base (trainer/adapters/lora.py)
+    embeddings: TrainedRows | None = None  # embedding mode: the trained token rows (trainer/adapters/embeddings.py)
     base_hash: str = ""  # LoRA mode: the base's weight files' sha256, written into each adapter file
     processes: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) by rank: who was lost, if one is
     logs_stopped: bool = False  # train.log and tensorboard could not be written (trainer/run/logs.py)
@@ -175,14 +177,24 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device,
     checkpointing and the speed paths as configured. Returns the speed paths taken, for the log, and the adapters."""
     freeze(models.vae)
     models.vae.to(device)
-    models.unet.train()
+    if trains_unet(cfg):
+        models.unet.train()
+    else:  # textual inversion: gradients pass through the frozen UNet to the text encoder's rows
+        freeze(models.unet)
+        models.unet.to(device)
     if cfg.disable_textenc_training:
         freeze(models.text_encoder)
         models.text_encoder.to(device)
     else:
         models.text_encoder.train()
     adapters = set_up_adapters(cfg, models)
-    if not cfg.disable_textenc_training:  # in LoRA mode this freezes the adapters of the layers it names
+    rows = trained_rows(models.text_encoder)
+    if rows is not None:  # of the text encoder, only the rows (and its LoRA adapters, if any) train
+        if not cfg.lora_text_encoder:
+            models.text_encoder.requires_grad_(False)
+        rows.trained_rows.requires_grad_(True)
+    if not cfg.disable_textenc_training and (rows is None or cfg.lora_text_encoder):
+        # in LoRA mode this freezes the adapters of the layers it names
         frozen = freeze_text_encoder_parts(models.text_encoder, freezing)
         if frozen:
             say(frozen)
@@ -214,7 +226,8 @@ def set_up_adapters(cfg: TrainConfig, models: SDModels) -> Adapters | None:
 
 
 def adapted_modules(unet: torch.nn.Module, text_encoder: torch.nn.Module, cfg: TrainConfig) -> dict:
-    return {"unet": unet, **({} if cfg.disable_textenc_training else {"text_encoder": text_encoder})}
+    """The models that carry LoRA adapters: the UNet, and the text encoder with lora_text_encoder."""
+    return {"unet": unet, **({"text_encoder": text_encoder} if cfg.lora_text_encoder else {})}
 
 
 def speed_paths(cfg: TrainConfig, unet: torch.nn.Module, device: torch.device) -> list[str]:
@@ -260,17 +273,17 @@ def schedulers(cfg: TrainConfig, models: SDModels) -> tuple[DDPMScheduler, Sched
 
 
 def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
-    """diffusers' EMAModel for each trained module (in LoRA mode: of its adapters), as (EMA, the parameters it
+    """diffusers' EMAModel for each trained module (on a frozen base: of what trains), as (EMA, the parameters it
     averages) pairs; decay per update (with diffusers' built-in warmup)."""
     if cfg.ema_decay_rate is None:
         return []
     from diffusers.training_utils import EMAModel
 
-    unet, text_encoder = run.unwrapped()
-    modules = [unet] + ([] if cfg.disable_textenc_training else [text_encoder])
     emas = []
-    for module in modules:
-        params = adapter_parameters(module) if run.adapters else list(module.parameters())
+    for module in trained_modules(cfg, *run.unwrapped()):
+        # on a frozen base only its adapters and embedding rows, else the whole model
+        params = ([p for key, p in module.named_parameters() if is_adapter_key(key) or is_rows_key(key)]
+                  if frozen_base(cfg) else list(module.parameters()))
         ema = EMAModel(params, decay=cfg.ema_decay_rate)
         ema.to(device if cfg.ema_device == "gpu" else torch.device("cpu"))
         run.accelerator.register_for_checkpointing(ema)
@@ -301,22 +314,25 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
     architecture = architecture_hash(models.unet, models.text_encoder)  # the base's, as check_model_fits saw it
     taken, adapters = set_up_modules(cfg, models, accelerator.device, plan.freezing)
     base = ""
-    if adapters is not None:
-        keep_states_to_adapters(accelerator)
+    if frozen_base(cfg):
+        keep_states_to_trained(accelerator, lambda key: is_adapter_key(key) or is_rows_key(key))
         (base,) = broadcast_object_list([base_hash(Path(models.info.path)) if accelerator.is_main_process else ""])
     unet = models.unet  # the UNet the run trains (modules are set up in place)
     noise_scheduler, sample_scheduler = schedulers(cfg, models)
     train_text_encoder = not cfg.disable_textenc_training
-    optimizer = build_optimizer(plan, unet, models.text_encoder if train_text_encoder else None, accelerator.device,
+    optimizer = build_optimizer(plan, unet if trains_unet(cfg) else None,
+                                models.text_encoder if train_text_encoder else None, accelerator.device,
                                 fused_backward=cfg.fused_backward)
     taken += fused_kernels(optimizer)
     total_steps = count_steps(len(data.loader), cfg)[1]
     lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps)
-    to_prepare = [unet] + ([models.text_encoder] if train_text_encoder else [])
+    to_prepare = trained_modules(cfg, unet, models.text_encoder)
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*to_prepare, optimizer, data.loader, lr_scheduler)
+    prepared = dict(zip([id(m) for m in to_prepare], trained))
     (owner,) = broadcast_object_list([owner_tag()])  # the main process's, on every process
     run = Run(
-        cfg, accelerator, unet=trained[0], text_encoder=trained[1] if train_text_encoder else models.text_encoder,
+        cfg, accelerator, unet=prepared.get(id(unet), unet),
+        text_encoder=prepared.get(id(models.text_encoder), models.text_encoder),
         vae=models.vae, tokenizer=models.tokenizer, noise_scheduler=noise_scheduler,
         sample_scheduler=sample_scheduler, info=models.info, trained=trained, optimizer=optimizer,
         lr_scheduler=lr_scheduler, plan=plan, loader=loader, data=data, objective=Objective.from_config(cfg),
@@ -327,6 +343,7 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         owner=owner, prompts=preflight.prompts, validation=data.validation,
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
         text_cache=text_embedding_cache(cfg, models.text_encoder), adapters=adapters, base_hash=base,
+        embeddings=trained_rows(models.text_encoder),
         processes=roster(accelerator),
         stored_stamps={name: stored_stamp(Path(models.info.path), name) for name in ("vae", "text_encoder", "unet")},
     )
@@ -337,9 +354,23 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         f"{cfg.resolution}px: batch {cfg.batch_size} x accum {cfg.grad_accum} x {accelerator.num_processes} "
         f"process(es), {math.ceil(len(loader) / cfg.grad_accum)} steps/epoch, {total_steps} steps, device "
         f"{accelerator.device}, precision {accelerator.mixed_precision}, optimizer {plan.describe()}{' (fused backward)' if cfg.fused_backward else ''}, "
-        f"text encoder {'trained' if train_text_encoder else 'frozen'}{', EMA' if run.emas else ''}.")
+        f"text encoder {text_encoder_role(cfg)}{', EMA' if run.emas else ''}.")
     say_speed_paths(run, taken)
     return run
+
+
+def trained_modules(cfg: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The models with something to train, in the order they are prepared: the UNet unless only embeddings train,
+    the text encoder unless it is frozen."""
+    return ([unet] if trains_unet(cfg) else []) + ([] if cfg.disable_textenc_training else [text_encoder])
+
+
+def text_encoder_role(cfg: TrainConfig) -> str:
+    if cfg.disable_textenc_training:
+        return "frozen"
+    if embedding_mode(cfg) and not cfg.lora_text_encoder:
+        return "frozen but for the embedding rows"
+    return "trained"
 
 
 def say_speed_paths(run: Run, taken: list[str]) -> None:

@@ -55,8 +55,10 @@ class TrainingSetup:
     fused_backward: bool = False  # one optimizer state per parameter (trainer/optim/fused_backward.py); older: False
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA mode's adapter shapes (config.lora_record); {}: full
     base: str = ""  # LoRA mode: sha256 of the base's weights the adapters were trained on (trainer/adapters/lora.py)
+    embedding: dict[str, Any] = field(default_factory=dict)  # embedding mode: each token's vector count; {}: none
 
-    FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward", "lora")  # checked from the config alone (preflight)
+    FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward", "lora", "embedding")  # checked from the
+    # config alone (preflight)
 
 
 @dataclass
@@ -91,6 +93,14 @@ def lora_record(cfg) -> dict[str, Any]:
             "text_encoder": cfg.lora_text_encoder}
 
 
+def embedding_record(cfg) -> dict[str, Any]:
+    """What an embedding's training state can only continue with (TrainingSetup.embedding): each token and its
+    vector count ({} without embeddings). Initializers and the rate may change."""
+    from trainer.adapters.embedding_tokens import configured_tokens
+
+    return {token.token: token.vectors for token in configured_tokens(cfg)}
+
+
 def upgraded_freezing(freezing: dict[str, Any]) -> dict[str, Any]:
     """A state's text-encoder freezing as this version records it. States saved before unfreeze_last_n_layers
     recorded freeze_front_n_layers (negative: all but the last n) and an explicit freeze_embeddings."""
@@ -104,10 +114,15 @@ def upgraded_freezing(freezing: dict[str, Any]) -> dict[str, Any]:
 
 
 def architecture_hash(*modules) -> str:
-    """Names and shapes of every parameter: equal exactly when a state's weights load into these modules."""
+    """Names and shapes of every parameter of the base: equal exactly when a state's weights load into these
+    modules."""
+    from trainer.adapters.embeddings import is_rows_key
+
     digest = hashlib.blake2b(digest_size=8)
     for module in modules:
         for name, param in module.named_parameters():
+            if is_rows_key(name):  # an embedding's rows: TrainingSetup.embedding records them
+                continue
             digest.update(f"{name}:{tuple(param.shape)};".encode())
     return digest.hexdigest()
 

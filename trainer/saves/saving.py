@@ -23,7 +23,9 @@ from safetensors.torch import save_file
 
 from common.console import say, warn
 from common.files import atomic_folder, free_bytes, human_bytes, partial_path, readable_as_umask, remove
+from trainer.adapters import embedding_file
 from trainer.adapters.lora_file import file_metadata, file_tensors
+from trainer.config.schema import frozen_base
 from trainer.errors import UserError
 from trainer.run.guard import Breakage, DivergedError
 from trainer.run.setup import Run, adapted_modules, ema_weights
@@ -98,7 +100,7 @@ def _save(run: Run, state: TrainerState, *, epoch: int | None, prefix: str, with
         with ema_weights(run):
             agree(run, lambda: _write_whole(run, twin, pipeline, dtype, state), twin, step=state.global_step)
         _say_saved(run, twin)
-    if cfg.save_single_file and not run.adapters:  # a LoRA save is its one file
+    if cfg.save_single_file and not frozen_base(cfg):  # a LoRA or embedding save is its small files
         for folder in [path] + ([path.with_name(path.name + "-ema")] if run.emas else []):
             agree(run, lambda folder=folder: _single_file(run, folder), folder, step=state.global_step, complete=True)
     if cfg.max_saves and not prefix and accelerator.is_main_process:
@@ -111,8 +113,9 @@ def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
     unet, text_encoder = run.unwrapped()
     trained = sum(p.numel() for m in run.trained for p in m.parameters() if p.requires_grad)
     total = sum(p.numel() for m in (unet, text_encoder, run.vae) for p in m.parameters())
-    size = footprint.ModelSize(trained=trained, frozen=0 if run.adapters else total - trained)  # LoRA: adapters only
-    single_file = run.cfg.save_single_file and not run.adapters
+    small = frozen_base(run.cfg)  # LoRA, embeddings: only what trained is saved
+    size = footprint.ModelSize(trained=trained, frozen=0 if small else total - trained)
+    single_file = run.cfg.save_single_file and not small
     needed = footprint.save_bytes(size, half=not run.cfg.save_full_precision, single_file=single_file,
                                   ema=bool(run.emas), training_state=with_state, optimizer=run.setup.optimizer)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +124,9 @@ def _check_room(run: Run, path: Path, with_state: bool) -> str | None:
 
 def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype, state: TrainerState,
                  name: str) -> str | None:
-    """The model (LoRA mode: the adapter file) into the partial folder a save becomes; a text when it cannot be."""
-    weights = _lora_weights(run, dtype) if run.adapters else _weights(run, pipeline, dtype)
+    """The model (on a frozen base: the adapter and embedding files) into the partial folder a save becomes; a text
+    when it cannot be."""
+    weights = _small_weights(run, dtype) if frozen_base(run.cfg) else _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
@@ -133,7 +137,7 @@ def _write_model(run: Run, partial: Path, pipeline, dtype: torch.dtype, state: T
 
 
 def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype, state: TrainerState) -> str | None:
-    weights = _lora_weights(run, dtype) if run.adapters else _weights(run, pipeline, dtype)
+    weights = _small_weights(run, dtype) if frozen_base(run.cfg) else _weights(run, pipeline, dtype)
     problem = _bad_weights(weights)
     if problem:
         return problem
@@ -143,25 +147,42 @@ def _write_whole(run: Run, path: Path, pipeline, dtype: torch.dtype, state: Trai
 
 
 def _write(run: Run, folder: Path, pipeline, weights: dict, state: TrainerState, name: str) -> None:
-    """A diffusers model folder, or in LoRA mode the folder's one adapter file `<name>.safetensors`."""
-    if not run.adapters:
+    """A diffusers model folder; on a frozen base the folder's small files: the adapter file `<name>.safetensors`
+    (with any embeddings bundled) and one `<token>.safetensors` per embedding."""
+    if not frozen_base(run.cfg):
         write_model_folder(folder, pipeline, weights)
         return
-    metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
-                             images=len(run.data.loader.dataset), base_hash=run.base_hash, name=name,
-                             rates=(run.plan.unet.lr, run.plan.text_encoder.lr))
-    save_file(weights["lora"], str(folder / f"{name}.safetensors"), metadata=metadata)
+    images = len(run.data.loader.dataset)
+    if "lora" in weights:
+        metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
+                                 images=images, base_hash=run.base_hash, name=name,
+                                 rates=(run.plan.unet.lr, run.plan.text_encoder.lr))
+        save_file(weights["lora"], str(folder / f"{name}.safetensors"), metadata=metadata)
+    for token, tensors in weights.items():
+        if token != "lora":
+            metadata = embedding_file.file_metadata(run.cfg, run.info, token, len(tensors[embedding_file.TENSOR]),
+                                                    step=state.global_step, epoch=state.epoch, images=images)
+            save_file(tensors, str(folder / f"{embedding_file.file_name(token)}.safetensors"), metadata=metadata)
 
 
-def _lora_weights(run: Run, dtype: torch.dtype) -> dict:
+def _small_weights(run: Run, dtype: torch.dtype) -> dict:
+    """A frozen base's save, by file: "lora" (the adapters, and the embeddings bundled) and each embedding's token."""
     unet, text_encoder = run.unwrapped()
-    return {"lora": file_tensors(adapted_modules(unet, text_encoder, run.cfg), run.adapters.settings, dtype)}
+    vectors = run.embeddings.vectors() if run.embeddings is not None else {}
+    weights = {token: embedding_file.file_tensors(v, dtype) for token, v in vectors.items()}
+    if run.adapters:
+        weights["lora"] = {**file_tensors(adapted_modules(unet, text_encoder, run.cfg), run.adapters.settings, dtype),
+                           **embedding_file.bundled_tensors(vectors, dtype)}
+    return weights
 
 
 def _say_saved(run: Run, path: Path) -> None:
     if run.adapters:
         say(f"Saved LoRA: {path / (path.name + '.safetensors')}")
-    else:
+    if run.embeddings is not None:
+        files = [str(path / f"{embedding_file.file_name(token)}.safetensors") for token in run.embeddings.tokens]
+        say(f"Saved embedding{'s' if len(files) > 1 else ''}: {', '.join(files)}")
+    if not frozen_base(run.cfg):
         say(f"Saved model: {path}")
 
 

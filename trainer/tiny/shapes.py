@@ -55,13 +55,16 @@ def make_shapes_dataset(out_dir: Path, images_per_concept: int = 8, size: int = 
 
 
 def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8, seed: int = 123,
-                   lora: Path | None = None) -> tuple[float, float]:
+                   lora: Path | None = None, embedding: tuple[Path, str] | None = None,
+                   captions: dict[str, tuple[str, str]] | None = None) -> tuple[float, float]:
     """(loss with each image's own caption, loss with the other concept's caption) on fresh held-out shapes.
 
     The training objective itself (trainer/objective/loss.py `compute_loss`, plain MSE), with the same noise and
     timestep for both captions (the same generator seed), so the difference is what the caption is worth to the
     model: about 0 for a model that ignores its conditioning, clearly positive once it has learned it. `lora`: a
-    LoRA file applied to the model first, by diffusers' own loader (as a user's pipeline applies it).
+    LoRA file applied to the model first, by diffusers' own loader (as a user's pipeline applies it); `embedding`:
+    (an embedding file, its token), added by diffusers' load_textual_inversion. `captions`: the concepts to draw,
+    each with (its own caption, the caption to compare with); default: both, each against the other's caption.
     """
     import numpy as np
     import torch
@@ -73,23 +76,32 @@ def caption_losses(model_dir: Path, images_per_concept: int = 8, draws: int = 8,
     from trainer.objective.loss import compute_loss, encode_prompts
 
     models = load_model_dir(Path(model_dir))
-    if lora is not None:
+    if lora is not None or embedding is not None:
         from trainer.evaluation.sampling import sd_pipeline
 
-        sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer,
-                    models.sample_scheduler).load_lora_weights(str(lora))
-    concepts, rng = list(CONCEPTS), random.Random(seed)
+        pipeline = sd_pipeline(models.unet, models.text_encoder, models.vae, models.tokenizer, models.sample_scheduler)
+        if lora is not None:
+            pipeline.load_lora_weights(str(lora))
+        if embedding is not None:
+            from trainer.adapters.embedding_file import read_embedding_file
+
+            pipeline.load_textual_inversion(read_embedding_file(embedding[0]), token=embedding[1])
+    if captions is None:
+        captions = {concept: (CONCEPTS[concept][2], CONCEPTS[other][2]) for concept, other in zip(CONCEPTS,
+                                                                                                  reversed(CONCEPTS))}
+    concepts, rng = list(captions), random.Random(seed)
     own, other = [], []
     with torch.no_grad():
-        ids = tokenize_captions(models.tokenizer, [caption for _, _, caption in CONCEPTS.values()])
-        states = dict(zip(concepts, encode_prompts(models.text_encoder, ids).split(1)))
+        texts = list(dict.fromkeys(text for pair in captions.values() for text in pair))
+        states = dict(zip(texts, encode_prompts(models.text_encoder, tokenize_captions(models.tokenizer,
+                                                                                         texts)).split(1)))
         for i in range(images_per_concept * len(concepts)):
-            concept, wrong = concepts[i % 2], concepts[1 - i % 2]
+            concept = concepts[i % len(concepts)]
             mean, _ = encode_posterior(models.vae, to_tensor(draw_shape(concept, 64, rng))[None])
             latents = mean * models.vae.config.scaling_factor
             for draw in range(draws):
                 draw_seed = (seed * len(concepts) * images_per_concept + i) * draws + draw
-                for losses, caption in ((own, concept), (other, wrong)):
+                for losses, caption in zip((own, other), captions[concept]):
                     generator = torch.Generator().manual_seed(draw_seed)
                     losses.append(compute_loss(models.unet, models.noise_scheduler, latents, states[caption],
                                                generator).item())
