@@ -257,6 +257,10 @@ def test_exact_resume_of_an_embedding_run_holds_only_the_rows(tiny_model, named_
     assert "Resumed from" in stdout
     for a, b in zip(straight, resumed):  # the rows, then their EMA
         assert torch.equal(load_file(a)[TENSOR], load_file(b)[TENSOR])
+    other = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(named_shapes), *FAST,
+                       "--embedding_token", TOKEN, "--embedding_vectors", "3", *common, "--max_steps", "6",
+                       "--resume_state", str(first[0].parent)], cwd=tmp_path)
+    assert other.returncode == 2 and "embedding" in other.stderr and "Traceback" not in other.stderr, other.stderr
 
 
 @pytest.mark.slow
@@ -280,6 +284,31 @@ def test_everydream2s_plugin_trains_its_tokens_here(tiny_model, tmp_path: Path):
     width = json.loads((tiny_model("sd1") / "text_encoder" / "config.json").read_text())["hidden_size"]
     shapes = {p.stem: tuple(load_file(str(p))[TENSOR].shape) for p in folder.glob("*.safetensors")}
     assert shapes == {"hat_": (8, width), "dancing shoes": (1, width), "cane": (1, width)}
+    # utils/generate.py takes the files; "cane" is a word of the vocabulary, so diffusers needs another name for it
+    generate = ["--model", str(tiny_model("sd1")), "--steps", "1", "--out", str(tmp_path / "ti.png"),
+                "--embedding", str(folder / "hat_.safetensors") + ":hat*"]
+    refused = run_script(REPO_ROOT / "utils" / "generate.py", [*generate, "--embedding", str(folder / "cane.safetensors"),
+                                                                "--prompt", "a cane"], cwd=tmp_path)
+    assert refused.returncode == 2 and "FILE:<cane>" in refused.stderr and "Traceback" not in refused.stderr
+    named = run_script(REPO_ROOT / "utils" / "generate.py", [*generate, "--embedding",
+                                                              str(folder / "cane.safetensors") + ":<cane>",
+                                                              "--prompt", "a man in a Hat* with a <cane>"], cwd=tmp_path)
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert "Embedding: 'hat*' (8 vectors)" in named.stdout and "Embedding: '<cane>' (1 vector)" in named.stdout
+
+
+@pytest.mark.slow
+def test_the_dry_run_says_the_tokens_their_optimizer_and_the_memory_plan(tiny_model, named_shapes: Path,
+                                                                          tmp_path: Path):
+    result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(named_shapes), *FAST,
+                        "--embedding_token", TOKEN, "--embedding_vectors", "2", "--embedding_init", "circle",
+                        "--lora_rank", "4", "--lora_unet_lr", "1e-4", "--embedding_steps", "10", "--dry_run"],
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"Dry run: embeddings: '{TOKEN}' (2 vectors from 'circle', in 4 captions)." in result.stdout
+    assert "UNet adamw lr 0.0001, constant; embedding adamw lr 0.005, constant for the first 10 steps." in \
+        result.stdout
+    assert "Memory plan (CPU" in result.stdout and "Preflight: every check passed." in result.stdout
 
 
 @pytest.mark.slow

@@ -56,6 +56,8 @@ def main(argv: list[str]) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from data.captions import as_added, multi_vector_tokens
+
     if not (Path(args.model) / "model_index.json").is_file():
         print(f"generate.py: {args.model} is not a diffusers model folder (no model_index.json).", file=sys.stderr)
         return 1
@@ -75,7 +77,7 @@ def main(argv: list[str]) -> int:
         return err.exit_code
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     image = pipe(
-        args.prompt,
+        as_added(args.prompt, multi_vector_tokens(pipe.tokenizer)),  # an embedding's token as the pipeline finds it
         height=size,
         width=size,
         num_inference_steps=args.steps,

@@ -331,9 +331,11 @@ def _lora_rates(plan: OptimizerPlan, unet_lr: float | None, text_encoder_lr: flo
 
 def _say_slips(plan: OptimizerPlan, notices: list[str]) -> None:
     """Settings that work but are most likely not what was meant, wherever they were set."""
-    models = [(plan.unet, plan.unet_schedule, "UNet")]
-    if plan.separate:
+    models = [(plan.unet, plan.unet_schedule, "UNet")] if plan.train_unet else []
+    if plan.text_encoder_layers and (plan.separate or not plan.train_unet):
         models.append((plan.text_encoder, plan.text_encoder_schedule, "text encoder"))
+    if plan.embedding is not None:
+        models.append((plan.embedding, plan.text_encoder_schedule, "embedding (embedding_lr)"))
     for settings, schedule, who in models:
         if settings.spec.adaptive and settings.lr < ADAPTIVE_LR_HINT:
             notices.append(f"{who}: {settings.optimizer} sets its own step size and lr multiplies it; lr "
