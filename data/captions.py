@@ -106,41 +106,39 @@ def shuffle_tags(caption: str, keep_tags: int, rng: random.Random) -> str:
 def tokenize_captions(tokenizer: CLIPTokenizer, captions: list[str]) -> torch.Tensor:
     """(len(captions), model_max_length) token ids: each caption padded to the text encoder's window (77 for
     CLIP), or cut to it, so a batch's rows stack into one tensor; multi-vector tokens spelled out."""
-    groups = multi_vector_tokens(tokenizer)
+    groups = token_groups(tokenizer)
     return tokenizer(
         [spell_out_vectors(caption, groups) for caption in captions], padding="max_length", truncation=True,
         max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
 
 
-def multi_vector_tokens(tokenizer: CLIPTokenizer) -> dict[str, list[str]]:
-    """The tokenizer's added tokens that stand for several vectors, by diffusers' convention (what its
-    `load_textual_inversion` adds and its pipelines read): T with T_1 ... T_{n-1} also added. T -> [T, T_1, ...]."""
+def token_groups(tokenizer: CLIPTokenizer) -> dict[str, list[str]]:
+    """Each token added to the tokenizer with the tokens of its vectors, by diffusers' convention (what its
+    `load_textual_inversion` adds): T with T_1 ... T_{n-1} also added stands for all n; any other added token for
+    itself. T -> [T, T_1, ...]."""
     added = tokenizer.get_added_vocab()
     groups = {}
     for token in added:
         names = [token]
         while f"{token}_{len(names)}" in added:
             names.append(f"{token}_{len(names)}")
-        if len(names) > 1 and not re.search(r"_\d+$", token):
-            groups[token] = names
+        groups[token] = names
     return groups
 
 
-def spell_out_vectors(caption: str, groups: dict[str, list[str]]) -> str:
-    """`caption` with each multi-vector token T written as its n tokens "T T_1 ... T_{n-1}": matched as the
-    tokenizer matches added tokens (any case and spacing, also inside a word), not where T_i is written already."""
-    return _each_token(caption, groups, " ".join)
+def spell_out_vectors(text: str, groups: dict[str, list[str]]) -> str:
+    """`text` with each multi-vector token T written as its n tokens "T T_1 ... T_{n-1}", found as the tokenizer
+    finds added tokens: anywhere, in any case and spacing, the longest of those starting at one place (so neither
+    a written T_1 nor a longer token that starts with T is spelled out again)."""
+    if not any(len(names) > 1 for names in groups.values()):
+        return text
+    ordered = sorted(groups, key=len, reverse=True)
+    pattern = "|".join(r"\s+".join(re.escape(word) for word in token.split()) for token in ordered)
+    lowered = {token.lower(): token for token in groups}
 
+    def spelled(match: re.Match) -> str:
+        token = lowered.get(" ".join(match.group(0).lower().split()))
+        return " ".join(groups[token]) if token is not None and len(groups[token]) > 1 else match.group(0)
 
-def as_added(prompt: str, groups: dict[str, list[str]]) -> str:
-    """`prompt` with each multi-vector token written as the tokenizer holds it: diffusers' pipelines spell such a
-    token out themselves, but only where it is written exactly so (they match its text case for case)."""
-    return _each_token(prompt, groups, lambda names: names[0])
-
-
-def _each_token(text: str, groups: dict[str, list[str]], written) -> str:
-    for token, names in groups.items():
-        pattern = r"\s+".join(re.escape(word) for word in token.split()) + r"(?!_\d)"
-        text = re.sub(pattern, written(names), text, flags=re.IGNORECASE)
-    return text
+    return re.sub(pattern, spelled, text, flags=re.IGNORECASE)

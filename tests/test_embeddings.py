@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data.captions import multi_vector_tokens, tokenize_captions
+from data.captions import spell_out_vectors, token_groups, tokenize_captions
 from tests.conftest import REPO_ROOT, run_script, run_train
 from tests.test_loop import FAST, saved_paths
 from trainer.adapters.embedding_file import TENSOR, bundled_tensors, file_name, file_tensors
@@ -107,8 +107,7 @@ def test_everydream2s_plugin_file_is_read_as_it_is():
     pipe = make_tiny_pipeline("sd1")
     rows = add_embeddings(pipe.text_encoder, pipe.tokenizer, tokens)
     assert {t: len(i) for t, i in rows.tokens.items()} == {"hat*": 8, "dancing shoes": 1, "cane": 1}
-    groups = multi_vector_tokens(pipe.tokenizer)
-    assert list(groups) == ["hat*"]
+    assert [token for token, names in token_groups(pipe.tokenizer).items() if len(names) > 1] == ["hat*"]
     ids = tokenize_captions(pipe.tokenizer, ["a man in a Hat* with Dancing  Shoes and a cane"])[0].tolist()
     assert ids[5:13] == rows.tokens["hat*"] and rows.tokens["dancing shoes"][0] in ids and \
         rows.tokens["cane"][0] in ids
@@ -128,10 +127,46 @@ def test_a_token_file_with_problems_says_each(tmp_path: Path):
         read_token_file(path)
 
 
-def test_the_tokens_must_be_written_in_some_caption():
+def test_the_tokens_must_be_written_in_some_caption_as_the_tokenizer_reads_them():
     tokens = (EmbeddingToken("sks-dog", "dog"), EmbeddingToken("dancing shoes", "shoes"))
     assert unnamed_tokens(tokens, ["a SKS-Dog on grass", "dancing\nshoes"]) == []
-    assert unnamed_tokens(tokens, ["a sks-dogs pack", "shoes for dancing"]) == ["sks-dog", "dancing shoes"]
+    assert unnamed_tokens(tokens, ["xsks-dogs pack"]) == ["dancing shoes"]  # inside a word, as the tokenizer finds it
+    prefix = (EmbeddingToken("hat", "hat"), EmbeddingToken("hat*", "hat"))
+    assert unnamed_tokens(prefix, ["a hat* on a square"]) == ["hat"]  # the tokenizer reads the longer token there
+
+
+def test_a_longer_token_that_starts_with_another_is_spelled_out_as_itself():
+    pipe = make_tiny_pipeline("sd1")
+    rows = add_embeddings(pipe.text_encoder, pipe.tokenizer, (EmbeddingToken("<t>", "dog", 2),
+                                                              EmbeddingToken("<t>-x", "cat", 2)))
+    groups = token_groups(pipe.tokenizer)
+    assert spell_out_vectors("a <T>-x and a <t>, <t>_1", groups) == "a <t>-x <t>-x_1 and a <t> <t>_1, <t>_1"
+    ids = tokenize_captions(pipe.tokenizer, ["a <T>-x and a <t>"])[0].tolist()
+    assert ids[2:4] == rows.tokens["<t>-x"] and ids[6:8] == rows.tokens["<t>"]
+
+
+def test_tokens_that_would_break_their_captions_or_files_are_refused(tmp_path: Path):
+    path = tmp_path / "ti.json"
+    long = "sks" * 90
+    path.write_text(json.dumps({"tokens": [
+        {"token": "sks*", "initializer": "a"}, {"token": "sks?", "initializer": "a"},
+        {"token": "sks, dog", "initializer": "a"}, {"token": "sks_2", "initializer": "a", "vector_length": 2},
+        {"token": long, "initializer": "a"}]}))
+    with pytest.raises(UserError) as err:
+        read_token_file(path)
+    text = str(err.value)
+    assert "'sks*' and 'sks?' would be saved under one file name ('sks_')" in text
+    assert "'sks, dog' holds a comma" in text and "'sks_2' ends in _<number>" in text
+    assert "270 bytes long" in text
+
+
+def test_an_initializer_may_name_the_tokens_themselves():
+    pipe = make_tiny_pipeline("sd1")
+    pieces = pipe.tokenizer("sks-thing", add_special_tokens=False).input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    rows = add_embeddings(pipe.text_encoder, pipe.tokenizer, (EmbeddingToken(TOKEN, TOKEN, 2),
+                                                              EmbeddingToken("<b>", TOKEN, 1)))
+    assert torch.equal(rows.trained_rows.detach(), table[[pieces[0], pieces[1 % len(pieces)], pieces[0]]])
 
 
 # ---------------------------------------------------------------- the config
@@ -147,6 +182,8 @@ def test_embedding_keys_need_a_token_and_go_with_what_they_can(tmp_path: Path):
     text = str(err.value)
     assert "embedding_steps: got 10" in text and "set max_steps" in text
     assert "disable_textenc_training: got true" in text and "a vector count from 1 to 75" in text
+    with pytest.raises(ConfigError, match="cond_dropout: got 1.0 .* the token would never train"):
+        load_config(["--data_root", str(tmp_path), "--embedding_token", "sks", "--cond_dropout", "1"])
     cfg = load_config(["--data_root", str(tmp_path), "--embedding_token", "sks", "--lora_rank", "4"]).config
     assert not cfg.disable_textenc_training and not cfg.lora_text_encoder  # pivotal: the rows train, no TE adapters
 
@@ -387,5 +424,8 @@ def test_a_data_set_without_the_token_is_refused_before_the_model_loads(tiny_mod
     result = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), *FAST,
                         "--embedding_token", "sks-dog", "--dry_run"], cwd=tmp_path)
     assert result.returncode == 2, result.stdout
-    assert "'sks-dog' is written in no caption of data_root" in result.stderr
+    assert "'sks-dog' is written in no training caption of data_root" in result.stderr
     assert "Traceback" not in result.stderr
+    word = run_train(["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), *FAST,
+                      "--embedding_token", "circle", "--embedding_vectors", "3", "--dry_run"], cwd=tmp_path)
+    assert word.returncode == 2 and "'circle' is a word the tokenizer already has" in word.stderr, word.stderr

@@ -56,15 +56,16 @@ def main(argv: list[str]) -> int:
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from data.captions import as_added, multi_vector_tokens
+    from data.captions import spell_out_vectors, token_groups
+    from trainer.evaluation.sampling import prompts_spelled_out_by_caller
 
     if not (Path(args.model) / "model_index.json").is_file():
         print(f"generate.py: {args.model} is not a diffusers model folder (no model_index.json).", file=sys.stderr)
         return 1
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = StableDiffusionPipeline.from_pretrained(
+    pipe = prompts_spelled_out_by_caller(StableDiffusionPipeline.from_pretrained(
         args.model, dtype=torch.float16 if device == "cuda" else torch.float32
-    ).to(device)
+    ).to(device))
     try:
         bundled = {}
         if loras:
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> int:
         return err.exit_code
     size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
     image = pipe(
-        as_added(args.prompt, multi_vector_tokens(pipe.tokenizer)),  # an embedding's token as the pipeline finds it
+        spell_out_vectors(args.prompt, token_groups(pipe.tokenizer)),  # an embedding's tokens, as training reads them
         height=size,
         width=size,
         num_inference_steps=args.steps,
@@ -122,6 +123,9 @@ def add_embedding(pipe, vectors, token: str) -> str:
     if vectors.shape[-1] != width:
         raise LoraError(f"the embedding for {token!r} is {vectors.shape[-1]} wide and this model's text encoder "
                         f"{width} (SD1: 768, SD2: 1024); use an embedding made for this model's family.")
+    if token in pipe.tokenizer.get_added_vocab():
+        raise LoraError(f"an embedding named {token!r} was added already (by another --embedding, or bundled in a "
+                        f"--lora file); give one of them another name: --embedding FILE:<{token}-2>.")
     if token in pipe.tokenizer.get_vocab():
         raise LoraError(f"{token!r} is a word this model's tokenizer already has, so an embedding cannot take its "
                         f"name; call it something new, such as --embedding FILE:<{token}>, and write that in the prompt.")

@@ -6,27 +6,15 @@ the LoRA file the way kohya and AUTOMATIC1111 bundle them (`bundle_emb.<name>.st
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from trainer.adapters.embedding_tokens import bundle_name, file_name
+
 TENSOR = "emb_params"
 BUNDLE = "bundle_emb.{name}.string_to_param.*"
-# characters no file name may hold on Windows or Linux, and the dot that would split a bundled name
-_UNSAFE = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
-
-
-def file_name(token: str) -> str:
-    """The file stem a token is saved under, which AUTOMATIC1111 and ComfyUI take as its name: the token, with
-    characters that no file name may hold replaced by '_'."""
-    return _UNSAFE.sub("_", token).strip(". ") or "embedding"
-
-
-def bundle_name(token: str) -> str:
-    """A token's name inside a LoRA file: its file name without dots (AUTOMATIC1111 splits the key at them)."""
-    return file_name(token).replace(".", "_")
 
 
 def file_tensors(vectors: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.adapters.embedding_tokens import EmbeddingToken
+from trainer.adapters.embedding_tokens import EmbeddingToken, vocabulary_word, word_with_vectors
 from trainer.errors import UserError
 
 ROWS = "trained_rows"  # the parameter's name: state-dict keys end in `token_embedding.trained_rows`
@@ -64,13 +64,13 @@ def add_embeddings(text_encoder: torch.nn.Module, tokenizer, tokens: tuple[Embed
     """Add `tokens` to the tokenizer (in place) and put their rows, started from each initializer, in front of the
     text encoder's token table. Returns the rows' module."""
     table = text_encoder.get_input_embeddings()
+    starts = [_starting_rows(tokenizer, table, token) for token in tokens]  # read before any token is added
     ids: dict[str, list[int]] = {}
-    starts, in_place = [], []
+    in_place = []
     for token in tokens:
         ids[token.token] = _token_ids(tokenizer, token, table.num_embeddings)
         if ids[token.token][0] < table.num_embeddings:
             in_place.append(token.token)
-        starts.append(_starting_rows(tokenizer, table, token))
     rows = TrainedRows(table, [i for group in ids.values() for i in group], torch.cat(starts), ids, in_place)
     text_encoder.set_input_embeddings(rows)
     return rows
@@ -79,13 +79,11 @@ def add_embeddings(text_encoder: torch.nn.Module, tokenizer, tokens: tuple[Embed
 def _token_ids(tokenizer, token: EmbeddingToken, table_size: int) -> list[int]:
     """The ids of a token's vectors: a word the tokenizer already reads as one token keeps its id (one vector);
     any other token and its T_i are added as new tokens."""
-    known = tokenizer(token.token, add_special_tokens=False).input_ids
-    if len(known) == 1 and token.names()[0] not in tokenizer.get_added_vocab():
+    known = vocabulary_word(tokenizer, token)
+    if known is not None:
         if token.vectors > 1:
-            raise UserError(f"embedding token {token.token!r} is a word the tokenizer already has: it can train in "
-                            f"its own row with 1 vector (as EveryDream2's plugin trains it), not {token.vectors}. "
-                            f"Set its vector count to 1, or name a new token such as '<{token.token}>'.")
-        return known
+            raise UserError(word_with_vectors(token))
+        return [known]
     names = token.names()
     taken = [name for name in names if name in tokenizer.get_added_vocab()]
     if taken:
@@ -101,10 +99,10 @@ def _token_ids(tokenizer, token: EmbeddingToken, table_size: int) -> list[int]:
 
 def _starting_rows(tokenizer, table: torch.nn.Embedding, token: EmbeddingToken) -> torch.Tensor:
     ids = tokenizer(token.initializer, add_special_tokens=False).input_ids
-    if not ids:
-        raise UserError(f"embedding token {token.token!r}: its initializer {token.initializer!r} has no tokens; give "
-                        "words close to its meaning, such as 'dog'.")
-    ids = [i for i in ids if i < table.num_embeddings] or ids
+    if not ids or max(ids) >= table.num_embeddings:
+        what = "has no tokens" if not ids else "names tokens added to the tokenizer, not words of the model's own"
+        raise UserError(f"embedding token {token.token!r}: its initializer {token.initializer!r} {what}; give words "
+                        "close to its meaning, such as 'dog'.")
     return table.weight.detach()[[ids[i % len(ids)] for i in range(token.vectors)]].float()
 
 

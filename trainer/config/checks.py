@@ -206,7 +206,9 @@ def _embedding(cfg: TrainConfig) -> Problems:
         ("embedding_init", lambda words: bool(words.strip()), "one or more words, such as 'dog', or '*'"),
         ("embedding_vectors", lambda count: 1 <= count <= MAX_EMBEDDING_VECTORS,
          f"a vector count from 1 to {MAX_EMBEDDING_VECTORS}"),
-        ("embedding_lr", _positive, "a learning rate > 0 such as 5e-3"),
+        ("embedding_lr", lambda lr: _positive(lr) and lr < float("inf"), "a learning rate > 0 such as 5e-3"),
+        ("cond_dropout", lambda p: p < 1.0, "below 1 in embedding mode (1 drops every caption, so the token would "
+                                            "never train), such as the default 0.04"),
         ("embedding_steps", _at_least(0), "a number of optimizer steps >= 0 (0: the whole run)"),
     ])
     if cfg.embedding_steps and not cfg.lora_rank:
@@ -220,5 +222,6 @@ def _embedding(cfg: TrainConfig) -> Problems:
     if cfg.fused_backward:
         bad.append(("fused_backward", "false in embedding mode (a few KB of vectors have no gradient memory to save)"))
     bad += _missing(cfg, "embedding_config", "an existing json file with a tokens list (EveryDream2's "
-                                             "textual_inversion.json), or null")
+                                             "textual_inversion.json, which its plugins key names: it is read from "
+                                             "plugins/ in the folder EveryDream2 runs from), or null")
     return bad

@@ -170,7 +170,7 @@ class TrainConfig:
     )
     embedding_config: str | None = _key(
         None, "Several embeddings at once: EveryDream2's textual_inversion.json (a tokens list of token, initializer, "
-        "vector_length); wins over embedding_token, embedding_init and embedding_vectors."
+        "vector_length), instead of embedding_token (embedding_init and embedding_vectors are not read with it)."
     )
     # the objective (trainer/objective/loss.py documents each formula and its paper)
     min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")

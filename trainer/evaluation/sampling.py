@@ -26,17 +26,26 @@ from PIL import Image
 
 from common.console import warn
 from common.files import atomic_file, write_text_atomically
-from data.captions import as_added, multi_vector_tokens
+from data.captions import spell_out_vectors, token_groups
 from trainer.evaluation.prompts import SCHEDULERS, Drawn
 
 
 def sd_pipeline(unet, text_encoder, vae, tokenizer, scheduler) -> StableDiffusionPipeline:
     """A diffusers pipeline of these parts (the trained ones unwrapped): what samples are drawn with and what a
     save's model_index.json describes."""
-    return StableDiffusionPipeline(
+    pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    return prompts_spelled_out_by_caller(pipeline)
+
+
+def prompts_spelled_out_by_caller(pipeline):
+    """`pipeline`, reading its prompts as given: the caller spells an embedding's tokens out as training captions
+    are (data/captions.spell_out_vectors). diffusers' own conversion (`maybe_convert_prompt`) is a plain text
+    replace: it misses a token written in another case, and spells out again a longer token that starts with it."""
+    pipeline.maybe_convert_prompt = lambda prompt, tokenizer: prompt
+    return pipeline
 
 
 def sampling_scheduler(name: str | None, model_scheduler: SchedulerMixin) -> SchedulerMixin:
@@ -114,8 +123,8 @@ def _generate_batch(pipeline: StableDiffusionPipeline, group: list[Drawn], devic
 
     rows: list[list[Image.Image]] = [[] for _ in group]
     (width, height), first = group[0].size, group[0]
-    groups = multi_vector_tokens(pipeline.tokenizer)  # an embedding's tokens, written as training reads them
-    prompts, negative = ([as_added(text, groups) if text else text for text in texts] for texts in
+    groups = token_groups(pipeline.tokenizer)  # an embedding's tokens, spelled out as in training captions
+    prompts, negative = ([spell_out_vectors(text, groups) if text else text for text in texts] for texts in
                          ([s.prompt for s in group], [s.negative_prompt for s in group]))
     for cfg in first.cfgs:
         if stop_requested():

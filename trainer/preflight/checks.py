@@ -36,7 +36,7 @@ from data.schedule import batches_per_epoch
 from data.validation import validation_sets
 from trainer.config.everydream2 import FIND_LAST
 from trainer.config.load import ConfigError
-from trainer.adapters.embedding_tokens import EmbeddingToken, configured_tokens, unnamed_tokens
+from trainer.adapters.embedding_tokens import EmbeddingToken, checked_tokens
 from trainer.config.schema import TrainConfig, embedding_mode, frozen_base, lora_alpha, trains_unet
 from trainer.errors import ProblemsError, UserError, bulleted
 from trainer.evaluation.prompts import SampleSettings, read_sample_prompts
@@ -194,7 +194,7 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
     prompts = attempt(read_sample_prompts, Path(cfg.sample_prompts)) if cfg.sample_prompts else None
     problems += missing_packages(cfg)
     problems += lora_init_problems(cfg) if cfg.lora_init else []
-    tokens = attempt(embedding_tokens, cfg, train_scan, notices) if embedding_mode(cfg) else ()
+    tokens = attempt(checked_tokens, cfg, train_scan, validation, notices) if embedding_mode(cfg) else ()
     if cfg.fused_backward and plan is not None:
         from trainer.optim.fused_backward import problems as fused_backward_problems
 
@@ -303,25 +303,6 @@ def lora_init_problems(cfg: TrainConfig) -> list[str]:
     return [f"lora_init {path}: {problem}." for problem in problems]
 
 
-def embedding_tokens(cfg: TrainConfig, scan: Scan | None, notices: list[str]) -> tuple[EmbeddingToken, ...]:
-    """The tokens to train (embedding_config's, or embedding_token's), each written in some training caption: a
-    token no caption writes would never train."""
-    tokens = configured_tokens(cfg)
-    if cfg.embedding_config is not None:
-        notices.append(f"embedding_config {cfg.embedding_config}: training " + ", ".join(
-            f"'{t.token}' ({t.vectors} vector{'s' if t.vectors > 1 else ''}, from '{t.initializer}')" for t in tokens)
-            + "; each starts from its initializer's token embeddings.")
-    unnamed = unnamed_tokens(tokens, [item.caption for item in scan.items]) if scan else []
-    if unnamed:
-        names = ", ".join(f"'{token}'" for token in unnamed)
-        raise UserError(f"embedding token{'s' if len(unnamed) > 1 else ''} {names} {'is' if len(unnamed) == 1 else 'are'}"
-                        f" written in no caption of data_root {cfg.data_root} ({len(scan.items)} images), so "
-                        f"{'it' if len(unnamed) == 1 else 'they'} would never train. Write the token into the captions "
-                        "of the images that show its concept (e.g. 'a photo of sks-dog'), or name the word those "
-                        "captions already use.")
-    return tokens
-
-
 def missing_packages(cfg: TrainConfig) -> list[str]:
     asked = {"wandb": cfg.wandb, "attn_type": cfg.attn_type == "xformers"}
     return [f"{key}: asks for the {package} package, which is not installed; {fix}."
@@ -404,7 +385,7 @@ def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_s
     if saved.setup is not None:
         differences = fixed_differences(saved.setup, {k: getattr(current, k) for k in TrainingSetup.FIXED})
         if differences:
-            raise refusal(state_dir, differences, " Set them back to continue exactly.")
+            raise refusal(state_dir, differences, " Set them back to continue exactly.", saved.setup)
         changes = honoured_changes(saved.setup, current, saved.batch_samples, batch_samples)
         if changes:
             notices.append(f"resuming {state_dir} with changes, honoured: {'; '.join(changes)}.")

@@ -4,7 +4,7 @@ optimizers and their schedules, validation, samples and the state it would resum
 
 from __future__ import annotations
 
-from trainer.adapters.embedding_tokens import names_token
+from trainer.adapters.embedding_tokens import named_tokens
 from trainer.config.schema import TrainConfig
 from trainer.optim.plan import OptimizerPlan
 from trainer.preflight.checks import Preflight
@@ -53,7 +53,8 @@ def plan_lines(cfg: TrainConfig, preflight: Preflight, num_processes: int = 1) -
     if preflight.embeddings:
         lines.append("Dry run: embeddings: " + ", ".join(
             f"'{t.token}' ({t.vectors} vector{'s' if t.vectors > 1 else ''} from '{t.initializer}', in "
-            f"{sum(names_token(item.caption, t.token) for item in preflight.scan.items)} captions)"
+            f"{sum(t.token in named_tokens(item.caption, preflight.embeddings) for item in preflight.scan.items)} "
+            "captions)"
             for t in preflight.embeddings) + ".")
     plan = preflight.validation_plan
     if preflight.validation:

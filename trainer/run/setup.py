@@ -189,6 +189,8 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device,
         models.text_encoder.train()
     adapters = set_up_adapters(cfg, models)
     rows = trained_rows(models.text_encoder)
+    if rows is not None:  # trained, also while the freezing below looks for something that trains
+        rows.trained_rows.requires_grad_(True)
     if rows is not None and not cfg.lora_text_encoder:
         models.text_encoder.requires_grad_(False)  # of the text encoder, only the embedding rows train
     elif not cfg.disable_textenc_training:  # in LoRA mode this freezes the adapters of the layers it names

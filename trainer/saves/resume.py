@@ -229,13 +229,19 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, dict) else str(value)
 
 
-def refusal(state_dir: Path, differences: list[str], what_to_set: str = "") -> UserError:
-    return UserError(
-        f"resume_state {state_dir} cannot continue this run: " + "; ".join(differences) + ". A training state "
-        f"continues only the setup it was saved with.{what_to_set} To train on from its weights with a fresh "
-        f"optimizer instead, start a new run with --resume_ckpt {state_dir.parent if state_dir.name == STATE_DIR else state_dir}"
-        " and no resume_state."
-    )
+def refusal(state_dir: Path, differences: list[str], what_to_set: str = "",
+            setup: TrainingSetup | None = None) -> UserError:
+    """`setup`: the state's; a save of a frozen base's adapters or embeddings is no base model to start from."""
+    save = state_dir.parent if state_dir.name == STATE_DIR else state_dir
+    if setup is not None and (setup.lora or setup.embedding):
+        fresh = (f" A save of {'adapters' if setup.lora else 'embeddings'} is no base model: to train anew, start a "
+                 "new run from the base model with no resume_state" + (f" (lora_init {save}/{save.name}.safetensors "
+                 "starts the adapters from this save's)" if setup.lora else "") + ".")
+    else:
+        fresh = (f" To train on from its weights with a fresh optimizer instead, start a new run with --resume_ckpt "
+                 f"{save} and no resume_state.")
+    return UserError(f"resume_state {state_dir} cannot continue this run: " + "; ".join(differences) + ". A training "
+                     f"state continues only the setup it was saved with.{what_to_set}{fresh}")
 
 
 def continue_position(saved: TrainerState, batch_samples: int) -> TrainerState:
