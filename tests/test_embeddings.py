@@ -160,6 +160,22 @@ def test_tokens_that_would_break_their_captions_or_files_are_refused(tmp_path: P
     assert "270 bytes long" in text
 
 
+def test_the_rows_train_whatever_freezes_the_text_encoders_layers_and_embeddings():
+    """Pivotal tuning with text-encoder adapters and optimizer.json freezing every layer: the rows still train."""
+    from trainer.adapters.lora import LoraSettings, add_adapters
+    from trainer.optim.build import freeze_text_encoder_parts
+    from trainer.optim.plan import TextEncoderFreezing
+
+    pipe = make_tiny_pipeline("sd1")
+    rows = add_embeddings(pipe.text_encoder, pipe.tokenizer, (EmbeddingToken(TOKEN, "dog"),))
+    add_adapters({"text_encoder": pipe.text_encoder}, LoraSettings(4, 4.0, 0.0, "attn", True))
+    said = freeze_text_encoder_parts(pipe.text_encoder, TextEncoderFreezing(unfreeze_last_n_layers=0),
+                                     (rows.trained_rows,))
+    assert "the embeddings (not the new tokens' rows)" in said
+    assert [k for k, p in pipe.text_encoder.named_parameters() if p.requires_grad] == [
+        k for k, _ in pipe.text_encoder.named_parameters() if k.endswith("trained_rows")]
+
+
 def test_an_initializer_may_name_the_tokens_themselves():
     pipe = make_tiny_pipeline("sd1")
     pieces = pipe.tokenizer("sks-thing", add_special_tokens=False).input_ids

@@ -56,8 +56,8 @@ class TrainedRows(torch.nn.Module):
         parts = [f"'{token}' ({len(ids)} vector{'s' if len(ids) > 1 else ''}"
                  f"{', its own row: a word the tokenizer has' if token in self.in_place else ''})"
                  for token, ids in self.tokens.items()]
-        return (f"Embeddings: {', '.join(parts)}, {self.trained_rows.numel()} trainable values; every other weight "
-                "of the text encoder is frozen.")
+        return (f"Embeddings: {', '.join(parts)}, {self.trained_rows.numel()} trainable values; the text encoder's "
+                "own weights stay frozen.")
 
 
 def add_embeddings(text_encoder: torch.nn.Module, tokenizer, tokens: tuple[EmbeddingToken, ...]) -> TrainedRows:

@@ -182,8 +182,10 @@ def schedule_rule(schedule: LRSchedule, optimizer: torch.optim.Optimizer, total_
 # ---------------------------------------------------------------- the text encoder's frozen parts
 
 
-def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing) -> str | None:
-    """requires_grad=False on the parts of a CLIP text encoder that the plan freezes; says what, or None."""
+def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncoderFreezing,
+                              kept: tuple[torch.nn.Parameter, ...] = ()) -> str | None:
+    """requires_grad=False on the parts of a CLIP text encoder that the plan freezes, but `kept` (an embedding's
+    rows, which live among its embeddings); says what, or None."""
     layers = text_encoder.encoder.layers
     count = len(layers)
     trained = freezing.trained_layers(count)
@@ -196,10 +198,12 @@ def freeze_text_encoder_parts(text_encoder: torch.nn.Module, freezing: TextEncod
                       else f"layers 1-{front} of {count}")
     if freezing.embeddings_frozen(count):
         text_encoder.embeddings.requires_grad_(False)
-        frozen.append("the embeddings")
+        frozen.append("the embeddings" + (" (not the new tokens' rows)" if kept else ""))
     if freezing.freeze_final_layer_norm:
         text_encoder.final_layer_norm.requires_grad_(False)
         frozen.append("the final layer norm")
+    for param in kept:
+        param.requires_grad_(True)
     if not any(p.requires_grad for p in text_encoder.parameters()):
         raise UserError(f"text_encoder_freezing freezes the whole text encoder ({', '.join(frozen)}); set "
                         "disable_textenc_training true instead, or unfreeze something.")

@@ -189,16 +189,15 @@ def set_up_modules(cfg: TrainConfig, models: SDModels, device: torch.device,
         models.text_encoder.train()
     adapters = set_up_adapters(cfg, models)
     rows = trained_rows(models.text_encoder)
-    if rows is not None:  # trained, also while the freezing below looks for something that trains
-        rows.trained_rows.requires_grad_(True)
+    kept = (rows.trained_rows,) if rows is not None else ()  # they train whatever freezes the embeddings they sit in
     if rows is not None and not cfg.lora_text_encoder:
         models.text_encoder.requires_grad_(False)  # of the text encoder, only the embedding rows train
     elif not cfg.disable_textenc_training:  # in LoRA mode this freezes the adapters of the layers it names
-        frozen = freeze_text_encoder_parts(models.text_encoder, freezing)
+        frozen = freeze_text_encoder_parts(models.text_encoder, freezing, kept)
         if frozen:
             say(frozen)
-    if rows is not None:  # whatever froze the text encoder's embeddings (its adapters, optimizer.json's freezing)
-        rows.trained_rows.requires_grad_(True)
+    for param in kept:
+        param.requires_grad_(True)
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if not cfg.disable_textenc_training:
