@@ -4,12 +4,13 @@ inversion; beside a LoRA, pivotal tuning). Which tokens are `embedding_tokens.py
 
 - **Tokens.** Each token, as the captions write it, gets `vectors` rows. A token new to the vocabulary is added to
   the tokenizer, with T_1 ... T_{n-1} for its further vectors: diffusers' convention (`load_textual_inversion`), by
-  which a prompt's T stands for all n (data/captions.py spells them out in training captions, the pipeline in
-  sample prompts). A token the tokenizer already reads as one word (EveryDream2's example trains "cane") trains
+  which a prompt's T stands for all n (data/captions.py spells them out, in training captions and this project's
+  prompts alike; diffusers' own pipelines do it themselves). A token the tokenizer already reads as one word (EveryDream2's example trains "cane") trains
   that word's own row, with one vector, as EveryDream2's plugin does.
 - **Rows.** The text encoder's token table stays as it was loaded, frozen; `TrainedRows` stands in front of it: a
   trained id's lookup returns its trained row (an fp32 master), every other id the table's. The rows are the only
-  trained parameters of the text encoder, and nothing else of the model changes.
+  trained parameters of the text encoder (beside its LoRA adapters, in pivotal tuning with lora_text_encoder), and
+  nothing else of the model changes.
 - **Starting values.** The token embeddings of the initializer's words, cycled over the vectors (kohya's and
   AUTOMATIC1111's way; EveryDream2's plugin started from the text encoder's output states instead).
 """
