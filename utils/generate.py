@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python u
 # a text encoder's adapters make transformers list every base weight as "MISSING" (an adapter file holds none)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from utils.merge_lora import LoraError, apply_loras, parse_loras  # noqa: E402  (after sys.path above)
+from utils.merge_lora import LoraError, apply_loras, parse_loras, split_suffix  # noqa: E402  (after sys.path above)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,6 +57,7 @@ def main(argv: list[str]) -> int:
     from diffusers import StableDiffusionPipeline
 
     from data.captions import spell_out_vectors, token_groups
+    from trainer.adapters.embedding_file import read_embedding_file
     from trainer.evaluation.sampling import prompts_spelled_out_by_caller
 
     if not (Path(args.model) / "model_index.json").is_file():
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> int:
         if loras:
             bundled = apply_loras(pipe, loras)[1]
             print("LoRA: " + ", ".join(spec.describe() for spec in loras))
-        for token, vectors in [*bundled.items(), *((token, read_vectors(path)) for path, token in embeddings)]:
+        for token, vectors in [*bundled.items(), *((token, read_embedding_file(path)) for path, token in embeddings)]:
             print(f"Embedding: {add_embedding(pipe, vectors, token)}")
     except LoraError as err:
         print(f"generate.py: {err}", file=sys.stderr)
@@ -94,8 +95,8 @@ def parse_embedding(text: str) -> tuple[Path, str]:
     """`file[:token]` as (file, token), the file checked to hold one embedding (from its header); raises LoraError."""
     from common.safetensors_header import HeaderError, read_header
 
-    path, token = (Path(text), None) if Path(text).is_file() or ":" not in text else \
-        (Path(text.rsplit(":", 1)[0]), text.rsplit(":", 1)[1])
+    name, token = split_suffix(text, "")
+    path = Path(name)
     hint = "expected an embedding .safetensors file (e.g. a 'Saved embedding:' path of a train.py --embedding_token run)"
     if not path.is_file() or path.suffix.lower() != ".safetensors":
         what = "no such file" if not path.exists() else "not a .safetensors file (pickled .pt/.bin files are not read)"
@@ -108,12 +109,6 @@ def parse_embedding(text: str) -> tuple[Path, str]:
         raise LoraError(f"--embedding {text} holds {len(tensors)} tensors, not one embedding; {hint} (a LoRA with "
                         "embeddings bundled goes to --lora).")
     return path, token or path.stem
-
-
-def read_vectors(path: Path):
-    from trainer.adapters.embedding_file import read_embedding_file
-
-    return read_embedding_file(path)
 
 
 def add_embedding(pipe, vectors, token: str) -> str:

@@ -66,7 +66,7 @@ class LoraSpec:
 
 def parse_lora(text: str) -> LoraSpec:
     """`file[:strength]` (strength 1.0 when left out), its file checked to be a LoRA; raises LoraError."""
-    path, strength = split_strength(text)
+    path, strength = split_suffix(text, "1")
     try:
         value = float(strength)
     except ValueError:
@@ -78,14 +78,15 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(Path(path), value)
 
 
-def split_strength(text: str) -> tuple[str, str]:
-    """(file, strength text). A file that exists under the whole text is taken whole (its name may hold a ':');
-    otherwise what follows the last ':' is the strength, unless it is a path (C:\\x, a/b:c/d)."""
+def split_suffix(text: str, default: str) -> tuple[str, str]:
+    """(file, suffix text) of `file[:suffix]` (a LoRA's strength, an embedding's token). A file that exists under the
+    whole text is taken whole (its name may hold a ':'); otherwise what follows the last ':' is the suffix, unless it
+    is a path (C:\\x, a/b:c/d); `default` when there is none."""
     if Path(text).is_file() or ":" not in text:
-        return text, "1"
+        return text, default
     head, tail = text.rsplit(":", 1)
     if not head or "/" in tail or "\\" in tail:
-        return text, "1"
+        return text, default
     return head, tail
 
 

@@ -417,4 +417,4 @@ def check_resume_fits_model(resume: ResumePlan | None, family: str, architecture
     if (setup.family, setup.architecture) != (family, architecture):
         what = (f"model family {setup.family.upper()} then, {family.upper()} now" if setup.family != family
                 else "the model's layers differ in name or shape from those it was trained with")
-        raise refusal(resume.state_dir, [what], " Resume with the base model it was trained from.")
+        raise refusal(resume.state_dir, [what], " Resume with the base model it was trained from.", setup)

@@ -424,4 +424,4 @@ def check_same_base(saved: TrainingSetup | None, current: TrainingSetup, state_d
         return
     raise refusal(state_dir, [f"its adapters were trained on a base model whose weights hash to {saved.base[:12]}..., "
                               f"and this run's base ({current.base[:12]}...) differs"],
-                  " Resume with resume_ckpt set to the base model it was trained from.")
+                  " Resume with resume_ckpt set to the base model it was trained from.", saved)

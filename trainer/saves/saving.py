@@ -153,23 +153,28 @@ def _write(run: Run, folder: Path, pipeline, weights: dict, state: TrainerState,
         write_model_folder(folder, pipeline, weights)
         return
     images = len(run.data.loader.dataset)
-    if "lora" in weights:
+    if run.adapters:
         metadata = file_metadata(run.cfg, run.info, run.adapters.settings, step=state.global_step, epoch=state.epoch,
                                  images=images, base_hash=run.base_hash, name=name,
                                  rates=(run.plan.unet.lr, run.plan.text_encoder.lr))
         save_file(weights["lora"], str(folder / f"{name}.safetensors"), metadata=metadata)
-    for token, tensors in weights.items():
-        if token != "lora":
-            metadata = embedding_file.file_metadata(run.cfg, run.info, token, len(tensors[embedding_file.TENSOR]),
-                                                    step=state.global_step, epoch=state.epoch, images=images)
-            save_file(tensors, str(folder / f"{embedding_file.file_name(token)}.safetensors"), metadata=metadata)
+    for token, ids in (run.embeddings.tokens if run.embeddings is not None else {}).items():
+        metadata = embedding_file.file_metadata(run.cfg, run.info, token, len(ids), step=state.global_step,
+                                                epoch=state.epoch, images=images)
+        save_file(weights[_embedding_part(token)], str(folder / f"{embedding_file.file_name(token)}.safetensors"),
+                  metadata=metadata)
+
+
+def _embedding_part(token: str) -> str:
+    """A token's part of a save's weights (apart from "lora", whatever the token is called)."""
+    return f"embedding {token!r}"
 
 
 def _small_weights(run: Run, dtype: torch.dtype) -> dict:
-    """A frozen base's save, by file: "lora" (the adapters, and the embeddings bundled) and each embedding's token."""
+    """A frozen base's save, by part: "lora" (the adapters, and the embeddings bundled) and each embedding."""
     unet, text_encoder = run.unwrapped()
     vectors = run.embeddings.vectors() if run.embeddings is not None else {}
-    weights = {token: embedding_file.file_tensors(v, dtype) for token, v in vectors.items()}
+    weights = {_embedding_part(token): embedding_file.file_tensors(v, dtype) for token, v in vectors.items()}
     if run.adapters:
         weights["lora"] = {**file_tensors(adapted_modules(unet, text_encoder, run.cfg), run.adapters.settings, dtype),
                            **embedding_file.bundled_tensors(vectors, dtype)}
