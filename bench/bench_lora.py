@@ -8,7 +8,8 @@ its peak memory is its own:
 - full adamw8bit: the same with bitsandbytes' 8-bit AdamW;
 - LoRA rank 16 attn_ff: adapters on the UNet's attention and feed-forward layers, the text encoder frozen (its
   embeddings cached, as the trainer does for a frozen encoder), the whole base frozen in the compute dtype;
-- LoRA rank 16 all + text encoder: adapters on every UNet block layer (LoCon) and on the text encoder.
+- LoRA rank 16 all + text encoder: adapters on every UNet block layer (LoCon) and on the text encoder;
+- DoRA, LoHa, LoKr rank 16 attn_ff: the other adapter kinds (lora_kind) on LoRA's layers, beside its row.
 
 With `--checkpointing on` or `both`, each is measured with gradient checkpointing too (one table per setting).
 
@@ -77,6 +78,9 @@ VARIANTS = {  # name -> train.py options
     "lora16-attn_ff": (*LORA, "--lora_targets", "attn_ff", "--optimizer", "adamw"),
     "lora16-all+te": (*LORA, "--lora_targets", "all", "--lora_text_encoder", "true", "--lora_text_encoder_lr", "5e-5",
                       "--optimizer", "adamw"),
+    # the other adapter kinds (lora_kind) on LoRA's attn_ff layers at the same rank
+    **{f"{kind}16-attn_ff": (*LORA, "--lora_kind", kind, "--lora_targets", "attn_ff", "--optimizer", "adamw")
+       for kind in ("dora", "loha", "lokr")},
 }
 
 

@@ -85,6 +85,20 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_concept=8, size=64)
 
 
+NAMED_TOKEN = "sks-thing"  # the embedding token named_shapes' circle captions use
+
+
+@pytest.fixture(scope="session")
+def named_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 generated 64px images, the circles' captions naming NAMED_TOKEN (embeddings, pivotal tuning)."""
+    from trainer.tiny.shapes import make_shapes_dataset
+
+    folder = make_shapes_dataset(tmp_path_factory.mktemp("named"), images_per_concept=4, size=64)
+    for caption in folder.glob("circle_*.txt"):
+        caption.write_text(f"a photo of a {NAMED_TOKEN}, round shape\n", encoding="utf-8")
+    return folder
+
+
 class WarmServer:
     """The session's warm Python (tests/warm_python.py), started at the first run that it can take; WARM_PYTHON=0
     turns it off (every run a fresh `python`)."""

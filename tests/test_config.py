@@ -91,7 +91,8 @@ BOOLEAN_KEYS = [name for name, tp in FIELD_TYPES.items() if bool in (tp, *typing
 def test_every_boolean_key_takes_the_bare_flag_as_true(key: str, data_root: Path):
     """`--gradient_checkpointing` alone, as EveryDream2's docs write it, for every boolean key, nullable or not,
     at the end of the command line and before another option; --help shows each as an optional [BOOL]."""
-    lora = ["--lora_rank", "4"] if key.startswith("lora_") else []
+    lora = ["--lora_rank", "4"] if key.startswith("lora_") else \
+        ["--masked_training"] if key in ("mask_from_alpha", "normalize_masked_area_loss") else []
     for argv in ([*lora, f"--{key}"], [f"--{key}", *lora, "--seed", "3"]):
         assert getattr(load_config(["--data_root", str(data_root), *argv]).config, key) is True
     assert f"--{key} [BOOL]" in help_text()

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data.captions import spell_out_vectors, token_groups, tokenize_captions
-from tests.conftest import REPO_ROOT, run_script, run_train
+from tests.conftest import NAMED_TOKEN, REPO_ROOT, run_script, run_train
 from tests.test_loop import FAST, saved_paths
 from trainer.adapters.embedding_file import TENSOR, bundled_tensors, file_name, file_tensors
 from trainer.adapters.embedding_tokens import EmbeddingToken, read_token_file, unnamed_tokens
@@ -24,7 +24,7 @@ from trainer.errors import UserError
 from trainer.tiny.model import make_tiny_pipeline
 
 ED2_PLUGIN = REPO_ROOT.parent / "shared" / "everydream2" / "plugins" / "textual_inversion.json"
-TOKEN = "sks-thing"
+TOKEN = NAMED_TOKEN
 
 
 def states(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -236,17 +236,6 @@ def embedding_run(tiny_model, data: Path, cwd: Path, *extra: str, family: str = 
     return result.stdout, saved_paths(result.stdout, "Saved embedding: ")
 
 
-@pytest.fixture(scope="module")
-def named_shapes(tmp_path_factory) -> Path:
-    """The shapes set with the circles' captions naming the token."""
-    from trainer.tiny.shapes import make_shapes_dataset
-
-    folder = make_shapes_dataset(tmp_path_factory.mktemp("named"), images_per_concept=4, size=64)
-    for caption in folder.glob("circle_*.txt"):
-        caption.write_text(f"a photo of a {TOKEN}, round shape\n", encoding="utf-8")
-    return folder
-
-
 @pytest.mark.slow
 def test_a_run_changes_only_the_rows_and_saves_what_it_trained(tiny_model, named_shapes: Path, tmp_path: Path,
                                                                capsys):
@@ -409,29 +398,6 @@ def test_a_stop_signal_saves_the_rows_with_their_training_state(tiny_model, name
     assert file.parent.name.startswith("interrupted-") and file.name == f"{TOKEN}.safetensors"
     assert (file.parent / "training_state" / "trainer_state.json").is_file()
     assert f"Continue with --resume_state {file.parent}" in out
-
-
-@pytest.mark.slow
-def test_two_processes_train_the_rows_one_process_trains_at_twice_the_batch(tiny_model, named_shapes: Path,
-                                                                           tmp_path: Path):
-    from tests.test_distributed import LINEAR_ADAM, launch_two
-
-    optimizer = tmp_path / "optimizer.json"  # Adam with a large epsilon: fp32 rounding is not magnified
-    optimizer.write_text(json.dumps(LINEAR_ADAM), encoding="utf-8")
-    common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(named_shapes), *FAST, "--embedding_token",
-              TOKEN, "--embedding_vectors", "2", "--embedding_lr", "5", "--cond_dropout", "0", "--flip_p", "0",
-              "--max_steps", "3", "--save_full_precision", "--optimizer_config", str(optimizer)]
-    one = run_train([*common, "--batch_size", "4", "--logdir", "one"], cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = launch_two([*common, "--batch_size", "2", "--logdir", "two"], cwd=tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "Weights agree on all 2 processes at step 3" in two.stdout
-    (a,), (b,) = saved_paths(one.stdout, "Saved embedding: "), saved_paths(two.stdout, "Saved embedding: ")
-    pipe = make_tiny_pipeline("sd1")
-    (circle,) = pipe.tokenizer("circle", add_special_tokens=False).input_ids
-    start = pipe.text_encoder.get_input_embeddings().weight[circle].detach()
-    assert (load_file(str(a))[TENSOR] - start).abs().min() > 1e-4  # every value trained: agreeing means something
-    torch.testing.assert_close(load_file(str(a))[TENSOR], load_file(str(b))[TENSOR], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ original-layout single file that AUTOMATIC1111 and ComfyUI load.
       --out merged
 
 writes `merged/` (fp16 unless --full_precision) and `merged.safetensors` (+ `merged.yaml` for SD2). Each adapter
-adds `strength` times its update to the weights it covers (W + strength * up @ down * alpha / rank), so strength
-1 is the adapter as trained, 0.5 half of its change, and a negative one subtracts it. `--base` is anything
+adds `strength` times its change to the weights it covers (W + strength * (W' - W), W' the weight with the adapter
+as trained: for LoRA W + up @ down * alpha / rank), so strength 1 is the adapter as trained, 0.5 half of its change,
+and a negative one subtracts it. LoRA files go through diffusers' loader; DoRA, LoHa and LoKr files, which diffusers
+cannot load, through peft's layers of their kind. `--base` is anything
 train.py's `resume_ckpt` takes: a diffusers folder, a ckpt_cache/ name, a .ckpt/.safetensors file, a Hub id.
 
 This module owns reading `--lora file[:strength]`, checking an adapter file before any model loads, applying
@@ -41,8 +43,9 @@ quiet_library_noise()
 
 # Where an adapter's down factor is named in the layouts diffusers' load_lora_weights reads: kohya's (what train.py
 # writes, and A1111/ComfyUI/kohya's tools), peft's, and diffusers' older attention-processor one.
-DOWN_MARKERS = (".lora_down.", ".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
-ADAPTER_FILE_HINT = "a LoRA .safetensors file (e.g. the 'Saved LoRA:' path of a train.py --lora_rank run)"
+DOWN_MARKERS = (".lora_down.", ".lora_A.", ".lora.down.", ".lora_linear_layer.down.", ".hada_w1_a", ".lokr_w1")
+ADAPTER_FILE_HINT = ("a LoRA .safetensors file (e.g. the 'Saved LoRA:' path of a train.py --lora_rank run; LoRA, DoRA, "
+                     "LoHa or LoKr)")
 BUNDLE_PREFIX = "bundle_emb."  # embeddings kept inside a LoRA file (pivotal tuning), by name
 
 
@@ -113,8 +116,9 @@ def check_lora_file(path: Path) -> None:
     if not adapter_layers(header.tensors):
         first = next(iter(header.tensors), None)
         held = f"its {len(header.tensors)} tensors (e.g. {first})" if first else "it holds no tensors and"
-        raise LoraError(f"--lora {path} is not a LoRA: {held} have no adapter names (kohya's .lora_down/.lora_up or "
-                        "peft's .lora_A/.lora_B); a whole model goes to --base, not --lora.")
+        raise LoraError(f"--lora {path} is not a LoRA: {held} have no adapter names (kohya's .lora_down/.lora_up, "
+                        "LyCORIS's .hada_*/.lokr_* or peft's .lora_A/.lora_B); a whole model goes to --base, not "
+                        "--lora.")
 
 
 def adapter_layers(keys: Iterable[str]) -> set[str]:
@@ -135,25 +139,58 @@ def parse_loras(texts: Sequence[str]) -> list[LoraSpec]:
 
 
 def apply_loras(pipe, specs: Sequence[LoraSpec]) -> tuple[list[str], dict]:
-    """Load each adapter into `pipe` (diffusers' load_lora_weights, one named adapter per file) and give each its
-    strength; returns the adapter names, and the embeddings bundled in the files (pivotal tuning: name -> vectors),
-    which are prompt words rather than weights. Raises LoraError for a file that does not fit the model."""
-    names = [f"lora{index}" for index in range(1, len(specs) + 1)]
-    bundled = {}
-    for spec, name in zip(specs, names):
-        bundled.update(load_adapter(pipe, spec, name))
-    pipe.set_adapters(names, adapter_weights=[spec.strength for spec in specs])
+    """Apply each adapter file to `pipe` at its strength: LoRA files through diffusers' load_lora_weights (one named
+    adapter per file; returned, for fuse_lora), the kinds diffusers cannot load (DoRA, LoHa, LoKr) fused into the
+    weights by peft's own layers (trainer/adapters/lora_file.py). Also returns the embeddings bundled in the files
+    (pivotal tuning: name -> vectors), which are prompt words rather than weights. Raises LoraError for a file that
+    does not fit the model."""
+    names, strengths, bundled, loras = [], [], {}, []
+    for spec in specs:  # the other kinds first: they are fused into plain layers, before diffusers wraps any
+        tensors, found = bundle_split(spec)
+        bundled.update(found)
+        if adapter_kind(tensors) == "lora":
+            loras.append((spec, tensors))
+        else:
+            fuse_adapter(pipe, spec, tensors)
+    for spec, tensors in loras:
+        names.append(f"lora{len(names) + 1}")
+        strengths.append(spec.strength)
+        load_adapter(pipe, spec, tensors, names[-1])
+    if names:
+        pipe.set_adapters(names, adapter_weights=strengths)
     return names, bundled
 
 
-def load_adapter(pipe, spec: LoraSpec, name: str) -> dict:
-    """One file's adapters into `pipe` as adapter `name`, every one of its layers placed, or LoraError. Returns the
-    embeddings the file bundles (kohya's and AUTOMATIC1111's `bundle_emb.<name>.*`), which diffusers' loader
-    refuses inside a LoRA: name -> vectors."""
+def bundle_split(spec: LoraSpec) -> tuple[dict, dict]:
+    """(the file's adapter tensors, the embeddings it bundles: kohya's and AUTOMATIC1111's `bundle_emb.<name>.*`,
+    which diffusers' loader refuses inside a LoRA: name -> vectors)."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(spec.path))
     bundled = {key.split(".")[1]: tensors.pop(key) for key in [k for k in tensors if k.startswith(BUNDLE_PREFIX)]}
+    return tensors, bundled
+
+
+def adapter_kind(tensors: dict) -> str:
+    """lora, or the kind (dora, loha, lokr) a kohya/LyCORIS file holds; a peft- or diffusers-named file is LoRA."""
+    from convert.lora_kohya import file_kind
+
+    return file_kind(tensors) or "lora"
+
+
+def fuse_adapter(pipe, spec: LoraSpec, tensors: dict) -> None:
+    """A DoRA, LoHa or LoKr file fused into the pipeline's UNet and text encoder at its strength."""
+    from trainer.adapters.lora_file import fuse_adapter_file
+
+    try:
+        fuse_adapter_file(tensors, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, spec.strength)
+    except UserError as err:
+        raise LoraError(f"--lora {spec.path} does not fit this base model: {err}: use one made for it, or another "
+                        "base.") from None
+
+
+def load_adapter(pipe, spec: LoraSpec, tensors: dict, name: str) -> None:
+    """One LoRA file's adapters into `pipe` as adapter `name`, every one of its layers placed, or LoraError."""
     with quiet_diffusers(), warnings.catch_warnings():
         # peft warns that a model with adapters gets another one: several files are exactly that here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
@@ -170,7 +207,6 @@ def load_adapter(pipe, spec: LoraSpec, name: str) -> dict:
         raise LoraError(f"--lora {spec.path}: only {placed} of its {expected} adapted layers exist in this base model "
                         "(the rest name layers it does not have); expected a LoRA made for this model's family: use "
                         "one made for it, or another base.")
-    return bundled
 
 
 @contextmanager
@@ -234,8 +270,9 @@ def merged_pipeline(base: str, specs: Sequence[LoraSpec]):
         print(f"Not merged: the embedding{'s' if len(bundled) > 1 else ''} {', '.join(sorted(bundled))} bundled in the "
               "LoRA: use the <token>.safetensors beside it (AUTOMATIC1111's or ComfyUI's embeddings folder, or "
               "utils/generate.py --embedding) with the merged model.")
-    pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names, lora_scale=1.0)
-    pipe.unload_lora_weights()
+    if names:  # the other kinds are fused already
+        pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=names, lora_scale=1.0)
+        pipe.unload_lora_weights()
     return pipe, models
 
 

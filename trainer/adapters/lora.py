@@ -1,9 +1,10 @@
 """LoRA mode (`lora_rank` > 0): peft adapters on a frozen base model, and training states that hold only the adapters
 (the file a save writes is `lora_file.py`).
 
-- **Adapters.** peft's LoRA layers (the library diffusers' own `load_lora_weights` builds on) wrap the layers
-  `lora_targets` names; conv layers get conv adapters (kohya's LoCon). The base stays frozen in the precision it
-  was loaded in (the compute dtype on a GPU); the adapters are fp32 masters, the only trainable parameters.
+- **Adapters.** peft's layers of the `lora_kind` (the library diffusers' own `load_lora_weights` builds on) wrap the
+  layers `lora_targets` names: LoRA (conv layers get conv adapters, kohya's LoCon), DoRA (peft's LoRA with a trained
+  magnitude per output), LoHa and LoKr (peft's ports of LyCORIS's). The base stays frozen in the precision it was
+  loaded in (the compute dtype on a GPU); the adapters are fp32 masters, the only trainable parameters.
 - **Training states.** accelerate would store each prepared model's whole state dict, the frozen base included;
   its save/load hooks here keep and restore only what trains (and check that it all came back): the adapters,
   and an embedding's rows (trainer/adapters/embeddings.py).
@@ -22,7 +23,9 @@ from trainer.config.schema import lora_alpha
 from trainer.errors import UserError
 
 ADAPTER = "default"  # peft's adapter name: one adapter per model
-FACTOR_MARKERS = (".lora_A.", ".lora_B.")
+# What names a tensor of each kind's adapters in peft's modules (LoHa's and LoKr's are parameters without `.weight`)
+FACTOR_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.", ".hada_w", ".lokr_w")
+KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 # Which layers each lora_targets setting adapts, by module path (Linear and Conv2d layers only). The UNet's
 # conv_in, conv_out and time embedding stay out of `all`, as in kohya's LoCon: AUTOMATIC1111 maps no adapter there.
 _ATTENTION = r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -44,12 +47,28 @@ class LoraSettings:
     dropout: float
     targets: str
     text_encoder: bool
+    kind: str = "lora"
+    factor: int = -1  # LoKr's Kronecker factor
 
     @classmethod
     def from_config(cls, cfg) -> LoraSettings | None:
         if not cfg.lora_rank:
             return None
-        return cls(cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, cfg.lora_targets, cfg.lora_text_encoder)
+        return cls(cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, cfg.lora_targets, cfg.lora_text_encoder,
+                   cfg.lora_kind, cfg.lokr_factor)
+
+    def peft_config(self, paths: list[str]):
+        """peft's config for adapters of this kind on the modules `paths`, initialised so that training starts from
+        the base's outputs (LoRA's up, LoHa's w2_b, LoKr's w1 zero; DoRA's magnitude the base's row norms)."""
+        from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+        if self.kind == "loha":
+            return LoHaConfig(r=self.rank, alpha=self.alpha, target_modules=paths, init_weights=True)
+        if self.kind == "lokr":
+            return LoKrConfig(r=self.rank, alpha=self.alpha, target_modules=paths, decompose_factor=self.factor,
+                              init_weights=True)
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=paths,
+                          init_lora_weights=True, use_dora=self.kind == "dora")
 
 
 @dataclass
@@ -64,7 +83,8 @@ class Adapters:
 
     def describe(self, modules: dict[str, torch.nn.Module]) -> str:
         where = ", ".join(f"{len(paths)} {name.replace('_', '-')} layers" for name, paths in self.targeted.items())
-        return (f"LoRA rank {self.settings.rank}, alpha {self.settings.alpha:g} ({self.settings.targets}): adapters on "
+        return (f"{KIND_NAMES[self.settings.kind]} rank {self.settings.rank}, alpha {self.settings.alpha:g} "
+                f"({self.settings.targets}): adapters on "
                 f"{where}, {self.count(modules) / 1e6:.2f}M trainable parameters; the base is frozen.")
 
 
@@ -75,22 +95,39 @@ def target_paths(module: torch.nn.Module, model: str, targets: str) -> list[str]
             if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)) and rule.search(path)]
 
 
-def adapter_count(modules: dict[str, torch.nn.Module], rank: int, targets: str) -> int:
-    """Parameters of rank-`rank` adapters on the `targets` layers of `modules` (which may be on the meta device):
-    down (rank x in x kernel) plus up (out x rank) for each layer."""
+def adapter_count(modules: dict[str, torch.nn.Module], rank: int, targets: str, kind: str = "lora",
+                  factor: int = -1) -> int:
+    """Parameters of rank-`rank` adapters of `kind` on the `targets` layers of `modules` (which may be on the meta
+    device), as peft shapes them."""
     total = 0
     for name, module in modules.items():
         layers = dict(module.named_modules())
         for path in target_paths(module, name, targets):
             weight = layers[path].weight
-            total += rank * (weight[0].numel() + weight.shape[0])
+            total += layer_adapter_count(weight.shape[0], weight[0].numel(), weight.shape[2:].numel(), rank, kind,
+                                         factor)
     return total
+
+
+def layer_adapter_count(out: int, fan_in: int, kernel: int, rank: int, kind: str, factor: int) -> int:
+    """One layer's adapter parameters: LoRA down (rank x fan_in) + up (out x rank); DoRA also a magnitude per
+    output; LoHa two such pairs; LoKr a full w1 and a w2 full or of two rank-`rank` factors (peft's rule)."""
+    if kind == "loha":
+        return 2 * rank * (out + fan_in)
+    if kind == "lokr":
+        from peft.tuners.lokr.layer import factorization
+
+        out_l, out_k = factorization(out, factor)
+        in_m, in_n = factorization(fan_in // kernel, factor)
+        w2_full = rank >= max(out_k, in_n) / 2
+        return out_l * in_m + (out_k * in_n * kernel if w2_full else rank * (out_k + in_n * kernel))
+    return rank * (fan_in + out) + (out if kind == "dora" else 0)
 
 
 def add_adapters(modules: dict[str, torch.nn.Module], settings: LoraSettings) -> Adapters:
     """Freeze each of `modules` (model name -> module) and give it adapters: fp32, trainable, their up factors zero
     (so training starts from the base's outputs), their down factors drawn from torch's seeded generator."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     adapters = Adapters(settings)
     for name, module in modules.items():
@@ -99,9 +136,7 @@ def add_adapters(modules: dict[str, torch.nn.Module], settings: LoraSettings) ->
             raise UserError(f"lora_targets {settings.targets} found no layer to adapt in the {name}; this model's "
                             "layers are not named as in Stable Diffusion 1.x/2.x.")
         module.requires_grad_(False)
-        config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                            target_modules=paths, init_lora_weights=True)
-        inject_adapter_in_model(config, module, adapter_name=ADAPTER)
+        inject_adapter_in_model(settings.peft_config(paths), module, adapter_name=ADAPTER)
         for param in adapter_parameters(module):
             param.data = param.data.float()  # fp32 masters, whatever the frozen base is held in
             param.requires_grad_(True)
@@ -118,9 +153,13 @@ def adapter_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def adapter_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors, peft-named without the adapter name (`<module>.lora_A.weight`)."""
-    return {key.replace(f".{ADAPTER}.", "."): value for key, value in module.state_dict().items()
-            if is_adapter_key(key)}
+    """The adapters' tensors, peft-named without the adapter name (`<module>.lora_A.weight`, `<module>.hada_w1_a`)."""
+    return {without_adapter_name(key): value for key, value in module.state_dict().items() if is_adapter_key(key)}
+
+
+def without_adapter_name(key: str) -> str:
+    """`x.lora_A.weight` from peft's `x.lora_A.default.weight`, `x.hada_w1_a` from `x.hada_w1_a.default`."""
+    return key.replace(f".{ADAPTER}.", ".").removesuffix(f".{ADAPTER}")
 
 
 # ---------------------------------------------------------------- training states hold only what trains

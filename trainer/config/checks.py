@@ -24,7 +24,7 @@ _NAME_OK = re.compile(r"^[\w.\-]+$")
 def validate(cfg: TrainConfig) -> Problems:
     """Impossible values as (key, what is expected instead); empty when the config can run."""
     return [*_model_and_data(cfg), *_schedule(cfg), *_objective(cfg), *_outputs(cfg), *_fused_backward(cfg),
-            *_lora(cfg), *_embedding(cfg)]
+            *_lora(cfg), *_embedding(cfg), *_masks(cfg)]
 
 
 def _missing(cfg: TrainConfig, key: str, expected: str, folder: bool = False) -> Problems:
@@ -162,6 +162,7 @@ def _fused_backward(cfg: TrainConfig) -> Problems:
 
 
 LORA_ONLY = ("lora_alpha", "lora_unet_lr", "lora_text_encoder_lr", "lora_init")  # meaningless without lora_rank
+LORA_DEFAULTS = {"lora_kind": "lora", "lokr_factor": -1}
 
 
 def _lora(cfg: TrainConfig) -> Problems:
@@ -173,15 +174,24 @@ def _lora(cfg: TrainConfig) -> Problems:
     if not cfg.lora_rank:
         bad += [(key, "null without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
                 for key in LORA_ONLY if getattr(cfg, key) is not None]
+        bad += [(key, f"{default!r} without lora_rank (it only applies to LoRA mode), or set lora_rank such as 16")
+                for key, default in LORA_DEFAULTS.items() if getattr(cfg, key) != default]
         if cfg.lora_text_encoder:
             bad.append(("lora_text_encoder", "false without lora_rank, or set lora_rank such as 16"))
         return bad
     bad += _failing(cfg, [
         ("lora_alpha", _or_null(_positive), "a number > 0 (the rank, or 1 as kohya's default), or null for the rank"),
         ("lora_dropout", lambda dropout: 0.0 <= dropout < 1.0, "a probability from 0 to below 1"),
+        ("lokr_factor", lambda factor: factor == -1 or factor >= 2, "a factor >= 2 such as 8, or -1 (as square as "
+                                                                    "each layer allows)"),
         *[(key, _or_null(_positive), "a learning rate > 0 such as 1e-4, or null")
           for key in ("lora_unet_lr", "lora_text_encoder_lr")],
     ])
+    if cfg.lora_kind in ("loha", "lokr") and cfg.lora_dropout:
+        bad.append(("lora_dropout", f"0 with lora_kind {cfg.lora_kind} (peft's LoHa and LoKr have no dropout on their "
+                                    "input), or lora_kind lora or dora"))
+    if cfg.lokr_factor != -1 and cfg.lora_kind != "lokr":
+        bad.append(("lokr_factor", "-1 unless lora_kind is lokr (only LoKr splits its layers by a factor)"))
     if cfg.lora_text_encoder and cfg.disable_textenc_training:
         bad.append(("disable_textenc_training", "false with lora_text_encoder true (in LoRA mode lora_text_encoder "
                                                 "alone decides whether the text encoder trains)"))
@@ -225,3 +235,16 @@ def _embedding(cfg: TrainConfig) -> Problems:
                                              "textual_inversion.json, which its plugins key names: it is read from "
                                              "plugins/ in the folder EveryDream2 runs from), or null")
     return bad
+
+
+MASK_DEFAULTS = {"mask_from_alpha": False, "unmasked_weight": 0.1, "normalize_masked_area_loss": False}
+
+
+def _masks(cfg: TrainConfig) -> Problems:
+    """Masked training's keys: a weight from 0 to 1, and none set without masked_training (masks that would silently
+    not be used)."""
+    if not cfg.masked_training:
+        return [(key, f"{default!r} without masked_training (it only applies to masked training), or set "
+                      "masked_training true") for key, default in MASK_DEFAULTS.items() if getattr(cfg, key) != default]
+    return _failing(cfg, [("unmasked_weight", lambda weight: 0.0 <= weight <= 1.0,
+                           "a weight from 0 (the background teaches nothing) to 1 (as without masks), such as 0.1")])

@@ -24,6 +24,7 @@ OptimizerName = Literal[
     "dadapt_adam", "dadapt_lion", "dadapt_sgd", "dadapt_adan",
 ]
 LoraTargets = Literal["attn", "attn_ff", "all"]
+LoraKind = Literal["lora", "loha", "lokr", "dora"]
 PredictionTypeOverride = Literal["epsilon", "v_prediction"]
 MAX_EMBEDDING_VECTORS = 75  # CLIP's window holds 77 tokens, two of them its start and end markers
 LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -134,6 +135,15 @@ class TrainConfig:
         0, "LoRA mode: train rank-r adapters on the frozen base model instead of the model itself, and save them as "
         "one .safetensors file for AUTOMATIC1111, ComfyUI and diffusers (e.g. 16). 0: full fine-tune."
     )
+    lora_kind: LoraKind = _key(
+        "lora", "LoRA mode: the adapter kind, all built on peft: lora; loha and lokr (LyCORIS's Hadamard and "
+        "Kronecker products, saved in LyCORIS's names); dora (LoRA with a trained magnitude per output, kohya's "
+        "dora_scale)."
+    )
+    lokr_factor: int = _key(
+        -1, "lora_kind lokr: the Kronecker factor each layer's sides are split by (e.g. 8 or 16); -1: as square as "
+        "the layer allows (LyCORIS's default)."
+    )
     lora_alpha: float | None = _key(
         None, "LoRA scale numerator: each update is up @ down x alpha / rank. null: the rank (scale 1)."
     )
@@ -171,6 +181,24 @@ class TrainConfig:
     embedding_config: str | None = _key(
         None, "Several embeddings at once: EveryDream2's textual_inversion.json (a tokens list of token, initializer, "
         "vector_length), instead of embedding_token (embedding_init and embedding_vectors are not read with it)."
+    )
+    # masked training (data/masks.py, docs/DATA.md): a per-image mask weights the loss, in latent space
+    masked_training: bool = _key(
+        False, "Weight each image's loss by its mask: a grayscale <name>-masklabel.png beside the image (OneTrainer's "
+        "name; white: learn, black: ignore), or its alpha channel with mask_from_alpha. Images without one train "
+        "everywhere."
+    )
+    mask_from_alpha: bool = _key(
+        False, "With masked_training: an image without a -masklabel.png file is masked by its own alpha channel "
+        "(kohya's alpha_mask)."
+    )
+    unmasked_weight: float = _key(
+        0.1, "With masked_training: the loss weight outside the mask, 0 to 1 (0: the background teaches nothing; 1: "
+        "as without masks)."
+    )
+    normalize_masked_area_loss: bool = _key(
+        False, "With masked_training: divide each image's loss by its mask's weighted area, so that a small subject "
+        "weighs as much as a large one."
     )
     # the objective (trainer/objective/loss.py documents each formula and its paper)
     min_snr_gamma: float | None = _key(None, "Min-SNR-gamma loss weighting, e.g. 5.0; null: off.")

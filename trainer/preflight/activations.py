@@ -184,6 +184,38 @@ def _context(text_encoder, unet) -> torch.Tensor:
     return text_encoder(tokens)[0]
 
 
+@dataclass(frozen=True)
+class AdaptedLayer:
+    weight: int  # elements of the layer's weight
+    output: int  # elements of its output, per sample
+    region: int | None  # which checkpointed region holds it (None: outside every one)
+
+
+def adapted_layers(unet_config: dict, text_encoder_config: dict | None, resolution: int,
+                   paths: dict[str, list[str]]) -> list[AdaptedLayer]:
+    """The sizes of the layers `paths` names (model -> module paths: the adapted ones), from one forward at batch 1
+    on the meta device: what an adapter kind that keeps a layer-sized tensor for backward adds (the memory plan)."""
+    unet, text_encoder = meta_models(unet_config, text_encoder_config)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    regions = {id(m): index for index, m in enumerate(_regions(unet, text_encoder))}
+    region_of = {id(sub): regions[id(m)] for m in _regions(unet, text_encoder) for sub in m.modules()}
+    outputs: dict[int, int] = {}
+    hooks = [models[name].get_submodule(path).register_forward_hook(
+        lambda module, args, out: outputs.__setitem__(id(module), out.numel()))
+        for name in paths for path in paths[name]]
+    try:
+        with torch.no_grad():
+            states = _context(text_encoder, unet)
+            noisy = torch.empty(1, unet.config.in_channels, resolution // 8, resolution // 8, device="meta")
+            unet(noisy, torch.zeros(1, dtype=torch.long, device="meta"), states)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    layers = [models[name].get_submodule(path) for name in paths for path in paths[name]]
+    return [AdaptedLayer(layer.weight.numel(), outputs.get(id(layer), 0), region_of.get(id(layer)))
+            for layer in layers]
+
+
 def meta_models(unet_config: dict, text_encoder_config: dict | None):
     """The UNet (and text encoder) of these configs on the meta device: shapes and no memory."""
     from diffusers import UNet2DConditionModel

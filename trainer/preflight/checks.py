@@ -3,6 +3,8 @@ model loads, and every problem is reported together (exit 2), as config errors a
 
 It checks that
 - data_root (and validation_data_root) hold usable images, and a validation split leaves images to train on;
+  with masked_training each image's mask can be used (data/masks.py; one that cannot is said, and its image trains
+  without it);
 - the run folder, the save folder and the latent-cache folder can be created and written, and none is a file;
   a run_name already in use is refused (a new run never writes into another run's folder); a read-only
   data_root gets its latent cache in a writable place, said in a notice;
@@ -31,6 +33,7 @@ from common.files import free_bytes, human_bytes, place_problem
 from convert.lora_kohya import adapter_file_problems
 from data.errors import DataError
 from data.latent_cache import choose_cache_dir, room_problem_before_load
+from data.masks import checked_masks
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_sets
@@ -178,6 +181,9 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
         for name, folder in own_validation_folders(validation_plan).items():
             attempt(scan_data_root, Path(folder), cfg.resolution, None, validation_plan.folder_role(name))
     train_scan, validation = split or (scan, {})
+    if train_scan:  # the masks checked (said in the scan's report), or the mask files found said not to be used
+        train_scan, validation, mask_lines = checked_masks(train_scan, cfg, validation)
+        notices += mask_lines
     save_dir = save_folder(cfg, run_dir)
     unplaceable = place_problems(cfg, run_dir, save_dir)
     problems += unplaceable
@@ -299,7 +305,8 @@ def lora_init_problems(cfg: TrainConfig) -> list[str]:
             alphas = {key: float(handle.get_tensor(key)) for key in shapes if key.endswith(".alpha")}
     except (OSError, ValueError, TypeError) as err:  # safetensors raises its own error types on damage
         return [f"lora_init {path}: not a readable .safetensors file ({first_line(err)})."]
-    problems = adapter_file_problems(shapes, alphas, cfg.lora_rank, lora_alpha(cfg), cfg.lora_text_encoder)
+    problems = adapter_file_problems(shapes, alphas, cfg.lora_rank, lora_alpha(cfg), cfg.lora_text_encoder,
+                                     cfg.lora_kind)
     return [f"lora_init {path}: {problem}." for problem in problems]
 
 

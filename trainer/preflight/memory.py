@@ -66,6 +66,8 @@ class Settings:
     lora_rank: int = 0  # LoRA mode: only adapters train; the base is held in the compute precision
     lora_targets: str = "attn_ff"
     lora_text_encoder: bool = False  # LoRA mode: the text encoder has adapters too
+    lora_kind: str = "lora"  # lora, dora, loha, lokr (trainer/adapters/lora.py)
+    lokr_factor: int = -1
     embedding_rows: int = 0  # embedding mode: the token rows that train (vectors x width each); the base is frozen
 
     @property
@@ -82,6 +84,7 @@ class Settings:
                    fused_backward=cfg.fused_backward, text_cache_entries=text_cache_entries, processes=processes,
                    gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2, lora_rank=cfg.lora_rank,
                    lora_targets=cfg.lora_targets, lora_text_encoder=cfg.lora_text_encoder,
+                   lora_kind=cfg.lora_kind, lokr_factor=cfg.lokr_factor,
                    embedding_rows=embedding_vectors)
 
 
@@ -133,6 +136,8 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
         "text cache": settings.text_cache_entries * CONTEXT_TOKENS * model.text_width * compute,
         "runtime": RUNTIME_BYTES["gpu" if settings.gpu else "cpu"],
     }
+    if settings.lora_rank and settings.lora_kind in KIND_EXTRA:
+        parts[KIND_EXTRA[settings.lora_kind]] = adapter_kind_bytes(model, settings, compute)
     forward, backward = replay(profile, settings.batch, settings.gradient_checkpointing, settings.fused_backward,
                                frozen_base=settings.frozen_base)
     # a save gathers the weights in their save dtype in host memory: a GPU's memory never holds that copy
@@ -233,7 +238,34 @@ def adapter_params(model: ModelParams, settings: Settings) -> int:
 
     unet, text_encoder = meta_models(model.unet_config, model.text_encoder_config)
     modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.lora_text_encoder else {})}
-    return adapter_count(modules, settings.lora_rank, settings.lora_targets)
+    return adapter_count(modules, settings.lora_rank, settings.lora_targets, settings.lora_kind, settings.lokr_factor)
+
+
+KIND_EXTRA = {"dora": "DoRA's kept outputs", "loha": "LoHa's built updates", "lokr": "LoKr's built updates"}
+
+
+def adapter_kind_bytes(model: ModelParams, settings: Settings, compute: int) -> int:
+    """What an adapter kind keeps for backward beyond LoRA, per adapted layer: LoHa and LoKr build the layer's whole
+    update (out x in) each forward and keep it; DoRA keeps the base's and the adapter's outputs to train the
+    magnitude. With gradient checkpointing only the region being recomputed holds them (the largest is counted)."""
+    from trainer.adapters.lora import target_paths
+    from trainer.preflight.activations import adapted_layers, meta_models
+
+    unet, text_encoder = meta_models(model.unet_config, model.text_encoder_config)
+    modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.lora_text_encoder else {})}
+    paths = {name: target_paths(module, name, settings.lora_targets) for name, module in modules.items()}
+    layers = adapted_layers(model.unet_config, model.text_encoder_config if settings.lora_text_encoder else None,
+                            settings.resolution, paths)
+    if settings.lora_kind == "dora":
+        sizes = [(layer.region, 2 * layer.output * settings.batch * compute) for layer in layers]
+    else:
+        sizes = [(layer.region, layer.weight * compute) for layer in layers]
+    outside = sum(size for region, size in sizes if region is None or not settings.gradient_checkpointing)
+    by_region: dict[int, int] = {}
+    for region, size in sizes:
+        if region is not None and settings.gradient_checkpointing:
+            by_region[region] = by_region.get(region, 0) + size
+    return outside + max(by_region.values(), default=0)
 
 
 def _allowed(settings: Settings, attribute: str) -> bool:
