@@ -6,8 +6,8 @@ names it by the same diffusers module path with `_` for `.`, a prefix for the mo
 
     lora_unet_<module>.lora_down.weight   (rank, in[, kh, kw])     LoRA and DoRA: the update is
     lora_unet_<module>.lora_up.weight     (out, rank[, 1, 1])      up @ down * alpha / rank
-    lora_unet_<module>.dora_scale         (out, 1[, 1, 1])         DoRA: each output row's magnitude (LyCORIS's
-                                                                   wd_on_out layout; peft's lora_magnitude_vector)
+    lora_unet_<module>.dora_scale         (1, in[, 1, 1])          DoRA: each input column's magnitude (the layout
+                                                                   AUTOMATIC1111 and ComfyUI merge by that norm)
     lora_unet_<module>.hada_w1_a ...      LoHa (LyCORIS's names): (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank
     lora_unet_<module>.lokr_w1 ...        LoKr: kron(w1, w2) * alpha / rank, w2 full or w2_a @ w2_b
     lora_unet_<module>.alpha              ()
@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # peft's part name (adapter name removed) -> the file's
 PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
-         "lora_magnitude_vector.weight": "dora_scale",
-         **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+         **{name: name for name in ("dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
                                     "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}}
 FILE_PARTS = {file: peft for peft, file in PARTS.items()}
 # the part that tells each kind, in the order they are told apart (a DoRA module holds LoRA's parts too)
-KIND_OF_PART = {"lora_magnitude_vector.weight": "dora", "hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr",
+KIND_OF_PART = {"dora_scale": "dora", "hada_w1_a": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr",
                 "lora_A.weight": "lora"}
 RANK_ROWS = ("lora_A.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")  # parts whose first dimension is the rank
 
@@ -80,9 +79,7 @@ def to_kohya(model: str, adapter_weights: Mapping[str, object], alpha: float, ra
     for path, parts in by_module(adapter_weights).items():
         name = kohya_module_name(model, path)
         for part, tensor in parts.items():
-            if part == "lora_magnitude_vector.weight":  # peft: (out,) or (1, out, 1, 1); readers: out first
-                tensor = tensor.reshape(-1, *[1] * (len(parts["lora_A.weight"].shape) - 1))
-            elif part == "lokr_w2":
+            if part == "lokr_w2":
                 tensor = tensor * file_scales(parts, alpha, rank)
             out[f"{name}.{PARTS[part]}"] = tensor
         out[f"{name}.alpha"] = make_scalar(alpha)
@@ -122,8 +119,7 @@ class KohyaAdapters:
         return set(by_module(self.weights.get(model, {})))
 
     def peft_weights(self, model: str, alpha: float, rank: int) -> dict[str, object]:
-        """One model's weights in peft's layout (a full LoKr w2 without the alpha / rank the file carries); a
-        magnitude keeps the file's shape, which the caller reshapes to its parameter's."""
+        """One model's weights in peft's layout (a full LoKr w2 without the alpha / rank the file carries)."""
         out = {}
         for path, parts in by_module(self.weights.get(model, {})).items():
             for part, tensor in parts.items():

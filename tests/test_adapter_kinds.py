@@ -67,9 +67,11 @@ def test_a_file_of_each_kind_reads_back_exactly_and_fuses_into_the_trained_weigh
     for name in modules_in_file:  # LyCORIS's names, as ComfyUI, AUTOMATIC1111 and LyCORIS read them
         parts = {key.partition(".")[2] for key in tensors if key.startswith(name + ".")}
         assert parts <= FILE_PARTS[kind] and "alpha" in parts, (name, parts)
-    if kind == "dora":  # each output row's magnitude, out first (LyCORIS's wd_on_out layout)
-        up = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"]
-        assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (up.shape[0], 1, 1, 1)
+    if kind == "dora":  # each input column's magnitude, (1, in[, 1, 1]): the layout the UIs merge by that norm
+        down = tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+        assert tensors["lora_unet_down_blocks_0_resnets_0_conv1.dora_scale"].shape == (1, down.shape[1], 1, 1)
+        q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+        assert tensors[f"{q}.dora_scale"].shape == (1, tensors[f"{q}.lora_down.weight"].shape[1])
 
     # lora_init: a run's fresh adapters of the same settings take the file's values exactly
     again = make_tiny_pipeline(family)
@@ -87,6 +89,28 @@ def test_a_file_of_each_kind_reads_back_exactly_and_fuses_into_the_trained_weigh
         len(modules_in_file)
     assert not any(type(layer).__module__.startswith("peft") for layer in plain.unet.modules())
     assert_outputs_equal(outputs(plain), want, base)
+
+
+def test_dora_starts_at_the_base_and_trains_its_magnitudes_as_the_readers_merge_them():
+    """Fresh DoRA adapters leave every output exactly the base's; the magnitudes get gradients; a layer's output is
+    that of the weight AUTOMATIC1111 and ComfyUI merge from its file: (W + dW) * m / ||W + dW|| per input column."""
+    pipe = make_tiny_pipeline("sd1")
+    base = outputs(make_tiny_pipeline("sd1"))
+    modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    add_adapters(modules, LoraSettings(4, 2.0, 0.0, "all", True, "dora"))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(pipe), base))
+    layer = pipe.unet.get_submodule("down_blocks.0.resnets.0.conv1")
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(std=0.1)
+        layer.dora_scale["default"].mul_(1.5)
+    x = torch.randn(1, layer.get_base_layer().in_channels, 8, 8)
+    layer(x).square().sum().backward()
+    assert layer.dora_scale["default"].grad.abs().min() > 0
+    w, dw = layer.get_base_layer().weight, layer.get_delta_weight("default")
+    norms = (w + dw).transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1).reshape(1, -1, 1, 1)  # AUTOMATIC1111's
+    merged = (w + dw) * layer.dora_scale["default"] / norms
+    expected = torch.nn.functional.conv2d(x, merged, layer.get_base_layer().bias, padding=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lokr_of_full_factors_carries_its_scale_and_another_factor_splits_otherwise(tmp_path: Path):

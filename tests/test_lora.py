@@ -269,12 +269,15 @@ def test_a_stop_signal_saves_the_adapters_with_their_training_state(kind: str, t
 
 
 @pytest.mark.slow
-def test_resume_refuses_another_rank_and_another_base(tiny_model, shapes_dir: Path, tmp_path: Path):
+def test_resume_refuses_another_rank_kind_and_base(tiny_model, shapes_dir: Path, tmp_path: Path):
     _, (file,) = lora_run(tiny_model, shapes_dir, tmp_path, "--max_steps", "2", "--save_optimizer")
     base = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--batch_size", "2", *FAST]
     other_rank = run_train([*base, "--lora_rank", "8", "--lora_unet_lr", "1e-2", "--max_steps", "4", "--resume_state",
                             str(file.parent)], cwd=tmp_path)
     assert other_rank.returncode == 2 and "lora" in other_rank.stderr and "Traceback" not in other_rank.stderr
+    other_kind = run_train([*base, *LORA, "--lora_kind", "loha", "--max_steps", "4", "--resume_state",
+                            str(file.parent), "--dry_run"], cwd=tmp_path)
+    assert other_kind.returncode == 2 and '"kind": "loha"} now' in other_kind.stderr, other_kind.stderr[-2000:]
     other_base = run_train([*base, *LORA, "--max_steps", "4", "--resume_state", str(file.parent),
                             "--resume_ckpt", str(tiny_model("sd1", dtype="fp16"))], cwd=tmp_path)
     assert other_base.returncode != 0 and "base model" in other_base.stderr, other_base.stderr[-2000:]

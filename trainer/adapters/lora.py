@@ -2,8 +2,8 @@
 (the file a save writes is `lora_file.py`).
 
 - **Adapters.** peft's layers of the `lora_kind` (the library diffusers' own `load_lora_weights` builds on) wrap the
-  layers `lora_targets` names: LoRA (conv layers get conv adapters, kohya's LoCon), DoRA (peft's LoRA with a trained
-  magnitude per output), LoHa and LoKr (peft's ports of LyCORIS's). The base stays frozen in the precision it was
+  layers `lora_targets` names: LoRA (conv layers get conv adapters, kohya's LoCon), DoRA (peft's LoRA layers with a
+  trained magnitude per input column: `dora.py`), LoHa and LoKr (peft's ports of LyCORIS's). The base stays frozen in the precision it was
   loaded in (the compute dtype on a GPU); the adapters are fp32 masters, the only trainable parameters.
 - **Training states.** accelerate would store each prepared model's whole state dict, the frozen base included;
   its save/load hooks here keep and restore only what trains (and check that it all came back): the adapters,
@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
+from trainer.adapters.dora import add_magnitudes
 from trainer.config.schema import lora_alpha
 from trainer.errors import UserError
 
 ADAPTER = "default"  # peft's adapter name: one adapter per model
 # What names a tensor of each kind's adapters in peft's modules (LoHa's and LoKr's are parameters without `.weight`)
-FACTOR_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.", ".hada_w", ".lokr_w")
+FACTOR_MARKERS = (".lora_A.", ".lora_B.", ".dora_scale.", ".hada_w", ".lokr_w")
 KIND_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr"}
 # Which layers each lora_targets setting adapts, by module path (Linear and Conv2d layers only). The UNet's
 # conv_in, conv_out and time embedding stay out of `all`, as in kohya's LoCon: AUTOMATIC1111 maps no adapter there.
@@ -59,7 +60,7 @@ class LoraSettings:
 
     def peft_config(self, paths: list[str]):
         """peft's config for adapters of this kind on the modules `paths`, initialised so that training starts from
-        the base's outputs (LoRA's up, LoHa's w2_b, LoKr's w1 zero; DoRA's magnitude the base's row norms)."""
+        the base's outputs (LoRA's and DoRA's up, LoHa's w2_b, LoKr's w1 zero); DoRA's magnitudes are added after."""
         from peft import LoHaConfig, LoKrConfig, LoraConfig
 
         if self.kind == "loha":
@@ -68,7 +69,7 @@ class LoraSettings:
             return LoKrConfig(r=self.rank, alpha=self.alpha, target_modules=paths, decompose_factor=self.factor,
                               init_weights=True)
         return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=paths,
-                          init_lora_weights=True, use_dora=self.kind == "dora")
+                          init_lora_weights=True)
 
 
 @dataclass
@@ -111,7 +112,7 @@ def adapter_count(modules: dict[str, torch.nn.Module], rank: int, targets: str, 
 
 def layer_adapter_count(out: int, fan_in: int, kernel: int, rank: int, kind: str, factor: int) -> int:
     """One layer's adapter parameters: LoRA down (rank x fan_in) + up (out x rank); DoRA also a magnitude per
-    output; LoHa two such pairs; LoKr a full w1 and a w2 full or of two rank-`rank` factors (peft's rule)."""
+    input channel; LoHa two such pairs; LoKr a full w1 and a w2 full or of two rank-`rank` factors (peft's rule)."""
     if kind == "loha":
         return 2 * rank * (out + fan_in)
     if kind == "lokr":
@@ -121,7 +122,7 @@ def layer_adapter_count(out: int, fan_in: int, kernel: int, rank: int, kind: str
         in_m, in_n = factorization(fan_in // kernel, factor)
         w2_full = rank >= max(out_k, in_n) / 2
         return out_l * in_m + (out_k * in_n * kernel if w2_full else rank * (out_k + in_n * kernel))
-    return rank * (fan_in + out) + (out if kind == "dora" else 0)
+    return rank * (fan_in + out) + (fan_in // kernel if kind == "dora" else 0)
 
 
 def add_adapters(modules: dict[str, torch.nn.Module], settings: LoraSettings) -> Adapters:
@@ -137,6 +138,8 @@ def add_adapters(modules: dict[str, torch.nn.Module], settings: LoraSettings) ->
                             "layers are not named as in Stable Diffusion 1.x/2.x.")
         module.requires_grad_(False)
         inject_adapter_in_model(settings.peft_config(paths), module, adapter_name=ADAPTER)
+        if settings.kind == "dora":
+            add_magnitudes(module, paths)
         for param in adapter_parameters(module):
             param.data = param.data.float()  # fp32 masters, whatever the frozen base is held in
             param.requires_grad_(True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from convert.lora_kohya import KohyaAdapters, by_module, from_kohya, part_ranks, parts_kind, to_kohya
+from trainer.adapters.dora import add_magnitudes, merge_magnitudes
 from trainer.adapters.lora import ADAPTER, KIND_NAMES, Adapters, LoraSettings, adapter_weights
 from trainer.errors import UserError
 
@@ -169,7 +170,8 @@ def shape_problems(found: KohyaAdapters, modules: dict[str, torch.nn.Module]) ->
 def fuse_adapter_file(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], strength: float) -> int:
     """Fuse a kohya/LyCORIS file's adapters (any kind, each module with its own rank and alpha) into the weights of
     `modules` (model name -> module) at `strength`, through peft's layers of that kind, which are then removed:
-    W + strength * (W' - W), where W' is the weight peft's merge gives (for DoRA, ComfyUI's meaning of a strength).
+    W + strength * (W' - W), where W' is the weight peft's merge gives (for DoRA, with the magnitudes applied: the
+    meaning ComfyUI and AUTOMATIC1111 give a strength).
     Returns the number of layers fused; raises UserError for tensors that name no layer of these models."""
     candidates = {name: [path for path, layer in module.named_modules()
                          if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))] for name, module in modules.items()}
@@ -204,11 +206,15 @@ def fuse_layer(module: torch.nn.Module, path: str, parts: dict[str, torch.Tensor
     module.__dict__.pop("peft_config", None)
     if held is not None:
         module.peft_config = held
+    if kind == "dora":
+        add_magnitudes(module, [path])
     layer = module.get_submodule(path)
     set_parts(layer, parts)
     base = layer.get_base_layer()
     before = base.weight.detach().float().clone()
     layer.merge(adapter_names=[ADAPTER])
+    if kind == "dora":
+        merge_magnitudes(layer)
     base.weight.data = (before + strength * (base.weight.detach().float() - before)).to(base.weight.dtype)
     parent, _, child = path.rpartition(".")
     setattr(module.get_submodule(parent) if parent else module, child, base)
@@ -229,7 +235,7 @@ def set_parts(layer: torch.nn.Module, parts: dict[str, torch.Tensor]) -> None:
     for part, value in parts.items():
         attr, _, rest = part.partition(".")
         held = getattr(layer, attr)
-        if rest:  # LoRA's factors and DoRA's magnitude are modules with a weight
+        if rest:  # LoRA's factors are modules with a weight
             param = getattr(held[ADAPTER], rest)
             param.data = value.reshape(param.shape).to(param.device, param.dtype)
         else:

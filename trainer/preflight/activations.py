@@ -187,7 +187,7 @@ def _context(text_encoder, unet) -> torch.Tensor:
 @dataclass(frozen=True)
 class AdaptedLayer:
     weight: int  # elements of the layer's weight
-    output: int  # elements of its output, per sample
+    input: int  # elements of its input, per sample
     region: int | None  # which checkpointed region holds it (None: outside every one)
 
 
@@ -199,9 +199,9 @@ def adapted_layers(unet_config: dict, text_encoder_config: dict | None, resoluti
     models = {"unet": unet, "text_encoder": text_encoder}
     regions = {id(m): index for index, m in enumerate(_regions(unet, text_encoder))}
     region_of = {id(sub): regions[id(m)] for m in _regions(unet, text_encoder) for sub in m.modules()}
-    outputs: dict[int, int] = {}
-    hooks = [models[name].get_submodule(path).register_forward_hook(
-        lambda module, args, out: outputs.__setitem__(id(module), out.numel()))
+    inputs: dict[int, int] = {}
+    hooks = [models[name].get_submodule(path).register_forward_pre_hook(
+        lambda module, args: inputs.__setitem__(id(module), args[0].numel()))
         for name in paths for path in paths[name]]
     try:
         with torch.no_grad():
@@ -212,8 +212,7 @@ def adapted_layers(unet_config: dict, text_encoder_config: dict | None, resoluti
         for hook in hooks:
             hook.remove()
     layers = [models[name].get_submodule(path) for name in paths for path in paths[name]]
-    return [AdaptedLayer(layer.weight.numel(), outputs.get(id(layer), 0), region_of.get(id(layer)))
-            for layer in layers]
+    return [AdaptedLayer(layer.weight.numel(), inputs.get(id(layer), 0), region_of.get(id(layer))) for layer in layers]
 
 
 def meta_models(unet_config: dict, text_encoder_config: dict | None):

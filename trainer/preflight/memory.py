@@ -241,13 +241,13 @@ def adapter_params(model: ModelParams, settings: Settings) -> int:
     return adapter_count(modules, settings.lora_rank, settings.lora_targets, settings.lora_kind, settings.lokr_factor)
 
 
-KIND_EXTRA = {"dora": "DoRA's kept outputs", "loha": "LoHa's built updates", "lokr": "LoKr's built updates"}
+KIND_EXTRA = {"dora": "DoRA's kept inputs", "loha": "LoHa's built updates", "lokr": "LoKr's built updates"}
 
 
 def adapter_kind_bytes(model: ModelParams, settings: Settings, compute: int) -> int:
     """What an adapter kind keeps for backward beyond LoRA, per adapted layer: LoHa and LoKr build the layer's whole
-    update (out x in) each forward and keep it; DoRA keeps the base's and the adapter's outputs to train the
-    magnitude. With gradient checkpointing only the region being recomputed holds them (the largest is counted)."""
+    update (out x in) each forward and keep it; DoRA keeps each layer's input beside the scaled one, to train the
+    magnitudes. With gradient checkpointing only the region being recomputed holds them (the largest is counted)."""
     from trainer.adapters.lora import target_paths
     from trainer.preflight.activations import adapted_layers, meta_models
 
@@ -257,7 +257,8 @@ def adapter_kind_bytes(model: ModelParams, settings: Settings, compute: int) -> 
     layers = adapted_layers(model.unet_config, model.text_encoder_config if settings.lora_text_encoder else None,
                             settings.resolution, paths)
     if settings.lora_kind == "dora":
-        sizes = [(layer.region, 2 * layer.output * settings.batch * compute) for layer in layers]
+        # the layer's input is kept beside its scaled copy (which the layer keeps as LoRA keeps its input)
+        sizes = [(layer.region, layer.input * settings.batch * compute) for layer in layers]
     else:
         sizes = [(layer.region, layer.weight * compute) for layer in layers]
     outside = sum(size for region, size in sizes if region is None or not settings.gradient_checkpointing)

@@ -89,8 +89,10 @@ def lora_record(cfg) -> dict[str, Any]:
     for a full fine-tune). Dropout and rates may change."""
     if not cfg.lora_rank:
         return {}
+    kind = {} if cfg.lora_kind == "lora" else {"kind": cfg.lora_kind}  # LoRA's states from before kinds still fit
+    factor = {"factor": cfg.lokr_factor} if cfg.lora_kind == "lokr" else {}
     return {"rank": cfg.lora_rank, "alpha": lora_alpha(cfg), "targets": cfg.lora_targets,
-            "text_encoder": cfg.lora_text_encoder}
+            "text_encoder": cfg.lora_text_encoder, **kind, **factor}
 
 
 def embedding_record(cfg) -> dict[str, Any]:
