@@ -5,6 +5,9 @@ Each batch is one of (all rows share one bucket size H x W, multiples of 64):
      "caption_ids": [B bytes]}  cache off
     {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...],
      "caption_ids": [...]}  cache on
+With masked_training each batch also holds "mask_weights": (B, 1, H, W) (cache off) or (B, 1, H/8, W/8) (cache on),
+each row's weight map (data/masks.py; ones for an image without a mask), which the loss brings to the latents'
+size and multiplies the elementwise loss by.
 `loss_weight` is 0 for the rows that fill a group's last batch (see data/schedule.py), else the image's
 loss_scale (1 unless its data files set one): trainer/objective/loss.py `compute_loss` multiplies each row's loss by it
 and divides the sum by the batch size. `seed` is each row's `Draw.seed`, from which the objective draws that
@@ -47,6 +50,8 @@ from data.latent_cache import (
     load_posterior,
     vae_fingerprint,
 )
+from data.mask_cache import fill_masks, load_mask
+from data.masks import MaskWeighting, bucket_mask, checked_masks
 from data.options import DataOptions
 from data.pixels import bucket_pixels
 from data.scan import ImageItem, Scan, own_or_run, scan_data_root
@@ -68,6 +73,7 @@ class TrainDataset(torch.utils.data.Dataset):
         options: DataOptions,
         latents: dict[tuple[int, bool], Path] | None = None,
         scaling_factor: float = 1.0,
+        masks: dict[tuple[int, bool], Path] | None = None,
     ):
         self.items = items
         self.tokenizer = tokenizer
@@ -76,6 +82,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.keep_tags = options.keep_tags
         self.latents = latents  # (item index, flip) -> cache entry
         self.scaling_factor = scaling_factor
+        self.weighting = MaskWeighting.of(options)  # None: no masked training
+        self.masks = masks  # (item index, flip) -> cached latent-size mask (data/mask_cache.py), with latents
         self._token_ids: dict[str, torch.Tensor] = {}  # caption -> its token ids (each worker has its own)
 
     def __len__(self) -> int:
@@ -116,7 +124,23 @@ class TrainDataset(torch.utils.data.Dataset):
             mean, std = read_during_run(lambda: load_posterior(entry), entry, "latent-cache entry")
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(draw.seed))
             row["latents"] = scaled_latents(mean, std, noise, self.scaling_factor)
+        if self.weighting is not None:
+            row["mask_weights"] = self.mask_weights(draw, row)
         return row
+
+    def mask_weights(self, draw: Draw, row: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The row's weight map (data/masks.py): at the latents' size from the cache, else at the bucket's pixels
+        from the mask file; ones for an image without a mask."""
+        item = self.items[draw.index]
+        if item.mask is None:
+            pixels = row.get("latents", row.get("pixel_values"))
+            return torch.ones(1, *pixels.shape[-2:])
+        if self.masks is None:
+            mask = read_during_run(lambda: bucket_mask(item, draw.flip), item.mask, "mask")
+        else:
+            entry = self.masks[(draw.index, draw.flip)]
+            mask = read_during_run(lambda: load_mask(entry), entry, "latent-cache entry")
+        return self.weighting(mask)
 
 
 def collate(rows: list[dict]) -> dict:
@@ -158,11 +182,14 @@ def default_cache_dir(data_root: str | Path) -> Path:
     return Path(data_root) / LATENT_CACHE_FOLDER
 
 
+Entries = dict[tuple[int, bool], Path]  # (item index, flip) -> its cache entry
+
+
 def prepare_latents(
     options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
-) -> dict[tuple[int, bool], Path]:
-    """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw (`latent_keys`); returns
-    their cache entries.
+) -> tuple[Entries, Entries | None]:
+    """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw (`latent_keys`), and with
+    masked training their masks (data/mask_cache.py); returns their entries: (latents, masks or None).
 
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """
@@ -171,7 +198,8 @@ def prepare_latents(
     variants = image_variants(scan.items, options.flip_p)
     encoded, reused = fill_cache(cache, variants, vae, options.batch_size, options.num_workers)
     say(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
-    return {key: cache.entry(v) for key, v in zip(keys, variants)}
+    masks = fill_masks(cache, scan.items, keys, vae) if options.masked_training else None
+    return {key: cache.entry(v) for key, v in zip(keys, variants)}, masks
 
 
 def build_dataloader(
@@ -188,15 +216,15 @@ def build_dataloader(
     for accelerate to split between the processes. Its workers leave stop signals to this process
     (data/workers.py)."""
     if scan is None:
-        scan = scan_data_root(Path(options.data_root), options.resolution)
+        scan, _, _ = checked_masks(scan_data_root(Path(options.data_root), options.resolution), options)
         scan.tell()
-    latents, scaling_factor = None, 1.0
+    latents, masks, scaling_factor = None, None, 1.0
     if options.cache_latents:
         if vae is None:
             raise ValueError("cache_latents is on: build_dataloader needs the VAE to fill the cache")
         cache_dir = default_cache_dir(options.data_root) if cache_dir is None else cache_dir
-        latents, scaling_factor = prepare_latents(options, scan, vae, cache_dir), float(vae.config.scaling_factor)
-    dataset = TrainDataset(scan.items, tokenizer, options, latents, scaling_factor)
+        (latents, masks), scaling_factor = prepare_latents(options, scan, vae, cache_dir), vae.config.scaling_factor
+    dataset = TrainDataset(scan.items, tokenizer, options, latents, float(scaling_factor), masks)
     batch_sampler = BucketBatchSampler(scan.items, options.batch_size * num_processes, options.flip_p, options.seed)
     return torch.utils.data.DataLoader(
         dataset,
@@ -240,9 +268,11 @@ def build_training_data(
 
     if scan is None:
         scan, items = validation_items(options, scan_data_root(Path(options.data_root), options.resolution))
-        held_out = {"validation": items} if items else {}
+        scan, held_out, lines = checked_masks(scan, options, {"validation": items} if items else {})
+        for line in lines:
+            say(line)
     scan.tell()
     loader = build_dataloader(options, tokenizer, vae, scan=scan, num_processes=num_processes, cache_dir=cache_dir)
-    validation = {name: encode_validation_set(items, tokenizer, vae, options.batch_size)
+    validation = {name: encode_validation_set(items, tokenizer, vae, options.batch_size, MaskWeighting.of(options))
                   for name, items in (held_out or {}).items() if items}
     return TrainingData(loader, validation)

@@ -1,9 +1,10 @@
 """Image files from the wild as RGB pictures of the bucket size.
 
-Owns: which files are images, checking that one decodes (so a broken file is reported at start, not mid-run),
-and turning any PIL mode into plain 8-bit RGB the right way up: EXIF orientation applied, transparency
-composited on white, CMYK/palette/grayscale converted, 16-bit scaled down rather than clipped.
-Imports no torch, so the dry run stays fast.
+Owns: which files are images (a `<stem>-masklabel` file is not one: it is its image's mask, data/masks.py),
+checking that one decodes (so a broken file is reported at start, not mid-run), turning any PIL mode into plain
+8-bit RGB the right way up: EXIF orientation applied, transparency composited on white, CMYK/palette/grayscale
+converted, 16-bit scaled down rather than clipped; and the one geometric path of a picture into its bucket (resize,
+center crop, flip), which an image and its mask both take. Imports no torch, so the dry run stays fast.
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF values that turn the picture by 90 degrees, swapping width and height
 WHITE = (255, 255, 255)
+# OneTrainer's name for an image's mask: photos/cat.jpg -> photos/cat-masklabel.png (any image format is read)
+MASK_SUFFIX = "-masklabel"
+
+
+def is_mask_file(path: Path) -> bool:
+    """Whether `path` is a mask (`<image stem>-masklabel.<image extension>`), never an image to train on."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and path.stem.lower().endswith(MASK_SUFFIX)
+
+
+def masked_stem(mask: Path) -> str:
+    """The stem of the image `mask` belongs to: cat-masklabel.png -> cat."""
+    return mask.stem[: -len(MASK_SUFFIX)]
 
 
 class BadImage(Exception):
@@ -76,17 +89,28 @@ def load_rgb(path: Path) -> Image.Image:
         return to_rgb(image)
 
 
+def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` scaled to `size` (width, height)."""
+    if size == image.size:
+        return image
+    # LANCZOS when shrinking keeps detail without aliasing; BICUBIC when enlarging avoids ringing
+    shrinking = size[0] < image.width
+    return image.resize(size, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
+
+
 def resize_crop(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Scale `image` to just cover `bucket` and cut the centered bucket-sized window."""
     resized, box, _ = fit_image(image.width, image.height, bucket)
-    if resized != image.size:
-        # LANCZOS when shrinking keeps detail without aliasing; BICUBIC when enlarging avoids ringing
-        shrinking = resized[0] < image.width
-        image = image.resize(resized, Image.Resampling.LANCZOS if shrinking else Image.Resampling.BICUBIC)
-    return image.crop(box)
+    return resize(image, resized).crop(box)
+
+
+def place_in_bucket(image: Image.Image, bucket: Bucket, flip: bool) -> Image.Image:
+    """`image` resized and cropped to `bucket`, mirrored when `flip`: the one geometric path of every picture that
+    trains, an image and its mask alike (so the mask stays on its subject)."""
+    image = resize_crop(image, bucket)
+    return ImageOps.mirror(image) if flip else image
 
 
 def load_for_bucket(path: Path, bucket: Bucket, flip: bool) -> Image.Image:
-    image = resize_crop(load_rgb(path), bucket)
-    return ImageOps.mirror(image) if flip else image
+    return place_in_bucket(load_rgb(path), bucket, flip)
 

@@ -206,18 +206,18 @@ class LatentCache:
             self._hashes_changed = False
 
 
-def entry_problem(path: Path, shape: tuple[int, ...]) -> str | None:
+def entry_problem(path: Path, shape: tuple[int, ...], keys: tuple[str, ...] = KEYS) -> str | None:
     """Why the cache entry at `path` cannot be used, or None: it must be a whole safetensors file of exactly
-    `KEYS`, each float32 of `shape`. Reads only its header (common/safetensors_header.py), so checking every
-    entry before a run costs a few hundred bytes each."""
+    `keys` (a latent's `KEYS`; a mask's, data/mask_cache.py), each float32 of `shape`. Reads only its header
+    (common/safetensors_header.py), so checking every entry before a run costs a few hundred bytes each."""
     try:
         header = read_header(path)
     except OSError as err:
         return f"cannot be read ({err.strerror or err})"
     except HeaderError as err:
         return str(err)
-    if sorted(header.tensors) != sorted(KEYS):
-        return f"holds {sorted(header.tensors) or 'no tensors'}, expected exactly {' and '.join(KEYS)}"
+    if sorted(header.tensors) != sorted(keys):
+        return f"holds {sorted(header.tensors) or 'no tensors'}, expected exactly {' and '.join(keys)}"
     for name, info in sorted(header.tensors.items()):
         if (info.dtype, info.shape) != ("F32", tuple(shape)):
             return f"{name} is {info.dtype} {list(info.shape)}, expected F32 {list(shape)}"

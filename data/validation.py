@@ -2,8 +2,8 @@
 the training images re-measured as they train (a stabilized training loss); each encoded once.
 
 The validation loss is only comparable across steps if nothing about it changes but the weights: the same
-images, captions (no dropout or tag shuffles), latents (posterior means, no flips) and, in the trainer, the
-same noise and timesteps each time.
+images, captions (no dropout or tag shuffles), latents (posterior means, no flips), masks (with masked training, the
+same weight maps as training's) and, in the trainer, the same noise and timesteps each time.
 
 Choosing the images imports no torch (the preflight and `--dry_run` use it); only encoding them does.
 """
@@ -26,6 +26,8 @@ from data.scan import ImageItem, Scan, scan_data_root
 if TYPE_CHECKING:
     import torch
     from transformers import CLIPTokenizer
+
+    from data.masks import MaskWeighting
 
 
 def split_validation(scan: Scan, fraction: float, seed: int, key: str = "validation_split",
@@ -85,12 +87,15 @@ def _scan_set(folder: str | Path, resolution: int, name: str, role: str) -> list
 
 
 def encode_validation_set(
-    items: list[ImageItem], tokenizer: CLIPTokenizer, vae: torch.nn.Module, batch_size: int
+    items: list[ImageItem], tokenizer: CLIPTokenizer, vae: torch.nn.Module, batch_size: int,
+    weighting: MaskWeighting | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU."""
+    """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU; with a
+    masked training's `weighting` also "mask_weights", each image's weight map at the latents' size (data/masks.py)."""
     import torch
 
     from data.encode import encode_posterior, scaled_latents
+    from data.masks import latent_mask
     from data.pixels import bucket_pixels
 
     batches = []
@@ -103,6 +108,9 @@ def encode_validation_set(
                 "latents": scaled_latents(mean, std, None, vae.config.scaling_factor),
                 "input_ids": tokenize_captions(tokenizer, [i.caption for i in chunk]),
             })
+            if weighting is not None:
+                batches[-1]["mask_weights"] = weighting(torch.stack([latent_mask(i, False, mean.shape[-2:])
+                                                                     for i in chunk]))
     return batches
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from tests.conftest import run_train
 from trainer.models.load import load_model_dir
-from trainer.tiny.shapes import caption_losses, make_shapes_dataset
+from trainer.tiny.shapes import CONCEPTS, caption_losses, draw_shape, make_shapes_dataset
 
 
 @pytest.mark.slow
@@ -69,3 +72,88 @@ def table_id(word: str, model: Path) -> int:
 
     (token_id,) = CLIPTokenizer.from_pretrained(model / "tokenizer")(word, add_special_tokens=False).input_ids
     return token_id
+
+
+# ---------------------------------------------------------------- masked training
+
+TEXTURE = np.random.default_rng(99).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # one noise behind every shape
+
+
+def shape_of(pixels: np.ndarray) -> np.ndarray:
+    """Where a shape image's shape is: its exact fill colour (shapes.py draws without antialiasing)."""
+    return np.any([np.all(pixels == color, axis=-1) for _, color, _ in CONCEPTS.values()], axis=0)
+
+
+def on_noise(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.where(shape_of(pixels)[..., None], pixels, TEXTURE))
+
+
+def region_losses(model_dir: Path, noisy: bool, images: int = 16, draws: int = 8, seed: int = 123) -> dict[str, float]:
+    """caption_losses' measure (the training objective with each image's own caption, the same noise and timesteps
+    for every model) on fresh shapes, clean or on the training noise, over the shape ("subject") and over the rest
+    ("background") apart: each region's weight map divided by its area."""
+    from data.captions import tokenize_captions
+    from data.encode import encode_posterior
+    from data.pixels import to_tensor
+    from trainer.objective.loss import compute_loss, encode_prompts
+
+    models, rng = load_model_dir(model_dir), random.Random(seed)
+    losses: dict[str, list[float]] = {"subject": [], "background": []}
+    with torch.no_grad():
+        captions = [caption for _, _, caption in CONCEPTS.values()]
+        states = encode_prompts(models.text_encoder, tokenize_captions(models.tokenizer, captions)).split(1)
+        for i in range(images):
+            pixels = np.asarray(draw_shape(list(CONCEPTS)[i % 2], 64, rng))
+            image = on_noise(pixels) if noisy else Image.fromarray(pixels)
+            latents = encode_posterior(models.vae, to_tensor(image)[None])[0] * models.vae.config.scaling_factor
+            subject = torch.from_numpy(shape_of(pixels).astype(np.float32))[None, None]
+            for region, weights in (("subject", subject), ("background", 1 - subject)):
+                for draw in range(draws):
+                    generator = torch.Generator().manual_seed((seed * images + i) * draws + draw)
+                    losses[region].append(compute_loss(models.unet, models.noise_scheduler, latents, states[i % 2],
+                                                       generator, mask_weights=weights / weights.mean()).item())
+    return {region: float(np.mean(values)) for region, values in losses.items()}
+
+
+@pytest.mark.slow
+def test_masked_training_learns_the_subject_and_not_the_background_it_masks_out(tiny_model, tmp_path: Path):
+    """Shapes on a noise background (one noise image behind every shape: a background a model can learn), each with
+    a mask of its shape. With unmasked_weight 0 the model learns the shapes about as well as the same images teach
+    without masks, and nothing of the noise, which the run without masks learns by heart; on clean shapes its
+    subject is the better of the two (the noise did not become part of it).
+
+    Measured (160 steps, the same for both runs), each the loss with the own caption, untrained: 1.16 on the shapes,
+    1.13 on the noise. Masked: shapes on the noise 0.271, the noise itself 0.355, clean shapes 0.534; without masks:
+    0.227, 0.150, 0.593; a run on the clean shapes (not run here): 0.285, 0.266, 0.343. Not measured here: the
+    caption gap of caption_losses (1.086 after the clean run, 1.000 after the masked one). In this set the captions
+    say where the shape is, which is outside every mask but the own shape's, so with unmasked_weight 0 the captions
+    carry nothing the loss can see; and a random tiny VAE mixes the whole picture into every latent (about half of a
+    shape's latents change with its background), so a mask in latent space cannot wholly keep the noise out."""
+    start = tiny_model("sd1")
+    before = region_losses(start, noisy=True)
+    saved = {}
+    for masked in (True, False):
+        data = make_shapes_dataset(tmp_path / f"shapes-{masked}", images_per_concept=16, size=64, seed=1)
+        for path in sorted(data.glob("*.png")):
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            on_noise(pixels).save(path)
+            if masked:
+                Image.fromarray(shape_of(pixels).astype(np.uint8) * 255).save(path.with_name(f"{path.stem}-masklabel.png"))
+        result = run_train(
+            ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", "64", "--batch_size", "8",
+             "--max_epochs", "40", "--lr", "2e-3", "--disable_textenc_training", "--gradient_checkpointing", "false",
+             "--mixed_precision", "no", "--zero_frequency_noise_ratio", "0", "--cond_dropout", "0",
+             "--save_full_precision", "--save_single_file", "false", "--num_workers", "0", "--logdir", "logs",
+             *(["--masked_training", "true", "--unmasked_weight", "0"] if masked else [])],
+            cwd=tmp_path, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("masked training: 32 of 32 images have a mask" in result.stdout) == masked
+        saved[masked] = Path([line for line in result.stdout.splitlines()
+                              if line.startswith("Saved model: ")][-1].split(": ", 1)[1])
+    masked, plain = (region_losses(saved[masked], noisy=True) for masked in (True, False))
+    assert masked["subject"] < 0.35 * before["subject"]  # it learned the shapes (measured 0.23x)
+    assert masked["subject"] < 1.4 * plain["subject"]  # about as well as without masks (1.19x)
+    assert masked["background"] > 2 * plain["background"]  # and not the noise, which the other learned (2.37x)
+    clean = [region_losses(saved[masked], noisy=False)["subject"] for masked in (True, False)]
+    assert clean[0] < 0.95 * clean[1], clean  # on clean shapes its subject is the better one (0.90x)

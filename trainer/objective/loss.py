@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from data.encode import encode_posterior, scaled_latents
+from data.masks import to_latent_size
 from trainer.config.schema import LossType
 from trainer.objective.noise import Generators, randn, sample_noise, sample_timesteps, to_device
 
@@ -137,12 +138,16 @@ def compute_loss(
     generator: Generators = None,
     objective: Objective = Objective(),
     loss_weight: torch.Tensor | None = None,
+    mask_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mean weighted denoising loss of one batch (a scalar, fp32). `generator`: one for the batch, or one
     per row (`row_generators`), from which that row's noise, timestep and perturbation are drawn.
 
     `loss_weight` (B,) weighs each sample; the sum is still divided by B, so rows of weight 0 (the data
-    loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch."""
+    loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch.
+    `mask_weights` (B, 1, H, W), masked training's weight maps (data/masks.py), weighs each latent pixel: brought to
+    the latents' size by area averaging, it multiplies the elementwise loss in every channel before the mean, so a
+    background weighted 0 teaches nothing; every loss_type and min-SNR apply as without it."""
     noise = sample_noise(latents, objective.zero_frequency_noise_ratio, objective.pyramid_noise_discount,
                          generator)
     end = min(objective.timestep_end, scheduler.config.num_train_timesteps)
@@ -155,8 +160,10 @@ def compute_loss(
     target = training_target(scheduler, latents, noise, timesteps)
     # fp32 even under autocast: fp16 squares of small errors underflow
     noise_level = timesteps / scheduler.config.num_train_timesteps
-    per_sample = elementwise_loss(prediction, target, objective.loss_type, objective.huber_c,
-                                  noise_level).mean(dim=(1, 2, 3))
+    elementwise = elementwise_loss(prediction, target, objective.loss_type, objective.huber_c, noise_level)
+    if mask_weights is not None:
+        elementwise = elementwise * to_latent_size(mask_weights, elementwise.shape[-2:]).to(elementwise.device)
+    per_sample = elementwise.mean(dim=(1, 2, 3))
     if objective.min_snr_gamma:
         snr = signal_to_noise(scheduler, timesteps)
         per_sample = per_sample * min_snr_weights(snr, objective.min_snr_gamma, scheduler.config.prediction_type)
@@ -180,8 +187,9 @@ def validation_loss(
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> float | None:
     """Mean plain-MSE loss over fixed batches with the same noise and timesteps on every call (a fresh
-    generator of `seed`), `repeats` draws per image, so only the weights change between calls. None when
-    `stop_requested()` turned true part way (a stop does not wait for a long validation set)."""
+    generator of `seed`), `repeats` draws per image, so only the weights change between calls; weighted by the
+    batches' masks with masked training, as training is. None when `stop_requested()` turned true part way (a stop
+    does not wait for a long validation set)."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for batch in batches:
@@ -190,6 +198,7 @@ def validation_loss(
         latents = batch["latents"].to(device)
         states = encode_prompts(text_encoder, batch["input_ids"].to(device))
         for _ in range(repeats):
-            loss = compute_loss(unet, scheduler, latents, states, generator, Objective())
+            loss = compute_loss(unet, scheduler, latents, states, generator, Objective(),
+                                mask_weights=batch.get("mask_weights"))
             total, count = total + loss.item() * len(latents), count + len(latents)
     return total / max(count, 1)

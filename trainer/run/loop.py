@@ -178,7 +178,7 @@ def micro_step(run: Run, batch: dict, step: int) -> tuple[torch.Tensor, torch.Te
         # a prepared UNet runs under autocast already; a frozen one (textual inversion) is not prepared
         with contextlib.nullcontext() if run.unet in run.trained else accelerator.autocast():
             loss = compute_loss(run.unet, run.noise_scheduler, latents, encoder_hidden_states, generators,
-                                run.objective, batch.get("loss_weight"))
+                                run.objective, batch.get("loss_weight"), batch.get("mask_weights"))
         run.guard.add_loss(loss)
         accelerator.backward(loss)  # divides by grad_accum: accumulated gradients average, not sum
         grad_norm = None
