@@ -6,7 +6,7 @@ Each batch is one of (all rows share one bucket size H x W, multiples of 64):
     {"input_ids": (B, 77), "latents": (B, 4, H/8, W/8) x vae scaling_factor, "loss_weight": (B,), "seed": [...],
      "caption_ids": [...]}  cache on
 With masked_training each batch also holds "mask_weights": (B, 1, H, W) (cache off) or (B, 1, H/8, W/8) (cache on),
-each row's weight map (data/masks.py; ones for an image without a mask), which the loss brings to the latents'
+each row's weight map (data/masking/masks.py; ones for an image without a mask), which the loss brings to the latents'
 size and multiplies the elementwise loss by.
 `loss_weight` is 0 for the rows that fill a group's last batch (see data/schedule.py), else the image's
 loss_scale (1 unless its data files set one): trainer/objective/loss.py `compute_loss` multiplies each row's loss by it
@@ -50,8 +50,8 @@ from data.latent_cache import (
     load_posterior,
     vae_fingerprint,
 )
-from data.mask_cache import fill_masks, load_mask
-from data.masks import MaskWeighting, bucket_mask, checked_masks
+from data.masking.cache import fill_masks, load_mask
+from data.masking.masks import MaskWeighting, bucket_mask, checked_masks
 from data.options import DataOptions
 from data.pixels import bucket_pixels
 from data.scan import ImageItem, Scan, own_or_run, scan_data_root
@@ -83,7 +83,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.latents = latents  # (item index, flip) -> cache entry
         self.scaling_factor = scaling_factor
         self.weighting = MaskWeighting.of(options)  # None: no masked training
-        self.masks = masks  # (item index, flip) -> cached latent-size mask (data/mask_cache.py), with latents
+        self.masks = masks  # (item index, flip) -> cached latent-size mask (data/masking/cache.py), with latents
         self._token_ids: dict[str, torch.Tensor] = {}  # caption -> its token ids (each worker has its own)
 
     def __len__(self) -> int:
@@ -129,7 +129,7 @@ class TrainDataset(torch.utils.data.Dataset):
         return row
 
     def mask_weights(self, draw: Draw, row: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The row's weight map (data/masks.py): at the latents' size from the cache, else at the bucket's pixels
+        """The row's weight map (data/masking/masks.py): at the latents' size from the cache, else at the bucket's pixels
         from the mask file; ones for an image without a mask."""
         item = self.items[draw.index]
         if item.mask is None:
@@ -189,7 +189,7 @@ def prepare_latents(
     options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
 ) -> tuple[Entries, Entries | None]:
     """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw (`latent_keys`), and with
-    masked training their masks (data/mask_cache.py); returns their entries: (latents, masks or None).
+    masked training their masks (data/masking/cache.py); returns their entries: (latents, masks or None).
 
     The one place that writes the cache: in a multi-process run, call it on the main process first.
     """

@@ -1,6 +1,6 @@
 """Image files from the wild as RGB pictures of the bucket size.
 
-Owns: which files are images (a `<stem>-masklabel` file is not one: it is its image's mask, data/masks.py),
+Owns: which files are images (a `<stem>-masklabel` file is not one: it is its image's mask, data/masking/masks.py),
 checking that one decodes (so a broken file is reported at start, not mid-run), turning any PIL mode into plain
 8-bit RGB the right way up: EXIF orientation applied, transparency composited on white, CMYK/palette/grayscale
 converted, 16-bit scaled down rather than clipped; and the one geometric path of a picture into its bucket (resize,

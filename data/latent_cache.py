@@ -208,7 +208,7 @@ class LatentCache:
 
 def entry_problem(path: Path, shape: tuple[int, ...], keys: tuple[str, ...] = KEYS) -> str | None:
     """Why the cache entry at `path` cannot be used, or None: it must be a whole safetensors file of exactly
-    `keys` (a latent's `KEYS`; a mask's, data/mask_cache.py), each float32 of `shape`. Reads only its header
+    `keys` (a latent's `KEYS`; a mask's, data/masking/cache.py), each float32 of `shape`. Reads only its header
     (common/safetensors_header.py), so checking every entry before a run costs a few hundred bytes each."""
     try:
         header = read_header(path)

@@ -27,7 +27,7 @@ class DataOptions:
     cache_latents: bool  # encode each image once and train from the cached posterior
     validation_split: float  # share of data_root held out for the validation loss; 0: none
     validation_data_root: str | Path | None  # a validation folder of its own (wins over validation_split)
-    # masked training (data/masks.py); defaults as the config's, for callers that build options by hand
+    # masked training (data/masking/masks.py); defaults as the config's, for callers that build options by hand
     masked_training: bool = False  # weight each image's loss by its mask (<stem>-masklabel.png)
     mask_from_alpha: bool = False  # an image without a mask file is masked by its alpha channel
     unmasked_weight: float = 0.1  # the loss weight outside a mask, 0 to 1

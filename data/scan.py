@@ -1,6 +1,6 @@
 """Scanning data_root once at start: every usable image with its caption, size, bucket, settings (repeat
 factor, flip_p, cond_dropout, loss_scale, batch_id, shuffle_tags from the data files: data/settings.py) and mask
-file (`<stem>-masklabel.png`, never an image itself; data/masks.py checks and reports masks), every file that had
+file (`<stem>-masklabel.png`, never an image itself; data/masking/masks.py checks and reports masks), every file that had
 to be skipped, with the reason, and the report that the dry run prints and the run says at start.
 
 Folder links are followed (users link folders in), but every real folder is read once and every real file
@@ -47,7 +47,7 @@ class ImageItem:
     shuffle_tags: bool | None = None
     # the file its mask is read from: its <stem>-masklabel file, found by the scan (used with masked_training only);
     # with mask_from_alpha and no such file, the image itself (its alpha channel); None: none, or one that cannot be
-    # used (data/masks.py `check_masks`)
+    # used (data/masking/masks.py `check_masks`)
     mask: Path | None = None
 
 
@@ -69,7 +69,7 @@ class Scan:
     duplicates: list[tuple[Path, Path]] = field(default_factory=list)  # (path, path counted instead) to one file
     unused: Unused = field(default_factory=list)  # keys of settings files used for nothing here
     unmatched_masks: list[Path] = field(default_factory=list)  # -masklabel files with no image of their name
-    masks: _Reported | None = None  # what data/masks.py found of the masks (`with_masks`), for the report
+    masks: _Reported | None = None  # what data/masking/masks.py found of the masks (`with_masks`), for the report
 
     def report(self) -> list[str]:
         """The report as lines (the dry run lists them): images, buckets, skipped files, links not followed twice,

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import CLIPTokenizer
 
-    from data.masks import MaskWeighting
+    from data.masking.masks import MaskWeighting
 
 
 def split_validation(scan: Scan, fraction: float, seed: int, key: str = "validation_split",
@@ -91,11 +91,11 @@ def encode_validation_set(
     weighting: MaskWeighting | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Batches of {"latents": posterior mean x scaling factor, "input_ids"}, grouped by bucket, on the CPU; with a
-    masked training's `weighting` also "mask_weights", each image's weight map at the latents' size (data/masks.py)."""
+    masked training's `weighting` also "mask_weights", each image's weight map at the latents' size (data/masking/masks.py)."""
     import torch
 
     from data.encode import encode_posterior, scaled_latents
-    from data.masks import latent_mask
+    from data.masking.masks import latent_mask
     from data.pixels import bucket_pixels
 
     batches = []

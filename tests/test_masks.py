@@ -1,4 +1,4 @@
-"""Masked training (data/masks.py, data/mask_cache.py, the loss's weight maps): mask files are never images, a mask
+"""Masked training (data/masking/masks.py, data/masking/cache.py, the loss's weight maps): mask files are never images, a mask
 follows its image through every transform, the loss ignores what its mask says to, the latent cache never serves a
 stale mask, the dry run says every mask problem per image, and alpha channels mask with mask_from_alpha."""
 
@@ -17,8 +17,8 @@ from convert.tokenizer import clip_tokenizer
 from data.dataset import TrainDataset, build_dataloader, build_training_data
 from data.images import load_for_bucket
 from data.latent_cache import entry_problem
-from data.mask_cache import MASK_KEYS
-from data.masks import MaskWeighting, bucket_mask, checked_masks, from_alpha, latent_mask
+from data.masking.cache import MASK_KEYS
+from data.masking.masks import MaskWeighting, bucket_mask, checked_masks, from_alpha, latent_mask
 from data.options import DataOptions
 from data.scan import scan_data_root
 from data.schedule import Draw

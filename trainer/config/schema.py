@@ -182,7 +182,7 @@ class TrainConfig:
         None, "Several embeddings at once: EveryDream2's textual_inversion.json (a tokens list of token, initializer, "
         "vector_length), instead of embedding_token (embedding_init and embedding_vectors are not read with it)."
     )
-    # masked training (data/masks.py, docs/DATA.md): a per-image mask weights the loss, in latent space
+    # masked training (data/masking/masks.py, docs/DATA.md): a per-image mask weights the loss, in latent space
     masked_training: bool = _key(
         False, "Weight each image's loss by its mask: a grayscale <name>-masklabel.png beside the image (OneTrainer's "
         "name; white: learn, black: ignore), or its alpha channel with mask_from_alpha. Images without one train "

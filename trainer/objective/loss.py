@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from data.encode import encode_posterior, scaled_latents
-from data.masks import to_latent_size
+from data.masking.masks import to_latent_size
 from trainer.config.schema import LossType
 from trainer.objective.noise import Generators, randn, sample_noise, sample_timesteps, to_device
 
@@ -145,7 +145,7 @@ def compute_loss(
 
     `loss_weight` (B,) weighs each sample; the sum is still divided by B, so rows of weight 0 (the data
     loader's fillers of an under-full bucket batch) count for nothing and the others as in a full batch.
-    `mask_weights` (B, 1, H, W), masked training's weight maps (data/masks.py), weighs each latent pixel: brought to
+    `mask_weights` (B, 1, H, W), masked training's weight maps (data/masking/masks.py), weighs each latent pixel: brought to
     the latents' size by area averaging, it multiplies the elementwise loss in every channel before the mean, so a
     background weighted 0 teaches nothing; every loss_type and min-SNR apply as without it."""
     noise = sample_noise(latents, objective.zero_frequency_noise_ratio, objective.pyramid_noise_discount,

@@ -3,7 +3,7 @@ model loads, and every problem is reported together (exit 2), as config errors a
 
 It checks that
 - data_root (and validation_data_root) hold usable images, and a validation split leaves images to train on;
-  with masked_training each image's mask can be used (data/masks.py; one that cannot is said, and its image trains
+  with masked_training each image's mask can be used (data/masking/masks.py; one that cannot is said, and its image trains
   without it);
 - the run folder, the save folder and the latent-cache folder can be created and written, and none is a file;
   a run_name already in use is refused (a new run never writes into another run's folder); a read-only
@@ -33,7 +33,7 @@ from common.files import free_bytes, human_bytes, place_problem
 from convert.lora_kohya import adapter_file_problems
 from data.errors import DataError
 from data.latent_cache import choose_cache_dir, room_problem_before_load
-from data.masks import checked_masks
+from data.masking.masks import checked_masks
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_sets

@@ -17,7 +17,7 @@ crop, flip), is reduced to the latents' size by area averaging (`to_latent_size`
     w = unmasked_weight + (1 - unmasked_weight) * mask,
 divided by its mean with normalize_masked_area_loss (a small subject then weighs as much as a large one), by which
 trainer/objective/loss.py multiplies the elementwise loss. With cache_latents the latent-size masks are cached
-(data/mask_cache.py). Imports torch only in the functions that make tensors: the dry run checks masks without it.
+(data/masking/cache.py). Imports torch only in the functions that make tensors: the dry run checks masks without it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ per step:
     <cache dir>/masks/<sha256 of image>[:2]/<sha256 of image>-<W>x<H>[-flip]-<mask>-<w>x<h>.safetensors
 
 One entry per (image, flip) of the latent cache whose image has a mask, holding "mask": float32 (1, h, w), the
-mask through its image's bucket crop and flip, reduced to the latents' h x w (data/masks.py `latent_mask`).
+mask through its image's bucket crop and flip, reduced to the latents' h x w (data/masking/masks.py `latent_mask`).
 `<mask>` is the mask file's content hash (its first 16 hex digits), or `alpha` for an image masked by its own alpha
 channel (the image's hash covers it): a changed image or mask gives an entry of another name, so a stale mask is
 never read. The mask is stored, not its weight map: unmasked_weight and normalize_masked_area_loss may change
@@ -26,7 +26,7 @@ from common.console import say
 from common.files import remove, remove_stale_partials, write_bytes_atomically
 from data.errors import DataError
 from data.latent_cache import NO_SPACE, LatentCache, entry_problem, latent_shape
-from data.masks import from_alpha, latent_mask
+from data.masking.masks import from_alpha, latent_mask
 from data.scan import ImageItem
 
 if TYPE_CHECKING:
