@@ -192,11 +192,15 @@ class AdaptedLayer:
 
 
 def adapted_layers(unet_config: dict, text_encoder_config: dict | None, resolution: int,
-                   paths: dict[str, list[str]]) -> list[AdaptedLayer]:
-    """The sizes of the layers `paths` names (model -> module paths: the adapted ones), from one forward at batch 1
-    on the meta device: what an adapter kind that keeps a layer-sized tensor for backward adds (the memory plan)."""
+                   targets: str) -> list[AdaptedLayer]:
+    """The sizes of the layers `targets` (a lora_targets setting) adapts in the UNet, and in the text encoder when its
+    config is given, from one forward at batch 1 on the meta device: what an adapter kind that keeps a layer-sized
+    tensor for backward adds (the memory plan)."""
+    from trainer.adapters.lora import target_paths
+
     unet, text_encoder = meta_models(unet_config, text_encoder_config)
-    models = {"unet": unet, "text_encoder": text_encoder}
+    models = {"unet": unet, **({"text_encoder": text_encoder} if text_encoder is not None else {})}
+    paths = {name: target_paths(module, name, targets) for name, module in models.items()}
     regions = {id(m): index for index, m in enumerate(_regions(unet, text_encoder))}
     region_of = {id(sub): regions[id(m)] for m in _regions(unet, text_encoder) for sub in m.modules()}
     inputs: dict[int, int] = {}

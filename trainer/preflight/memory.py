@@ -248,14 +248,10 @@ def adapter_kind_bytes(model: ModelParams, settings: Settings, compute: int) -> 
     """What an adapter kind keeps for backward beyond LoRA, per adapted layer: LoHa and LoKr build the layer's whole
     update (out x in) each forward and keep it; DoRA keeps each layer's input beside the scaled one, to train the
     magnitudes. With gradient checkpointing only the region being recomputed holds them (the largest is counted)."""
-    from trainer.adapters.lora import target_paths
-    from trainer.preflight.activations import adapted_layers, meta_models
+    from trainer.preflight.activations import adapted_layers
 
-    unet, text_encoder = meta_models(model.unet_config, model.text_encoder_config)
-    modules = {"unet": unet, **({"text_encoder": text_encoder} if settings.lora_text_encoder else {})}
-    paths = {name: target_paths(module, name, settings.lora_targets) for name, module in modules.items()}
     layers = adapted_layers(model.unet_config, model.text_encoder_config if settings.lora_text_encoder else None,
-                            settings.resolution, paths)
+                            settings.resolution, settings.lora_targets)
     if settings.lora_kind == "dora":
         # the layer's input is kept beside its scaled copy (which the layer keeps as LoRA keeps its input)
         sizes = [(layer.region, layer.input * settings.batch * compute) for layer in layers]
