@@ -2,7 +2,8 @@
 terminal or ssh session, for a run started without nohup) ask the training loop to stop after the current
 optimizer step and save an interrupted model with its training state. A second Ctrl-C aborts at once, removing
 the partial output of a save it cuts short (any more Ctrl-C wait for that clean-up); a second SIGTERM or SIGHUP
-changes nothing (the stop is already under way).
+changes nothing (the stop is already under way). Once a stopped run's loop is left, Ctrl-C is ignored while the
+program ends.
 
 Sent to the whole process group, the signals reach the DataLoader workers too; those ignore them (data/dataset.py)
 and leave the stop to the main process, which shuts them down as it ends. Sampling and validation look at the
@@ -71,5 +72,6 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
-            # aborting, the program only ends from here: a further Ctrl-C would cut its exit short with a traceback
-            signal.signal(signum, signal.SIG_IGN if self.aborting and signum == signal.SIGINT else handler)
+            # after a stop (saved, or aborted) the program only ends from here: a further Ctrl-C would cut its exit
+            # short with a traceback (from the interpreter's own exit functions, past the last line of ours)
+            signal.signal(signum, signal.SIG_IGN if self.requested and signum == signal.SIGINT else handler)
