@@ -25,7 +25,8 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 from common.console import configure as configure_console  # noqa: E402
-from common.console import quiet_library_noise, say, warn  # noqa: E402
+from common.console import hold_for_log, quiet_library_noise, say, warn  # noqa: E402
+from common.progress import configure as configure_progress  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from trainer.config.docs import help_text  # noqa: E402
 from trainer.config.load import ConfigError, load_config  # noqa: E402
@@ -173,6 +174,7 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
+    hold_for_log()  # train.log opens minutes from now, with the run folder: what is said until then goes into it
     try:
         loaded = load_config(argv)  # every config problem at once; imports no torch
     except ConfigError as err:  # with what the preflight finds in the rest of the config: one round of fixes
@@ -185,6 +187,7 @@ def main(argv: list[str]) -> int:
     for warning in loaded.warnings:
         warn(f"Config: {warning}")
     cfg = loaded.config
+    configure_progress(every_s=cfg.progress_every_n_seconds)
     choose_gpu(cfg)
     try:
         return dry_run(cfg) if cfg.dry_run else train_run(cfg, started)

@@ -2,9 +2,15 @@
 run's train.log once there is one.
 
 Library code never calls `print`; it calls `say` (stdout) or `warn` (stderr, "Warning: ..."). Both go through
-`tqdm.write`, so a progress bar on the terminal stays whole. Under `accelerate launch` every process runs the
+`tqdm.write`, so a progress bar on the terminal stays whole. `log_only` writes into train.log alone, for what the
+terminal shows another way (a progress bar, common/progress.py). Under `accelerate launch` every process runs the
 same code: `configure(main=False)` on the others keeps the console to one voice. A log file that cannot be
 written (a full disk) is said once and then left alone: telling the user things never stops a run.
+
+The run folder, and so train.log, is made only once the model has loaded and the latent cache is full, minutes into
+a large run; train.py calls `hold_for_log` first thing, so that what is said until then (the config's notices, the
+model, the scan, the cache fill's progress) is kept and written at the top of train.log when `attach_log` opens it,
+in order and with the time each line was said.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ class _Channel:
     main: bool = True
     log_file: Path | None = None
     log_folder_gone: Callable[[], None] | None = None  # says, in the caller's words, that the log's folder went
-
+    held: list[str] | None = None  # the log's lines said before it was attached (`hold_for_log`); None: none kept
 
 
 _channel = _Channel()
@@ -43,10 +49,24 @@ def configure(*, main: bool = True) -> None:
     _channel.main = main
 
 
+def speaks() -> bool:
+    """Whether this process says things (`configure`): what shows a progress bar decides by it too."""
+    return _channel.main
+
+
+def hold_for_log() -> None:
+    """Keep what is said from now on until `attach_log` opens the run's log, which then starts with it."""
+    _channel.held = []
+
+
 def attach_log(path: Path | None) -> None:
-    """Mirror every message into `path` from now on (the run's train.log); None stops mirroring."""
+    """Mirror every message into `path` from now on (the run's train.log), beginning with the lines held for it
+    (`hold_for_log`); None stops mirroring, and drops the lines held."""
+    held, _channel.held = _channel.held, None
     _channel.log_file = path
     _channel.log_folder_gone = None
+    if path is not None and held:
+        _append_to_log("".join(held))
 
 
 def on_log_folder_gone(say_it: Callable[[], None]) -> None:
@@ -63,6 +83,12 @@ def warn(message: str) -> None:
     _emit(f"Warning: {message}", sys.stderr)
 
 
+def log_only(message: str) -> None:
+    """Into train.log alone (held for it until it opens): what the terminal already shows another way."""
+    if _channel.main:
+        _to_log(message)
+
+
 def _emit(message: str, stream) -> None:
     if not _channel.main:
         return
@@ -70,16 +96,28 @@ def _emit(message: str, stream) -> None:
 
     tqdm.write(message, file=stream)
     stream.flush()
-    if _channel.log_file is None:
-        return
+    _to_log(message)
+
+
+def _to_log(message: str) -> None:
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n"
+    if _channel.log_file is not None:
+        _append_to_log(line)
+    elif _channel.held is not None:
+        _channel.held.append(line)
+
+
+def _append_to_log(text: str) -> None:
     try:
         with open(_channel.log_file, "a", encoding="utf-8") as log:
-            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            log.write(text)
     except OSError as err:
         failed, _channel.log_file = _channel.log_file, None
         if isinstance(err, FileNotFoundError) and _channel.log_folder_gone is not None:
             _channel.log_folder_gone()  # appending creates the file: only its folder can be missing
         else:
+            from tqdm.auto import tqdm
+
             tqdm.write(f"Warning: cannot write {failed} ({err.strerror}); messages go on here only.", file=sys.stderr)
 
 

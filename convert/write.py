@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from common.files import atomic_files, atomic_folder
+from common.progress import progress
 from convert.read import sidecar_yaml_path
 from convert.tables import EXTRAS_FILE, WEIGHTED_COMPONENTS
 from convert.to_diffusers import DiffusersParts
@@ -33,6 +34,15 @@ def write_weights(path: Path, tensors: Mapping[str, Tensor], dtype: torch.dtype 
             value = value.to(dtype)
         out[key] = value.contiguous()
     save_file(out, str(path), metadata={"format": "pt", **(metadata or {})})
+
+
+def written_mib(tensors: Mapping[str, Tensor], dtype: torch.dtype | None) -> int:
+    """The MiB `write_weights` writes of `tensors` (floating ones in `dtype` when given), at least 1."""
+    def size(value: Tensor) -> int:
+        itemsize = dtype.itemsize if dtype is not None and value.is_floating_point() else value.element_size()
+        return value.numel() * itemsize
+
+    return max(1, round(sum(size(value) for value in tensors.values()) / 2**20))
 
 
 def write_model_index(folder: Path, scheduler_class: str, inpainting: bool) -> None:
@@ -62,9 +72,13 @@ def write_diffusers_folder(dump_path: Path, parts: DiffusersParts, *, pad_token:
 
     dtype = torch.float16 if half else None
     dump_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(dump_path) as tmp:
+    sizes = {c.name: written_mib(parts.tensors[c.name], dtype) for c in WEIGHTED_COMPONENTS}
+    # the conversion's wait: each tensor is read from the file (memory-mapped) only as it is written, seconds for a
+    # full-size model from a warm disk cache (SD1.5, fp16: 2.5 s on 2 CPU cores), much longer from a slow disk
+    with atomic_folder(dump_path) as tmp, progress("Conversion: writing", sum(sizes.values()), "MiB") as bar:
         for component in WEIGHTED_COMPONENTS:
             write_weights(tmp / component.name / component.weights, parts.tensors.pop(component.name), dtype)
+            bar.update(sizes[component.name])
             model = parts.models[component.name]
             if component.name == "text_encoder":
                 config = model.config

@@ -50,6 +50,7 @@ from common.files import (
     remove_stale_partials,
     write_bytes_atomically,
 )
+from common.progress import progress
 from common.safetensors_header import HeaderError, read_header
 from data.buckets import Bucket, group_by_bucket
 from data.cache_room import (
@@ -333,14 +334,17 @@ class _VariantPixels:
 
 
 def damaged_entries(cache: LatentCache, variants: list[Variant], vae: torch.nn.Module) -> dict[Variant, str]:
-    """The variants whose cache entry exists but cannot be used, with the reason (see `entry_problem`)."""
+    """The variants whose cache entry exists but cannot be used, with the reason (see `entry_problem`). Minutes for a
+    large data set the first time: finding an entry hashes its image, which reads the whole file."""
     damaged = {}
-    for variant in variants:
-        path = cache.entry(variant)
-        if path.exists() or path.is_symlink():
-            problem = entry_problem(path, latent_shape(vae, variant.bucket))
-            if problem:
-                damaged[variant] = problem
+    with progress("Latent cache: looking up", total=len(variants), unit="image variants") as bar:
+        for variant in variants:
+            path = cache.entry(variant)
+            if path.exists() or path.is_symlink():
+                problem = entry_problem(path, latent_shape(vae, variant.bucket))
+                if problem:
+                    damaged[variant] = problem
+            bar.update()
     return damaged
 
 
@@ -397,16 +401,18 @@ def _encode(cache: LatentCache, missing: list[Variant], total: int, vae: torch.n
     say(f"Latent cache: encoding {len(missing)} of {total} image variants on {device} into {cache.folder}.")
     vae.to(device)
     try:
-        for group in group_by_bucket(missing).values():
-            loader = torch.utils.data.DataLoader(
-                _VariantPixels(group), batch_size=batch_size, num_workers=num_workers,
-                pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-            )
-            done = 0
-            for pixels in loader:
-                mean, std = encode_posterior(vae, pixels)
-                for i, variant in enumerate(group[done : done + len(pixels)]):
-                    save_posterior(cache.entry(variant), mean[i], std[i])
-                done += len(pixels)
+        with progress("Latent cache: encoding", total=len(missing), unit="image variants") as bar:
+            for group in group_by_bucket(missing).values():
+                loader = torch.utils.data.DataLoader(
+                    _VariantPixels(group), batch_size=batch_size, num_workers=num_workers,
+                    pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                )
+                done = 0
+                for pixels in loader:
+                    mean, std = encode_posterior(vae, pixels)
+                    for i, variant in enumerate(group[done : done + len(pixels)]):
+                        save_posterior(cache.entry(variant), mean[i], std[i])
+                    done += len(pixels)
+                    bar.update(len(pixels))
     finally:
         vae.to(home)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.console import say
+from common.progress import progress
 from data.buckets import group_by_bucket
 from data.captions import tokenize_captions
 from data.errors import DataError
@@ -99,18 +100,20 @@ def encode_validation_set(
     from data.pixels import bucket_pixels
 
     batches = []
-    for bucket_items in group_by_bucket(items).values():
-        for start in range(0, len(bucket_items), batch_size):
-            chunk = bucket_items[start : start + batch_size]
-            pixels = torch.stack([bucket_pixels(i.path, i.bucket, flip=False) for i in chunk])
-            mean, std = encode_posterior(vae, pixels)  # float32, on the CPU
-            batches.append({
-                "latents": scaled_latents(mean, std, None, vae.config.scaling_factor),
-                "input_ids": tokenize_captions(tokenizer, [i.caption for i in chunk]),
-            })
-            if weighting is not None:
-                batches[-1]["mask_weights"] = weighting(torch.stack([latent_mask(i, False, mean.shape[-2:])
-                                                                     for i in chunk]))
+    with progress("Validation: encoding", total=len(items), unit="images") as bar:  # not cached: every run
+        for bucket_items in group_by_bucket(items).values():
+            for start in range(0, len(bucket_items), batch_size):
+                chunk = bucket_items[start : start + batch_size]
+                pixels = torch.stack([bucket_pixels(i.path, i.bucket, flip=False) for i in chunk])
+                mean, std = encode_posterior(vae, pixels)  # float32, on the CPU
+                batches.append({
+                    "latents": scaled_latents(mean, std, None, vae.config.scaling_factor),
+                    "input_ids": tokenize_captions(tokenizer, [i.caption for i in chunk]),
+                })
+                if weighting is not None:
+                    batches[-1]["mask_weights"] = weighting(torch.stack([latent_mask(i, False, mean.shape[-2:])
+                                                                         for i in chunk]))
+                bar.update(len(chunk))
     return batches
 
 

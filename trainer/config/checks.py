@@ -129,6 +129,7 @@ def _objective(cfg: TrainConfig) -> Problems:
 def _outputs(cfg: TrainConfig) -> Problems:
     bad = _failing(cfg, [
         ("ckpt_every_n_minutes", _or_null(_positive), "minutes > 0, or null"),
+        ("progress_every_n_seconds", _positive, "seconds > 0, such as 30"),
         ("max_saves", _or_null(_at_least(1)), "an integer >= 1, or null to keep every save"),
         ("ema_decay_rate", _or_null(lambda rate: 0 < rate < 1), "a decay between 0 and 1 such as 0.999, or null"),
         *[(key, _at_least(1), "an integer >= 1") for key in ("ema_update_interval", "sample_steps")],

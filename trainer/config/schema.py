@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from common.progress import DEFAULT_EVERY_S
+
 DEFAULT_CONFIG_FILE = "train.json"
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
@@ -218,6 +220,11 @@ class TrainConfig:
     project_name: str = _key("myproj", "Name used for run folders and saved models.")
     run_name: str | None = _key(None, "Run folder name under logdir; null: <project_name>_<date>-<time>.")
     log_step: int = _key(25, "Write loss and learning rate to tensorboard every this many optimizer steps.")
+    progress_every_n_seconds: float = _key(
+        DEFAULT_EVERY_S, "During a long wait (the scan, the latent-cache fill, a conversion, loading the model, "
+        "sampling, validation), write a line of its progress (done/total, rate, time left) into train.log, and to "
+        "stdout when that is no terminal, every this many seconds; a terminal shows a bar as well."
+    )
     save_every_n_epochs: int = _key(0, "Also save a model every this many epochs; 0: only at the end.")
     save_ckpt_dir: str | None = _key(None, "Folder for saved models; null: <run folder>/ckpts.")
     ckpt_every_n_minutes: float | None = _key(None, "Also save a model every this many minutes; null: off.")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from common.console import warn
 from common.files import atomic_file, write_text_atomically
+from common.progress import Progress
 from data.captions import spell_out_vectors, token_groups
 from trainer.evaluation.prompts import SCHEDULERS, Drawn
 
@@ -99,10 +100,12 @@ def generate_samples(
     images: dict[int, list[Image.Image]] = {}
     # Every draw has its own generator; forking also keeps any scheduler that reaches for the global RNG from
     # moving the training's.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+          Progress("Sampling", total=sum(len(sample.cfgs) for sample in drawn), unit="images") as bar):
         try:
             for indexes in batches(drawn, batch_size):
-                rows = _generate_batch(pipeline, [drawn[i] for i in indexes], device, stop_requested, clip_skip, low)
+                rows = _generate_batch(pipeline, [drawn[i] for i in indexes], device, stop_requested, clip_skip, low,
+                                       bar)
                 if rows is None:
                     break
                 images.update(zip(indexes, rows))
@@ -114,8 +117,9 @@ def generate_samples(
 
 def _generate_batch(pipeline: StableDiffusionPipeline, group: list[Drawn], device: torch.device,
                     stop_requested: Callable[[], bool], clip_skip: int,
-                    low: torch.dtype | None) -> list[list[Image.Image]] | None:
-    """Each sample's images, one per cfg; None when a stop came first (a half-denoised image is no sample)."""
+                    low: torch.dtype | None, bar: Progress) -> list[list[Image.Image]] | None:
+    """Each sample's images, one per cfg, counted on `bar`; None when a stop came first (a half-denoised image is no
+    sample)."""
 
     def interrupt_on_stop(pipe, step, timestep, callback_kwargs):
         pipe._interrupt = stop_requested()  # diffusers' own early exit from the denoising loop
@@ -143,6 +147,7 @@ def _generate_batch(pipeline: StableDiffusionPipeline, group: list[Drawn], devic
             return None
         for row, array in zip(rows, result.images):
             row.append(Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)))
+        bar.update(len(group))
     return rows
 
 

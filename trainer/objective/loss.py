@@ -185,11 +185,12 @@ def validation_loss(
     repeats: int = 4,
     seed: int = 0,
     stop_requested: Callable[[], bool] = lambda: False,
+    batch_done: Callable[[], None] = lambda: None,
 ) -> float | None:
     """Mean plain-MSE loss over fixed batches with the same noise and timesteps on every call (a fresh
     generator of `seed`), `repeats` draws per image, so only the weights change between calls; weighted by the
     batches' masks with masked training, as training is. None when `stop_requested()` turned true part way (a stop
-    does not wait for a long validation set)."""
+    does not wait for a long validation set). `batch_done()` is called after each batch (the caller's progress)."""
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     for batch in batches:
@@ -201,4 +202,5 @@ def validation_loss(
             loss = compute_loss(unet, scheduler, latents, states, generator, Objective(),
                                 mask_weights=batch.get("mask_weights"))
             total, count = total + loss.item() * len(latents), count + len(latents)
+        batch_done()
     return total / max(count, 1)

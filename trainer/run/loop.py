@@ -20,6 +20,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from common.console import first_line, say, warn
+from common.progress import progress
 from data.dataset import TrainingData
 from trainer.config.schema import TrainConfig
 from trainer.errors import UserError
@@ -241,10 +242,12 @@ def validate(run: Run, step: int) -> None:
     unet.eval(), text_encoder.eval()
     losses = {}
     try:
-        for name, batches in run.validation.items():
-            with run.accelerator.autocast():
-                losses[name] = validation_loss(unet, text_encoder, run.noise_scheduler, batches,
-                                               run.accelerator.device, stop_requested=lambda: run.stop.requested)
+        with progress("Validating", total=sum(map(len, run.validation.values())), unit="batches") as bar:
+            for name, batches in run.validation.items():
+                with run.accelerator.autocast():
+                    losses[name] = validation_loss(unet, text_encoder, run.noise_scheduler, batches,
+                                                   run.accelerator.device, stop_requested=lambda: run.stop.requested,
+                                                   batch_done=bar.update)
     except (RuntimeError, OSError, ValueError) as err:  # out of memory, a full disk: said, and training goes on
         warn(f"validation at step {step} failed ({type(err).__name__}: {first_line(err)}); skipped.")
         return
