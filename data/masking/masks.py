@@ -3,7 +3,7 @@ own transforms, and the weight map it gives the loss.
 
 An image's mask is the grayscale `<stem>-masklabel.png` beside it (OneTrainer's name: photos/cat.jpg ->
 photos/cat-masklabel.png; another image format is read too): white learns, black is ignored, gray between. The
-scan finds it and never takes it for an image (data/images.py `is_mask_file`, data/scan.py). With mask_from_alpha
+scan finds it and never takes it for an image (data/images.py `is_mask_file`, data/scanning/walk.py). With mask_from_alpha
 an image without one is masked by its own alpha channel (kohya's alpha_mask). Images without a mask train
 everywhere (weight 1).
 
