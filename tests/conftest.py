@@ -65,14 +65,15 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_model(family)` -> path of a tiny random diffusers model of that family, built once."""
     from trainer.tiny.model import save_tiny_model
 
-    built: dict[tuple[str, str], Path] = {}
+    built: dict[tuple[str, str, str], Path] = {}
 
-    def get(family: str = "sd1", dtype: str = "fp32") -> Path:
-        """`dtype` fp16 or bf16 stores every weight in that dtype, as most downloaded checkpoints do."""
-        if (family, dtype) not in built:
-            built[family, dtype] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}-{dtype}"), family,
-                                                   dtype=dtype)
-        return built[family, dtype]
+    def get(family: str = "sd1", dtype: str = "fp32", vae: str = "random") -> Path:
+        """`dtype` fp16 or bf16 stores every weight in that dtype, as most downloaded checkpoints do; `vae="trained"`
+        the VAE that reconstructs the shapes (trainer/tiny/vae.py)."""
+        if (family, dtype, vae) not in built:
+            built[family, dtype, vae] = save_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}-{dtype}-{vae}"),
+                                                        family, dtype=dtype, vae=vae)
+        return built[family, dtype, vae]
 
     return get
 

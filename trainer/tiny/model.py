@@ -26,6 +26,7 @@ from convert.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from trainer.tiny.shapes import CONCEPTS, draw_shape
 
 TinyFamily = Literal["sd1", "sd2", "sd2-v"]
+TinyVae = Literal["random", "trained"]  # trained: trainer/tiny/vae.py's, which reconstructs the shapes
 TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd1", "sd2", "sd2-v")
 TINY_RESOLUTION = 64  # pixels; latents are 8x8 as SD's are 64x64 at 512
 TEXT_WIDTH = 64  # one attention head of 64, the head size of the real CLIP encoders
@@ -116,12 +117,19 @@ def calibrated_scaling_factor(vae: AutoencoderKL, num_images: int = 16, seed: in
     return float(1.0 / latents.std())
 
 
-def make_tiny_pipeline(family: TinyFamily = "sd1", seed: int = 0) -> StableDiffusionPipeline:
-    """A random tiny SD pipeline of `family`, deterministic for a given seed."""
+def make_tiny_pipeline(family: TinyFamily = "sd1", seed: int = 0, vae: TinyVae = "random") -> StableDiffusionPipeline:
+    """A random tiny SD pipeline of `family`, deterministic for a given seed; `vae="trained"` puts in the VAE that
+    reconstructs the shapes (the demo's, so its samples are pictures) instead of a random one."""
     if family not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {TINY_FAMILIES}")
     torch.manual_seed(seed)
-    text_encoder, unet, vae = tiny_text_encoder(family), tiny_unet(family), tiny_vae()
+    text_encoder, unet = tiny_text_encoder(family), tiny_unet(family)
+    if vae == "trained":
+        from trainer.tiny.vae import load_trained_vae
+
+        vae = load_trained_vae()
+    else:
+        vae = tiny_vae()
     vae.register_to_config(scaling_factor=calibrated_scaling_factor(vae, seed=seed))
     return StableDiffusionPipeline(
         vae=vae,
@@ -138,11 +146,12 @@ def make_tiny_pipeline(family: TinyFamily = "sd1", seed: int = 0) -> StableDiffu
 STORED_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_tiny_model(out_dir: Path, family: TinyFamily = "sd1", seed: int = 0, dtype: str = "fp32") -> Path:
-    """Write a tiny random model of `family` as a diffusers folder, every weight stored in `dtype` (fp32, or
-    fp16/bf16 as most downloaded checkpoints are); returns the folder."""
+def save_tiny_model(out_dir: Path, family: TinyFamily = "sd1", seed: int = 0, dtype: str = "fp32",
+                    vae: TinyVae = "random") -> Path:
+    """Write a tiny random model of `family` (with `vae`) as a diffusers folder, every weight stored in `dtype`
+    (fp32, or fp16/bf16 as most downloaded checkpoints are); returns the folder."""
     out_dir = Path(out_dir)
-    pipeline = make_tiny_pipeline(family, seed)
+    pipeline = make_tiny_pipeline(family, seed, vae)
     for module in (pipeline.unet, pipeline.vae, pipeline.text_encoder):
         module.to(STORED_DTYPES[dtype])
     pipeline.save_pretrained(out_dir, safe_serialization=True)
