@@ -71,25 +71,31 @@ def tiny_unet(family: TinyFamily) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae() -> AutoencoderKL:
+def tiny_vae(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), norm_num_groups: int = 32) -> AutoencoderKL:
+    """A random SD-shaped VAE (8x downsampling, 4 latent channels) of these widths; trainer/tiny/vae.py trains a
+    narrower one with fewer norm groups."""
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=norm_num_groups,
         sample_size=TINY_RESOLUTION,
     )
-    # A trained SD VAE is nearly deterministic (posterior std ~1e-3 of the latents' spread). A random one has
-    # log-variance ~0, so a sampled latent would be mostly the VAE's own noise and there would be nothing to
-    # learn. Fix the log-variance half of quant_conv's output at -18 (std ~1e-4), like a trained encoder.
+    deterministic_posterior(vae)
+    return vae
+
+
+def deterministic_posterior(vae: AutoencoderKL) -> None:
+    """A trained SD VAE is nearly deterministic (posterior std ~1e-3 of the latents' spread). A random one has
+    log-variance ~0, so a sampled latent would be mostly the VAE's own noise and there would be nothing to
+    learn. Fix the log-variance half of quant_conv's output at -18 (std ~1e-4), like a trained encoder."""
     with torch.no_grad():
         vae.quant_conv.weight[vae.config.latent_channels :] = 0.0
         vae.quant_conv.bias[vae.config.latent_channels :] = -18.0
-    return vae
 
 
 def tiny_scheduler(family: TinyFamily) -> PNDMScheduler | DDIMScheduler:

@@ -23,8 +23,10 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 
+from trainer.tiny.model import TINY_RESOLUTION, deterministic_posterior, tiny_vae
+
 TRAINED_VAE_FILE = Path(__file__).resolve().parent / "assets" / "tiny_vae.safetensors"
-SCENE_SIZE = 64
+SCENE_SIZE = TINY_RESOLUTION
 # the shapes set's red and blue (trainer/tiny/shapes.py), and other saturated colours, so that a concept's colour
 # is something the VAE can say apart from its neighbours'
 PALETTE = ((220, 30, 30), (30, 60, 220), (40, 170, 60), (230, 200, 30), (150, 40, 180), (240, 130, 20),
@@ -35,27 +37,7 @@ NOISE_SCENES = 0.15  # share of scenes on a noise background: masked training's 
 
 def tiny_vae_architecture() -> AutoencoderKL:
     """The trained VAE's shape, with random weights (load_trained_vae fills them)."""
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 64),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=SCENE_SIZE,
-    )
-    _deterministic_posterior(vae)
-    return vae
-
-
-def _deterministic_posterior(vae: AutoencoderKL) -> None:
-    """A trained SD VAE's posterior std is ~1e-3 of its latents' spread: fix the log-variance half of quant_conv's
-    output at -18, so that a sampled latent is its mean (training uses the mean and never moves these)."""
-    with torch.no_grad():
-        vae.quant_conv.weight[vae.config.latent_channels:] = 0.0
-        vae.quant_conv.bias[vae.config.latent_channels:] = -18.0
+    return tiny_vae(block_out_channels=(16, 32, 32, 64), norm_num_groups=4)
 
 
 def load_trained_vae(path: Path = TRAINED_VAE_FILE) -> AutoencoderKL:
@@ -121,7 +103,7 @@ def train_tiny_vae(steps: int = 1200, batch_size: int = 16, lr: float = 2e-3, se
         schedule.step()
         if on_progress is not None and (step % 100 == 0 or step == steps - 1):
             on_progress(step, loss.item())
-    _deterministic_posterior(vae)
+    deterministic_posterior(vae)  # training used only the mean; set again rather than trusted to be untouched
     return vae.eval()
 
 
