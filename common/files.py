@@ -69,6 +69,17 @@ def remove(path: Path) -> None:
                 raise
 
 
+def remove_whole(path: Path) -> None:
+    """Delete a file or folder so that its name goes at once: renamed to a partial first, then deleted. A kill
+    while a large folder is deleted then leaves a partial (which `remove_stale_partials` clears at the next start),
+    never a half-deleted folder under the name of something whole."""
+    if not os.path.lexists(path):
+        return
+    doomed = partial_path(Path(path))
+    os.rename(path, doomed)
+    remove(doomed)
+
+
 @contextmanager
 def atomic_folder(final: Path, *, owner: str | None = None) -> Iterator[Path]:
     """Yield an empty partial folder to fill; on success it is renamed to `final`, on any error removed.

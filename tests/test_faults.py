@@ -551,6 +551,37 @@ def test_a_diverging_step_is_named_and_never_saved(tiny_model, shapes_dir, tmp_p
     assert "Saved model" not in result.stdout and not list((tmp_path / "logs").rglob("*.safetensors"))
 
 
+def test_a_kill_while_an_old_save_is_pruned_leaves_no_half_save_under_its_name(tiny_model, shapes_dir, tmp_path):
+    """max_saves deletes the oldest save once the next is whole. A SIGKILL (nothing can clean up) while its folder
+    is being deleted leaves a hidden partial, which the next start removes, never a half-deleted folder under the
+    save's own name. The save is made large (50,000 files moved into it) so that the kill lands in the deletion."""
+    bulk = tmp_path / "bulk"
+    bulk.mkdir()
+    for i in range(50_000):
+        (bulk / f"f{i:05d}").touch()
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--run_name", "r", "--save_every_n_epochs", "2",
+                            "--max_saves", "1", "--max_epochs", "40"), cwd=tmp_path)
+    first = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
+    bulk.rename(first / "bulk")
+    unchanged = (first / "bulk").stat().st_mtime_ns  # each file deleted from it changes it: a cheap, early sign
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.popen.poll() is None:
+        try:
+            if (first / "bulk").stat().st_mtime_ns != unchanged:
+                break  # the deletion is under way
+        except FileNotFoundError:
+            break  # the folder left its name
+        time.sleep(0.0005)
+    run.signal_group(signal.SIGKILL)
+    run.finish()
+
+    assert not first.exists(), f"{first} is half deleted: {len(list((first / 'bulk').iterdir()))} of 50000 files left"
+    # what the kill left of it, if the deletion had not ended, is a hidden partial: the next start clears it
+    again = run_train(args(tiny_model("sd1"), shapes_dir, "--run_name", "r2", "--max_steps", "1"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not partials(first.parent) and not first.exists()
+
+
 def test_max_saves_never_prunes_a_good_save_for_a_broken_one(tiny_model, shapes_dir, tmp_path):
     shared = ["--save_ckpt_dir", "saves", "--save_every_n_epochs", "1", "--max_saves", "1", "--max_epochs", "3"]
     good = run_train(args(tiny_model("sd1"), shapes_dir, *shared), cwd=tmp_path)

@@ -31,6 +31,7 @@ from common.files import (
     human_bytes,
     remove,
     remove_stale_partials,
+    remove_whole,
     write_text_atomically,
 )
 from convert.tables import WEIGHTED_COMPONENTS
@@ -249,9 +250,9 @@ def prune_saves(saves: list[Path], keep: int) -> list[Path]:
     deleted = saves[: max(0, len(saves) - keep)]
     for folder in deleted:
         for base in (folder, folder.with_name(folder.name + "-ema")):
-            remove(base)
-            for suffix in (".safetensors", ".yaml"):
+            for suffix in (".safetensors", ".yaml"):  # first: until the folder goes, what is left is a whole save
                 base.with_name(base.name + suffix).unlink(missing_ok=True)
+            remove_whole(base)  # a kill while its gigabytes go leaves a partial, not a half save under its name
     return deleted
 
 
