@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO_ROOT, run_script
-from trainer.tiny.model import tiny_vae
 from trainer.tiny.pictures import shown_concept
 from trainer.tiny.shapes import CONCEPTS, draw_shape
-from trainer.tiny.vae import load_trained_vae, reconstruction_error, scene_batch
+from trainer.tiny.vae import load_trained_vae, reconstruction_error, scene_batch, tiny_vae
 
 
 def test_the_shipped_vae_reconstructs_the_shapes_and_their_colours():

@@ -24,11 +24,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from convert.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
 from trainer.tiny.shapes import CONCEPTS, draw_shape
+from trainer.tiny.vae import TINY_VAE_SIZE, load_trained_vae, tiny_vae
 
 TinyFamily = Literal["sd1", "sd2", "sd2-v"]
 TinyVae = Literal["random", "trained"]  # trained: trainer/tiny/vae.py's, which reconstructs the shapes
 TINY_FAMILIES: tuple[TinyFamily, ...] = ("sd1", "sd2", "sd2-v")
-TINY_RESOLUTION = 64  # pixels; latents are 8x8 as SD's are 64x64 at 512
+TINY_RESOLUTION = TINY_VAE_SIZE  # pixels; latents are 8x8 as SD's are 64x64 at 512
 TEXT_WIDTH = 64  # one attention head of 64, the head size of the real CLIP encoders
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
@@ -71,33 +72,6 @@ def tiny_unet(family: TinyFamily) -> UNet2DConditionModel:
     )
 
 
-def tiny_vae(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), norm_num_groups: int = 32) -> AutoencoderKL:
-    """A random SD-shaped VAE (8x downsampling, 4 latent channels) of these widths; trainer/tiny/vae.py trains a
-    narrower one with fewer norm groups."""
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=block_out_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=norm_num_groups,
-        sample_size=TINY_RESOLUTION,
-    )
-    deterministic_posterior(vae)
-    return vae
-
-
-def deterministic_posterior(vae: AutoencoderKL) -> None:
-    """A trained SD VAE is nearly deterministic (posterior std ~1e-3 of the latents' spread). A random one has
-    log-variance ~0, so a sampled latent would be mostly the VAE's own noise and there would be nothing to
-    learn. Fix the log-variance half of quant_conv's output at -18 (std ~1e-4), like a trained encoder."""
-    with torch.no_grad():
-        vae.quant_conv.weight[vae.config.latent_channels :] = 0.0
-        vae.quant_conv.bias[vae.config.latent_channels :] = -18.0
-
-
 def tiny_scheduler(family: TinyFamily) -> PNDMScheduler | DDIMScheduler:
     if family == "sd1":  # what SD1.5 ships
         return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -130,12 +104,7 @@ def make_tiny_pipeline(family: TinyFamily = "sd1", seed: int = 0, vae: TinyVae =
         raise ValueError(f"unknown tiny model family {family!r}; expected one of {TINY_FAMILIES}")
     torch.manual_seed(seed)
     text_encoder, unet = tiny_text_encoder(family), tiny_unet(family)
-    if vae == "trained":
-        from trainer.tiny.vae import load_trained_vae
-
-        vae = load_trained_vae()
-    else:
-        vae = tiny_vae()
+    vae = load_trained_vae() if vae == "trained" else tiny_vae()
     vae.register_to_config(scaling_factor=calibrated_scaling_factor(vae, seed=seed))
     return StableDiffusionPipeline(
         vae=vae,

@@ -23,16 +23,41 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image, ImageDraw
 
-from trainer.tiny.model import TINY_RESOLUTION, deterministic_posterior, tiny_vae
-
 TRAINED_VAE_FILE = Path(__file__).resolve().parent / "assets" / "tiny_vae.safetensors"
-SCENE_SIZE = TINY_RESOLUTION
+TINY_VAE_SIZE = SCENE_SIZE = 64  # the tiny models' resolution (trainer/tiny/model.py); latents 8x8
 # the shapes set's red and blue (trainer/tiny/shapes.py), and other saturated colours, so that a concept's colour
 # is something the VAE can say apart from its neighbours'
 PALETTE = ((220, 30, 30), (30, 60, 220), (40, 170, 60), (230, 200, 30), (150, 40, 180), (240, 130, 20),
            (30, 30, 30), (40, 190, 200))
 CHROMA_WEIGHT = 5.0
 NOISE_SCENES = 0.15  # share of scenes on a noise background: masked training's test images have them
+
+
+def tiny_vae(block_out_channels: tuple[int, ...] = (32, 32, 64, 64), norm_num_groups: int = 32) -> AutoencoderKL:
+    """A random SD-shaped VAE (8x downsampling, 4 latent channels) of these widths: the tiny models' default; the
+    trained one is narrower, with fewer norm groups (tiny_vae_architecture)."""
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=TINY_VAE_SIZE,
+    )
+    deterministic_posterior(vae)
+    return vae
+
+
+def deterministic_posterior(vae: AutoencoderKL) -> None:
+    """A trained SD VAE is nearly deterministic (posterior std ~1e-3 of the latents' spread). A random one has
+    log-variance ~0, so a sampled latent would be mostly the VAE's own noise and there would be nothing to
+    learn. Fix the log-variance half of quant_conv's output at -18 (std ~1e-4), like a trained encoder."""
+    with torch.no_grad():
+        vae.quant_conv.weight[vae.config.latent_channels :] = 0.0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -18.0
 
 
 def tiny_vae_architecture() -> AutoencoderKL:
