@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from data.pixels import to_tensor
 from tests.conftest import REPO_ROOT, run_script
 from trainer.tiny.pictures import shown_concept
 from trainer.tiny.shapes import CONCEPTS, draw_shape
@@ -24,7 +24,7 @@ def test_the_shipped_vae_reconstructs_the_shapes_and_their_colours():
     for concept in CONCEPTS:
         for _ in range(4):
             image = draw_shape(concept, 64, rng)
-            pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 127.5 - 1
+            pixels = to_tensor(image)[None]
             with torch.no_grad():
                 decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
             again = Image.fromarray(((decoded[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy())
