@@ -43,7 +43,8 @@ def test_the_vaes_latents_of_a_shape_change_little_with_its_background():
         inside = (torch.nn.functional.avg_pool2d(shape.float(), 8) > 0.99).expand(-1, 4, -1, -1)
         with torch.no_grad():
             latents = vae.encode(clean).latent_dist.mean
-            for background, pixels in (("plain", torch.full_like(clean, 0.8)), ("noise", torch.rand_like(clean) * 2 - 1)):
+            backgrounds = {"plain": torch.full_like(clean, 0.8), "noise": torch.rand_like(clean) * 2 - 1}
+            for background, pixels in backgrounds.items():
                 moved = vae.encode(torch.where(shape, clean, pixels)).latent_dist.mean
                 changes[name, background] = float((moved - latents).abs()[inside].mean() / latents.std())
     assert changes["trained", "plain"] < 0.2 * changes["random", "plain"], changes
