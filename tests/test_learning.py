@@ -108,35 +108,80 @@ def shape_of(pixels: np.ndarray) -> np.ndarray:
     return np.any([np.all(pixels == color, axis=-1) for _, color, _ in CONCEPTS.values()], axis=0)
 
 
-def on_noise(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.where(shape_of(pixels)[..., None], pixels, TEXTURE))
+def on_noise(pixels: np.ndarray, noise: np.random.Generator | None = None) -> Image.Image:
+    """The shape on noise: TEXTURE, or a fresh noise image from `noise`."""
+    texture = TEXTURE if noise is None else noise.integers(0, 256, pixels.shape, dtype=np.uint8)
+    return Image.fromarray(np.where(shape_of(pixels)[..., None], pixels, texture))
 
 
-def region_losses(model_dir: Path, noisy: bool, images: int = 16, draws: int = 8, seed: int = 123) -> dict[str, float]:
-    """caption_losses' measure (the training objective with each image's own caption, the same noise and timesteps
-    for every model) on fresh shapes, clean or on the training noise, over the shape ("subject") and over the rest
-    ("background") apart: each region's weight map divided by its area."""
+def backdropped(pixels: np.ndarray, backdrop: str, noise: np.random.Generator) -> Image.Image:
+    """A shape image on `backdrop`: "clean" (as drawn), "texture" (TEXTURE behind it) or "noise" (a fresh noise
+    image from `noise` behind it)."""
+    if backdrop == "clean":
+        return Image.fromarray(pixels)
+    return on_noise(pixels, noise if backdrop == "noise" else None)
+
+
+def region_losses(model_dir: Path, backdrop: str, anywhere: bool = False, images: int = 16, draws: int = 8,
+                  seed: int = 123) -> dict[str, float]:
+    """caption_losses' measure (the training objective, the same noise and timesteps for every model) on fresh
+    shapes on `backdrop` (backdropped's), over the shape ("subject") and over the rest ("background") apart, each
+    region's weight map divided by its area: with each image's own caption, and with the other concept's ("...
+    other")."""
     from data.captions import tokenize_captions
     from data.encode import encode_posterior
     from data.pixels import to_tensor
     from trainer.objective.loss import compute_loss, encode_prompts
 
-    models, rng = load_model_dir(model_dir), random.Random(seed)
-    losses: dict[str, list[float]] = {"subject": [], "background": []}
+    models, rng, noise = load_model_dir(model_dir), random.Random(seed), np.random.default_rng(seed)
+    losses: dict[str, list[float]] = {}
     with torch.no_grad():
         captions = [caption for _, _, caption in CONCEPTS.values()]
         states = encode_prompts(models.text_encoder, tokenize_captions(models.tokenizer, captions)).split(1)
         for i in range(images):
-            pixels = np.asarray(draw_shape(list(CONCEPTS)[i % 2], 64, rng))
-            image = on_noise(pixels) if noisy else Image.fromarray(pixels)
-            latents = encode_posterior(models.vae, to_tensor(image)[None])[0] * models.vae.config.scaling_factor
+            pixels = np.asarray(draw_shape(list(CONCEPTS)[i % 2], 64, rng, anywhere))
+            image = to_tensor(backdropped(pixels, backdrop, noise))[None]
+            latents = encode_posterior(models.vae, image)[0] * models.vae.config.scaling_factor
             subject = torch.from_numpy(shape_of(pixels).astype(np.float32))[None, None]
             for region, weights in (("subject", subject), ("background", 1 - subject)):
-                for draw in range(draws):
-                    generator = torch.Generator().manual_seed((seed * images + i) * draws + draw)
-                    losses[region].append(compute_loss(models.unet, models.noise_scheduler, latents, states[i % 2],
-                                                       generator, mask_weights=weights / weights.mean()).item())
-    return {region: float(np.mean(values)) for region, values in losses.items()}
+                for caption, state in (("", states[i % 2]), (" other", states[1 - i % 2])):
+                    for draw in range(draws):
+                        generator = torch.Generator().manual_seed((seed * images + i) * draws + draw)
+                        losses.setdefault(region + caption, []).append(compute_loss(
+                            models.unet, models.noise_scheduler, latents, state, generator,
+                            mask_weights=weights / weights.mean()).item())
+    return {name: float(np.mean(values)) for name, values in losses.items()}
+
+
+def train_on(start: Path, data: Path, epochs: int, *extra: str) -> Path:
+    """The learning tests' run (the text encoder frozen, fp32, no caption dropout) on `data`; its final save."""
+    result = run_train(
+        ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", "64", "--batch_size", "8",
+         "--max_epochs", str(epochs), "--lr", "2e-3", "--disable_textenc_training", "--gradient_checkpointing",
+         "false", "--mixed_precision", "no", "--zero_frequency_noise_ratio", "0", "--cond_dropout", "0",
+         "--save_full_precision", "--save_single_file", "false", "--num_workers", "0", "--logdir", "logs",
+         *extra], cwd=data.parent, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("masked training: 32 of 32 images have a mask" in result.stdout) == ("--masked_training" in extra)
+    return Path([line for line in result.stdout.splitlines() if line.startswith("Saved model: ")][-1].split(": ", 1)[1])
+
+
+def shapes_on(out: Path, backdrop: str, masks: bool, anywhere: bool = False) -> Path:
+    """16 circles and 16 squares (make_shapes_dataset's, seed 1) on `backdrop` (region_losses'), with a
+    `-masklabel.png` of each shape where `masks`."""
+    rng, noise = random.Random(1), np.random.default_rng(7)
+    out.mkdir()
+    for concept, (_, _, caption) in CONCEPTS.items():
+        for i in range(16):
+            pixels = np.asarray(draw_shape(concept, 64, rng, anywhere))
+            backdropped(pixels, backdrop, noise).save(out / f"{concept}_{i:03d}.png")
+            (out / f"{concept}_{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
+            if masks:
+                Image.fromarray(shape_of(pixels).astype(np.uint8) * 255).save(out / f"{concept}_{i:03d}-masklabel.png")
+    return out
+
+
+MASKED = ("--masked_training", "true", "--unmasked_weight", "0")
 
 
 @pytest.mark.slow
@@ -148,36 +193,43 @@ def test_masked_training_learns_the_subject_and_not_the_background_it_masks_out(
 
     Measured (160 steps, the same for both runs), each the loss with the own caption, untrained: 1.16 on the shapes,
     1.13 on the noise. Masked: shapes on the noise 0.271, the noise itself 0.355, clean shapes 0.534; without masks:
-    0.227, 0.150, 0.593; a run on the clean shapes (not run here): 0.285, 0.266, 0.343. Not measured here: the
-    caption gap of caption_losses (1.086 after the clean run, 1.000 after the masked one). In this set the captions
-    say where the shape is, which is outside every mask but the own shape's, so with unmasked_weight 0 the captions
-    carry nothing the loss can see; and a random tiny VAE mixes the whole picture into every latent (about half of a
-    shape's latents change with its background), so a mask in latent space cannot wholly keep the noise out."""
+    0.227, 0.150, 0.593; a run on the clean shapes (not run here): 0.285, 0.266, 0.343. The random tiny VAE mixes
+    the whole picture into every latent (about half of a shape's latents change with its background), so a mask in
+    latent space cannot wholly keep the noise out; what the captions teach is the next test's."""
     start = tiny_model("sd1")
-    before = region_losses(start, noisy=True)
-    saved = {}
-    for masked in (True, False):
-        data = make_shapes_dataset(tmp_path / f"shapes-{masked}", images_per_concept=16, size=64, seed=1)
-        for path in sorted(data.glob("*.png")):
-            pixels = np.asarray(Image.open(path).convert("RGB"))
-            on_noise(pixels).save(path)
-            if masked:
-                Image.fromarray(shape_of(pixels).astype(np.uint8) * 255).save(path.with_name(f"{path.stem}-masklabel.png"))
-        result = run_train(
-            ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", "64", "--batch_size", "8",
-             "--max_epochs", "40", "--lr", "2e-3", "--disable_textenc_training", "--gradient_checkpointing", "false",
-             "--mixed_precision", "no", "--zero_frequency_noise_ratio", "0", "--cond_dropout", "0",
-             "--save_full_precision", "--save_single_file", "false", "--num_workers", "0", "--logdir", "logs",
-             *(["--masked_training", "true", "--unmasked_weight", "0"] if masked else [])],
-            cwd=tmp_path, timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert ("masked training: 32 of 32 images have a mask" in result.stdout) == masked
-        saved[masked] = Path([line for line in result.stdout.splitlines()
-                              if line.startswith("Saved model: ")][-1].split(": ", 1)[1])
-    masked, plain = (region_losses(saved[masked], noisy=True) for masked in (True, False))
+    before = region_losses(start, "texture")
+    saved = {masked: train_on(start, shapes_on(tmp_path / f"shapes-{masked}", "texture", masks=masked), 40,
+                              *(MASKED if masked else ())) for masked in (True, False)}
+    masked, plain = (region_losses(saved[masked], "texture") for masked in (True, False))
     assert masked["subject"] < 0.35 * before["subject"]  # it learned the shapes (measured 0.23x)
     assert masked["subject"] < 1.4 * plain["subject"]  # about as well as without masks (1.19x)
     assert masked["background"] > 2 * plain["background"]  # and not the noise, which the other learned (2.37x)
-    clean = [region_losses(saved[masked], noisy=False)["subject"] for masked in (True, False)]
+    clean = [region_losses(saved[masked], "clean")["subject"] for masked in (True, False)]
     assert clean[0] < 0.95 * clean[1], clean  # on clean shapes its subject is the better one (0.90x)
+
+
+@pytest.mark.slow
+def test_masked_training_on_noise_learns_the_concept_and_the_same_images_without_masks_hardly(tiny_model,
+                                                                                             tmp_path: Path):
+    """The concept is what the caption says: a red circle or a blue square, each anywhere in the image, so that
+    only the caption tells which the shape is (the trained VAE keeps the colours). Three runs of 100 epochs (400
+    steps) from the same base: on the clean images; on the same shapes, each on a fresh noise image, with masks of
+    their shapes (unmasked_weight 0); and on those noisy images without masks. Each is judged by the learning tests'
+    measure on fresh clean shapes, over the shape: how much better the model denoises it with its own caption than
+    with the other concept's (the loss with the other caption / with its own, less 1).
+
+    Measured, this test's runs: clean 0.668, masked 0.316, without masks 0.088. The masked runs are steady (0.28 to
+    0.36 over four seeds), the runs without masks learn a quarter of that. The clean runs vary far more (0.27 to
+    0.67 over the same seeds; masked / clean 0.95, 1.03, 0.89, 0.47), so "as well as clean images" holds for some
+    seeds and not others, and is not asserted: at 64 px a shape covers about 3 x 3 latents, nearly all of them on
+    its edge, where the clean runs also learn from the background side that the masks leave out."""
+    start = tiny_model("sd1", vae="trained")
+    runs = {"clean": ("clean", ()), "masked": ("noise", MASKED), "noisy": ("noise", ())}
+    gain = {}
+    for name, (backdrop, extra) in runs.items():
+        data = shapes_on(tmp_path / name, backdrop, masks=bool(extra), anywhere=True)
+        losses = region_losses(train_on(start, data, 100, *extra), "clean", anywhere=True)
+        gain[name] = losses["subject other"] / losses["subject"] - 1
+    assert gain["masked"] > 0.2, gain  # the masked run learned the concept (measured 0.28 to 0.36)
+    assert gain["masked"] > 2.5 * gain["noisy"], gain  # far better than the noisy images without masks (3.6x)
+    assert gain["clean"] > 0.2, gain  # the clean images taught it too, so the measure measures (0.27 to 0.67)

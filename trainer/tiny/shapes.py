@@ -17,22 +17,27 @@ CONCEPTS = {
 }
 
 
-def draw_shape(concept: str, size: int, rng: random.Random) -> Image.Image:
+def draw_shape(concept: str, size: int, rng: random.Random, anywhere: bool = False) -> Image.Image:
     """One image of `concept` ("circle" or "square") at a jittered place and scale on a light background.
 
     Circles sit in the upper left, squares in the lower right. A random tiny VAE normalises colour away
     (GroupNorm), but not layout: the concepts must differ where such a VAE can see it, or a tiny model has
-    nothing in its latents to tie to the caption.
+    nothing in its latents to tie to the caption. `anywhere`: both concepts anywhere in the image, for the trained
+    VAE (trainer/tiny/vae.py), whose latents keep the colours: the caption alone then tells what the shape is.
     """
     _, color, _ = CONCEPTS[concept]
     background = tuple(rng.randint(200, 255) for _ in range(3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     side = rng.randint(size * 3 // 10, size * 9 // 20)
-    low, high = size // 16, size // 2 - side // 2
-    x0, y0 = rng.randint(low, max(low, high)), rng.randint(low, max(low, high))
-    if concept == "square":  # mirrored into the lower right
-        x0, y0 = size - x0 - side, size - y0 - side
+    if anywhere:
+        margin = size // 16
+        x0, y0 = rng.randint(margin, size - margin - side), rng.randint(margin, size - margin - side)
+    else:
+        low, high = size // 16, size // 2 - side // 2
+        x0, y0 = rng.randint(low, max(low, high)), rng.randint(low, max(low, high))
+        if concept == "square":  # mirrored into the lower right
+            x0, y0 = size - x0 - side, size - y0 - side
     box = (x0, y0, x0 + side, y0 + side)
     if concept == "circle":
         draw.ellipse(box, fill=color)
