@@ -25,7 +25,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 from common.console import configure as configure_console  # noqa: E402
-from common.console import hold_for_log, quiet_library_noise, say, warn  # noqa: E402
+from common.console import hold_for_log, outlive_the_console, quiet_library_noise, report, say, warn  # noqa: E402
 from common.progress import configure as configure_progress  # noqa: E402
 from data.errors import DataError  # noqa: E402
 from trainer.config.docs import help_text  # noqa: E402
@@ -123,6 +123,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     from trainer.models.precision import component_dtypes, training_precision
     from trainer.preflight.checks import check_model_fits, resolve_find_last, run_dir_path, run_preflight
     from trainer.preflight.device import Device
+    from trainer.preflight.findlast import load_base_model
     from trainer.preflight.memory import memory_report, model_params_of
     from trainer.run.loop import train
     from trainer.run.setup import refuse_sharding_without_accelerators
@@ -149,9 +150,10 @@ def train_run(cfg: TrainConfig, started: float) -> int:
         say(notice)
     precision = training_precision(cfg.mixed_precision)
     with processes.main_process_first():
-        models = load_models(cfg.resume_ckpt, hf_repo_subfolder=cfg.hf_repo_subfolder,
-                             prediction_type=cfg.prediction_type, dtypes=component_dtypes(cfg, precision),
-                             ckpt_cache_dir=cfg.ckpt_cache_dir)
+        # findlast's pick, or the next newest when another run's pruning removed it since (said)
+        cfg, models = load_base_model(cfg, lambda source: load_models(
+            source, hf_repo_subfolder=cfg.hf_repo_subfolder, prediction_type=cfg.prediction_type,
+            dtypes=component_dtypes(cfg, precision), ckpt_cache_dir=cfg.ckpt_cache_dir))
         say(f"Model: {models.info.describe()}")
         check_model_fits(cfg, preflight, models)  # a resumed state's architecture, the room for a save
         if preflight.embeddings:  # new tokens, before any caption is tokenized
@@ -171,6 +173,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
 
 def main(argv: list[str]) -> int:
     started = time.monotonic()
+    outlive_the_console()  # before the libraries' loggers take the streams: a closed pipe or terminal stops nothing
     if "-h" in argv or "--help" in argv:
         print(help_text())
         return 0
@@ -180,7 +183,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:  # with what the preflight finds in the rest of the config: one round of fixes
         from trainer.preflight.checks import problems_beside
 
-        print(f"train.py: {err}{problems_beside(err)}", file=sys.stderr)
+        report(f"train.py: {err}{problems_beside(err)}")
         return 2
     for notice in loaded.notices:
         say(f"Config: {notice}")
@@ -192,16 +195,15 @@ def main(argv: list[str]) -> int:
     try:
         return dry_run(cfg) if cfg.dry_run else train_run(cfg, started)
     except (UserError, DataError) as err:  # an input or environment problem, said in one message
-        print(f"train.py: {err}", file=sys.stderr)
+        report(f"train.py: {err}")
         return getattr(err, "exit_code", 1)
     except KeyboardInterrupt:  # during training a Ctrl-C stops and saves; this is before training started
-        print("train.py: stopped by Ctrl-C before training started; nothing was trained, so nothing needed saving.",
-              file=sys.stderr)
+        report("train.py: stopped by Ctrl-C before training started; nothing was trained, so nothing needed saving.")
         return 130
     except Exception as err:
         from trainer.failures import describe_unexpected
 
-        print(describe_unexpected(err), file=sys.stderr)
+        report(describe_unexpected(err))
         return 1
     finally:
         if "data.workers" in sys.modules:  # DataLoader workers ran: none may outlive the program

@@ -11,10 +11,18 @@ The run folder, and so train.log, is made only once the model has loaded and the
 a large run; train.py calls `hold_for_log` first thing, so that what is said until then (the config's notices, the
 model, the scan, the cache fill's progress) is kept and written at the top of train.log when `attach_log` opens it,
 in order and with the time each line was said.
+
+A console that can no longer be written never stops a run either: train.py calls `outlive_the_console` first
+thing, after which a write to stdout or stderr that fails (the reader of a pipe ended, as `| head` does; a terminal
+hung up; a full disk under `> out.txt`) points that descriptor at /dev/null, for every writer in the process (ours,
+the libraries' loggers and bars, the interpreter's last flush), says so once on the other stream and in train.log,
+and the run goes on; train.log keeps every message.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import sys
 import time
@@ -94,9 +102,18 @@ def _emit(message: str, stream) -> None:
         return
     from tqdm.auto import tqdm  # light, and only once something is said
 
+    _to_log(message)  # first: a console that fails never costs train.log the line
     tqdm.write(message, file=stream)
     stream.flush()
-    _to_log(message)
+
+
+def report(message: str) -> None:
+    """The one message a run ends with (`train.py: ...`): on stderr from every process (the one that failed need not
+    be the main one), and into train.log where it is open."""
+    if _channel.main:
+        _to_log(message)
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def _to_log(message: str) -> None:
@@ -119,6 +136,75 @@ def _append_to_log(text: str) -> None:
             from tqdm.auto import tqdm
 
             tqdm.write(f"Warning: cannot write {failed} ({err.strerror}); messages go on here only.", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------- a lost console
+
+
+class _ConsoleFile(io.FileIO):
+    """stdout's or stderr's descriptor, written as Python writes it, except that a write it can no longer take
+    loses it (`_lose`) instead of raising into whichever writer met it first."""
+
+    lost = False
+
+    def write(self, data) -> int | None:
+        try:
+            return super().write(data)
+        except OSError as err:  # (a descriptor set non-blocking that is full returns None, as FileIO's does)
+            _lose(self, err)
+            return len(data)
+
+
+def outlive_the_console() -> None:
+    """From now on a stdout or stderr that can no longer be written (this module's docstring) costs nothing.
+
+    The streams are made again over `_ConsoleFile`, with the interpreter's own settings; libraries imported later
+    (their loggers keep the stream they found) and tqdm's bars write through them too."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, io.TextIOWrapper) or isinstance(_raw(stream), _ConsoleFile):
+            continue  # done already
+        try:
+            fd = stream.fileno()
+        except (OSError, ValueError):
+            continue  # a stream with no descriptor (pytest's capture) is not a console
+        stream.flush()
+        raw = _ConsoleFile(fd, "w", closefd=False)
+        raw.name = f"<{name}>"
+        # the interpreter's layers: unbuffered (PYTHONUNBUFFERED, -u) writes go straight to the descriptor
+        binary = io.BufferedWriter(raw) if isinstance(stream.buffer, io.BufferedWriter) else raw
+        setattr(sys, name, io.TextIOWrapper(binary, encoding=stream.encoding, errors=stream.errors,
+                                            line_buffering=stream.line_buffering, write_through=stream.write_through))
+
+
+def _raw(stream):
+    """The descriptor's layer under a text stream (its buffer's raw file, or the buffer where it has none)."""
+    binary = getattr(stream, "buffer", None)
+    return getattr(binary, "raw", binary)
+
+
+_WHY = {errno.EPIPE: "what read it has ended, as `| head` does", errno.EIO: "its terminal was closed"}
+
+
+def _lose(console: _ConsoleFile, err: OSError) -> None:
+    """`console` to /dev/null: the write that failed and all that follow, by any writer in the process, succeed
+    unseen. Said once in train.log and, where it still works, on the other stream."""
+    console.lost = True
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, console.fileno())
+    finally:
+        os.close(devnull)
+    if not _channel.main or sys.is_finalizing():  # the interpreter's last flush: the run has nothing more to say
+        return
+    name = console.name.strip("<>")
+    why = f"{err.strerror}: {_WHY[err.errno]}" if err.errno in _WHY else err.strerror or str(err)
+    note = f"{name} can no longer be written ({why}); the run goes on, and its messages go on into train.log."
+    _to_log(f"Warning: {note}")
+    other = sys.stderr if name == "stdout" else sys.stdout
+    if isinstance(_raw(other), _ConsoleFile) and not _raw(other).lost:
+        other.write(f"Warning: {note}\n")
+        other.flush()
 
 
 def first_line(err: BaseException) -> str:

@@ -176,6 +176,15 @@ def remove_stale_partials(folder: Path) -> list[Path]:
     return stale
 
 
+def modified_ns(path: Path) -> int | None:
+    """A file's modification time in ns; None for a file gone since it was listed (a save pruned by another run
+    between a search's listing and its look at the file)."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 def nearest_existing(path: Path) -> Path:
     """`path`, or the closest of its parents that exists (what a mkdir of `path` would start from)."""
     path = Path(os.path.abspath(path))

@@ -17,6 +17,11 @@ ints: accelerate walks every element of a tuple on its way to the device, 77 per
 
 On a CUDA machine batches come in pinned memory, so that their copy to the GPU can be queued without blocking.
 
+A latent-cache entry is checked as it is read (`CachedLatents`), as the run's start checks each: one damaged,
+replaced or deleted during the run is encoded again from its image where the VAE is at hand, else it ends the run
+in one DataError that names it and the way on; a file that trained would otherwise be lost or, of another shape,
+silently train something else.
+
 With N processes the sampler yields global batches of N x batch_size rows from one bucket and accelerate
 (`split_batches`) gives process i the i-th slice: together the processes train exactly the batches one process
 with batch N x batch_size would.
@@ -30,6 +35,8 @@ an image's own flip_p, cond_dropout and shuffle_tags (`ImageItem`, from its data
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +46,22 @@ from transformers import CLIPTokenizer
 
 from common.console import say
 from data.captions import shuffle_tags, tokenize_captions
-from data.encode import scaled_latents
-from data.errors import read_during_run
+from data.encode import encode_posterior, scaled_latents
+from data.errors import DataError, read_during_run
 from data.latent_cache import (
     LATENT_CACHE_FOLDER,
+    DamagedEntry,
     LatentCache,
+    Variant,
     fill_cache,
     image_variants,
     latent_keys,
-    load_posterior,
+    latent_shape,
+    read_entry,
+    save_posterior,
     vae_fingerprint,
 )
-from data.masking.cache import fill_masks, load_mask
+from data.masking.cache import MASK_KEYS, fill_masks
 from data.masking.masks import MaskWeighting, bucket_mask, checked_masks
 from data.options import DataOptions
 from data.pixels import bucket_pixels
@@ -63,6 +74,67 @@ from data.workers import ignore_stop_signals
 MAX_TOKENIZED = 65536
 
 
+Key = tuple[int, bool]  # (item index, flip): one latent the run can draw
+AGAIN = "then continue from the run's last save with --resume_state findlast."
+
+
+class CachedLatents:
+    """The run's latent-cache entries by `Key`, each read whole and checked (`read_entry`). One found damaged,
+    replaced or deleted since the run's start is encoded again from its image, as the start would, where the VAE is
+    at hand: in the process that filled or read the cache, not in a DataLoader worker (a forked copy of a model on
+    the GPU cannot run there, and a worker loading its own would add a writer, on another device). Its image must
+    still be the one the entry was made from: another image's latent would train under the old one's caption.
+    Anything else is one DataError naming the entry and the way on."""
+
+    def __init__(self, cache: LatentCache, keys: list[Key], variants: list[Variant], vae: torch.nn.Module):
+        self.root = cache.root
+        self.variants = dict(zip(keys, variants))
+        self.entries = {key: cache.entry(v) for key, v in self.variants.items()}
+        self.shas = {key: cache.content_hash(v.path) for key, v in self.variants.items()}  # what entries are named by
+        self.shapes = {key: latent_shape(vae, v.bucket) for key, v in self.variants.items()}
+        self.vae: torch.nn.Module | None = vae
+        self.said = False  # that entries damaged during the run are encoded again
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "vae": None}  # a worker started by spawn gets no VAE (nor a GPU model pickled)
+
+    def read(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entry's posterior (mean, std), float32 of its latents' shape."""
+        try:
+            tensors = read_entry(self.entries[key], self.shapes[key])
+        except DamagedEntry as damage:
+            problem = str(damage)
+        else:
+            return tensors["mean"], tensors["std"]
+        if self.vae is None or torch.utils.data.get_worker_info() is not None:
+            raise DataError(
+                f"the latent-cache entry {self.entries[key]} can no longer be read ({problem}): it was changed or "
+                "deleted during the run, and a DataLoader worker has no VAE to encode it again (with num_workers 0 "
+                f"the run does it itself). Remove it (the next start encodes it again), {AGAIN}")
+        return self._encode_again(key, problem)
+
+    def _encode_again(self, key: Key, problem: str) -> tuple[torch.Tensor, torch.Tensor]:
+        variant, entry = self.variants[key], self.entries[key]
+        try:
+            image = variant.path.read_bytes()
+            changed = hashlib.sha256(image).hexdigest() != self.shas[key] and "changed since the run started"
+        except OSError as err:
+            changed = f"can no longer be read ({err.strerror or err})"
+        if changed:
+            raise DataError(
+                f"the latent-cache entry {entry} can no longer be read ({problem}), and its image {variant.path} "
+                f"{changed}, so it cannot be encoded again. Put the image back as it was, or remove it, {AGAIN}")
+        pixels = bucket_pixels(io.BytesIO(image), variant.bucket, variant.flip)
+        mean, std = encode_posterior(self.vae, pixels[None])
+        save_posterior(entry, mean[0], std[0])
+        if not self.said:
+            say(f"Latent cache: the entry {entry.relative_to(self.root)} ({variant.path.name}) was damaged during the "
+                f"run ({problem}); it was encoded again from its image, as any other found damaged will be. Nothing "
+                f"to do; if this recurs, check the disk that holds {self.root}.")
+        self.said = True
+        return mean[0], std[0]
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Indexed by `Draw` (from BucketBatchSampler), not by int: a row needs its flip and seed too."""
 
@@ -71,16 +143,16 @@ class TrainDataset(torch.utils.data.Dataset):
         items: list[ImageItem],
         tokenizer: CLIPTokenizer,
         options: DataOptions,
-        latents: dict[tuple[int, bool], Path] | None = None,
+        latents: CachedLatents | None = None,
         scaling_factor: float = 1.0,
-        masks: dict[tuple[int, bool], Path] | None = None,
+        masks: dict[Key, Path] | None = None,
     ):
         self.items = items
         self.tokenizer = tokenizer
         self.cond_dropout = options.cond_dropout
         self.shuffle_tags = options.shuffle_tags
         self.keep_tags = options.keep_tags
-        self.latents = latents  # (item index, flip) -> cache entry
+        self.latents = latents  # the cache entry of each (item index, flip)
         self.scaling_factor = scaling_factor
         self.weighting = MaskWeighting.of(options)  # None: no masked training
         self.masks = masks  # (item index, flip) -> cached latent-size mask (data/masking/cache.py), with latents
@@ -120,8 +192,7 @@ class TrainDataset(torch.utils.data.Dataset):
             row["pixel_values"] = read_during_run(lambda: bucket_pixels(item.path, item.bucket, draw.flip), item.path,
                                                   "image")
         else:
-            entry = self.latents[(draw.index, draw.flip)]
-            mean, std = read_during_run(lambda: load_posterior(entry), entry, "latent-cache entry")
+            mean, std = self.latents.read((draw.index, draw.flip))
             noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(draw.seed))
             row["latents"] = scaled_latents(mean, std, noise, self.scaling_factor)
         if self.weighting is not None:
@@ -138,9 +209,18 @@ class TrainDataset(torch.utils.data.Dataset):
         if self.masks is None:
             mask = read_during_run(lambda: bucket_mask(item, draw.flip), item.mask, "mask")
         else:
-            entry = self.masks[(draw.index, draw.flip)]
-            mask = read_during_run(lambda: load_mask(entry), entry, "latent-cache entry")
+            mask = self.cached_mask((draw.index, draw.flip))
         return self.weighting(mask)
+
+    def cached_mask(self, key: Key) -> torch.Tensor:
+        """A mask from the cache (1, h, w), checked as the latents' entries are; one damaged since ends the run
+        (the next start makes it again)."""
+        entry = self.masks[key]
+        try:
+            return read_entry(entry, (1, *self.latents.shapes[key][1:]), MASK_KEYS)["mask"]
+        except DamagedEntry as damage:
+            raise DataError(f"the latent-cache entry {entry} can no longer be read ({damage}): it was changed or "
+                            f"deleted during the run. Remove it (the next start makes it again), {AGAIN}") from None
 
 
 def collate(rows: list[dict]) -> dict:
@@ -182,12 +262,9 @@ def default_cache_dir(data_root: str | Path) -> Path:
     return Path(data_root) / LATENT_CACHE_FOLDER
 
 
-Entries = dict[tuple[int, bool], Path]  # (item index, flip) -> its cache entry
-
-
 def prepare_latents(
     options: DataOptions, scan: Scan, vae: torch.nn.Module, cache_dir: Path
-) -> tuple[Entries, Entries | None]:
+) -> tuple[CachedLatents, dict[Key, Path] | None]:
     """Fill the latent cache in `cache_dir` for every (image, flip) the run can draw (`latent_keys`), and with
     masked training their masks (data/masking/cache.py); returns their entries: (latents, masks or None).
 
@@ -199,7 +276,7 @@ def prepare_latents(
     encoded, reused = fill_cache(cache, variants, vae, options.batch_size, options.num_workers)
     say(f"Latent cache: {encoded} encoded, {reused} reused, in {cache.folder}.")
     masks = fill_masks(cache, scan.items, keys, vae) if options.masked_training else None
-    return {key: cache.entry(v) for key, v in zip(keys, variants)}, masks
+    return CachedLatents(cache, keys, variants, vae), masks
 
 
 def build_dataloader(

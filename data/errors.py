@@ -17,14 +17,14 @@ class DataError(Exception):
 
 def read_during_run(read, path, what: str):
     """`read()`, a file the run already checked at its start; a file that can no longer be read was changed or
-    deleted since, and is said in one DataError naming it (`what`: "image", "latent-cache entry")."""
+    deleted since, and is said in one DataError naming it (`what`: "image", "mask"). Latent-cache entries have
+    their own handling (data/dataset.py CachedLatents: encoded again where the VAE is at hand)."""
     try:
         return read()
     except Exception as err:  # PIL, safetensors and the OS each raise their own; all mean the file is not usable
         reason = (err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
                   if str(err).strip() else type(err).__name__)
-        again = " (a new run encodes it again)" if what == "latent-cache entry" else ""
         raise DataError(
             f"the {what} {path} can no longer be read ({reason}): it was changed or deleted during the run. Put it "
-            f"back or remove it{again}, then continue from the run's last save with --resume_state findlast."
+            "back or remove it, then continue from the run's last save with --resume_state findlast."
         ) from None

@@ -18,9 +18,11 @@ Where: `choose_cache_dir` (latent_cache_dir, else `<data_root>/.latent_cache`, e
 data_root is read-only); the folder holds a `.gitignore` of `*` so a data set kept in git does not pick it up.
 Entries and the hash index are written whole or not at all (common/files.py). Before training every entry the
 run needs is checked from its header (a few hundred bytes): a damaged one (truncated, another layout, not
-safetensors, unreadable) is encoded again, with one notice. One writer: the main process fills the cache before
-training (`fill_cache`); other processes only read it, so multi-process runs call `fill_cache` on rank 0, wait
-at a barrier, then build their loaders.
+safetensors, unreadable) is encoded again, with one notice. During the run each entry read is checked the same
+way on what was read (`read_entry`); data/dataset.py encodes one damaged since again where the VAE is at hand. One
+writer fills the cache: the main process, before training (`fill_cache`); other processes only read it, so
+multi-process runs call `fill_cache` on rank 0, wait at a barrier, then build their loaders. An entry encoded again
+during the run is written whole by the process that found it.
 
 Room: an entry's size is known from its bucket alone (data/cache_room.py), so the preflight checks that the disk can
 take the entries not yet cached before any model loads (`room_problem_before_load`), and `fill_cache` checks
@@ -235,11 +237,26 @@ def save_posterior(path: Path, mean: torch.Tensor, std: torch.Tensor) -> None:
     write_bytes_atomically(path, save({"mean": mean.contiguous(), "std": std.contiguous()}))
 
 
-def load_posterior(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
+class DamagedEntry(Exception):
+    """A cache entry found unusable while the run reads it; the text says why, as `entry_problem` words it."""
 
-    tensors = load_file(str(path))
-    return tensors["mean"], tensors["std"]
+
+def read_entry(path: Path, shape: tuple[int, ...], keys: tuple[str, ...] = KEYS) -> dict[str, torch.Tensor]:
+    """The tensors of the entry at `path`, checked as `entry_problem` checks one before the run, but on the tensors
+    read (the file may have changed since, and between two reads): raises DamagedEntry for an entry damaged,
+    replaced or deleted since."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(path.read_bytes())
+    except (OSError, SafetensorError):
+        tensors = {}
+    if sorted(tensors) != sorted(keys) or any((t.dtype, tuple(t.shape)) != (torch.float32, tuple(shape))
+                                              for t in tensors.values()):
+        raise DamagedEntry(entry_problem(path, shape, keys) or "it changed while it was read")
+    return tensors
 
 
 def uncached_variants(root: Path, variants: list[Variant]) -> tuple[list[Variant], int]:

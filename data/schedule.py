@@ -16,16 +16,20 @@ settings from the data files (data/settings.py); where one is None the run's val
 - Batches are shuffled across groups so consecutive steps mix aspect ratios.
 
 For items without settings of their own this is, draw for draw, the schedule before settings existed
-(tests/test_folder_conventions.py pins it).
+(tests/test_folder_conventions.py pins it). `plan_record` is what the plan depends on in the data, which a training
+state keeps, so that a resumed run knows when its data changed (trainer/saves/resume.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from data.buckets import Bucket
 from data.scan import ImageItem, own_or_run
@@ -82,6 +86,18 @@ def _largest_remainder(shares: list[float]) -> list[int]:
     for i in by_remainder[:missing]:
         counts[i] += 1
     return counts
+
+
+def plan_record(items: list[ImageItem], root: Path) -> dict[str, Any]:
+    """What the epochs' plan takes from the data: the image count, and a digest of each image's part in it, in the
+    scan's order (its path under `root`, which names its pool, its bucket, multiply and batch_id). Equal records
+    plan equal epochs for equal settings; moving the whole data_root changes nothing, while an image added,
+    removed, renamed or resized, or a changed multiply.txt or batch_id does."""
+    digest = hashlib.blake2b(digest_size=8)
+    for item in items:
+        place = os.path.relpath(item.path, root)
+        digest.update(f"{place}|{item.bucket.width}x{item.bucket.height}|{item.multiply!r}|{item.batch_id}\n".encode())
+    return {"images": len(items), "digest": digest.hexdigest()}
 
 
 def batches_per_epoch(items: list[ImageItem], batch_size: int) -> int:

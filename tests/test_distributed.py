@@ -56,14 +56,15 @@ def assert_same_training(a: Path, b: Path, base: Path) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Shared arguments (16 images, global batch 4: 4 steps per epoch) and the one-process batch-4 reference."""
+    """Shared arguments (16 images, global batch 4: 4 steps per epoch, 3 epochs) and the one-process batch-4
+    reference."""
     work = tmp_path_factory.mktemp("distributed")
     optimizer = work / "optimizer.json"
     optimizer.write_text(json.dumps(LINEAR_ADAM), encoding="utf-8")
     common = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--resolution", "64",
               "--mixed_precision", "no", "--gradient_checkpointing", "false", "--save_full_precision",
               "--save_single_file", "false", "--cond_dropout", "0", "--flip_p", "0", "--zero_frequency_noise_ratio",
-              "0.1", "--lr", "1e-4", "--optimizer_config", str(optimizer), "--max_steps", "4", "--log_step", "1"]
+              "0.1", "--lr", "1e-4", "--optimizer_config", str(optimizer), "--max_steps", "12", "--log_step", "1"]
     reference = run_train([*common, "--batch_size", "4", "--logdir", "one"], cwd=work)
     assert reference.returncode == 0, reference.stderr[-3000:]
     (final,) = saved_paths(reference.stdout)
@@ -78,7 +79,7 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_does(setup):
                      cwd=setup.work)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "batch 2 x accum 1 x 2 process(es), 4 steps/epoch" in two.stdout
-    assert "Weights agree on all 2 processes at step 4" in two.stdout  # checked across ranks before the save
+    assert "Weights agree on all 2 processes at step 12" in two.stdout  # checked across ranks before the save
     # the main process encoded the cache (the other found it full, and says nothing: one voice on the console)
     assert two.stdout.count("Latent cache: 16 encoded, 0 reused") == 1 and "0 encoded" not in two.stdout
     assert len(list(cache.rglob("*.safetensors"))) == 16
@@ -89,16 +90,16 @@ def test_two_processes_train_what_one_process_with_twice_the_batch_does(setup):
 
 @pytest.mark.slow
 def test_resume_on_two_processes_from_a_one_process_save(setup):
-    """Batch 4 on one process for 2 steps, then batch 2 on two processes (the same global batch) for the other
-    2: the same weights as 4 steps on one process."""
-    first = run_train([*setup.common, "--batch_size", "4", "--max_steps", "2", "--save_optimizer",
+    """Batch 4 on one process for 6 steps (half of epoch 2), then batch 2 on two processes (the same global batch)
+    for the other 6: the same weights as 12 steps on one process."""
+    first = run_train([*setup.common, "--batch_size", "4", "--max_steps", "6", "--save_optimizer",
                        "--logdir", "split"], cwd=setup.work)
     assert first.returncode == 0, first.stderr[-3000:]
     (half,) = saved_paths(first.stdout)
     resumed = launch_two([*setup.common, "--batch_size", "2", "--logdir", "split", "--resume_state", str(half)],
                          cwd=setup.work)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "step 2, epoch 1, 2 batches into it" in resumed.stdout and "re-planned" not in resumed.stdout
+    assert "step 6, epoch 2, 2 batches into it" in resumed.stdout and "re-planned" not in resumed.stdout
     (final,) = saved_paths(resumed.stdout)
     assert_same_training(setup.reference, final, setup.base)
 

@@ -6,8 +6,10 @@ saves byte-identical, no partial output, no non-finite value in any save. docs/R
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import resource
 import shutil
 import signal
@@ -20,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from common.files import owner_tag
+from common.files import owner_tag, remove_whole
 from tests.conftest import TrainProcess, run_train
 from trainer.saves import footprint
 
@@ -372,7 +374,7 @@ def damage_cache_entries(data: Path) -> None:
 @pytest.mark.parametrize("damage, more, what", [
     (damage_images, ["--cache_latents", "false"], "image"),
     (damage_images, ["--cache_latents", "false", "--num_workers", "2"], "image"),
-    (damage_cache_entries, [], "latent-cache entry"),
+    (damage_cache_entries, ["--num_workers", "1"], "latent-cache entry"),  # the main process encodes it again
 ], ids=["image", "image read by a worker", "latent-cache entry"])
 def test_a_file_damaged_during_the_run_is_named_in_one_line_after_saving_what_trained(
         tiny_model, shapes_dir, tmp_path, damage, more, what):
@@ -712,9 +714,10 @@ def test_a_read_only_data_root_caches_its_latents_in_logdir(tiny_model, shapes_d
 
 def test_data_vanishing_mid_run_still_saves_what_was_trained(tiny_model, shapes_dir, tmp_path):
     """A bug or an environment fault deep in a run (here its latent cache deleted under it) must not cost the
-    steps already trained: they are saved with their training state before the error is reported."""
-    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--latent_cache_dir", "cache"),
-                       cwd=tmp_path)
+    steps already trained: they are saved with their training state before the error is reported. (A DataLoader
+    worker reads the cache: the main process would encode the entries again, test_faults_data.py.)"""
+    run = TrainProcess(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "500", "--latent_cache_dir", "cache",
+                            "--num_workers", "1"), cwd=tmp_path)
     run.wait_for("First step done")
     shutil.rmtree(tmp_path / "cache")
     code, out, err = run.finish()
@@ -725,3 +728,199 @@ def test_data_vanishing_mid_run_still_saves_what_was_trained(tiny_model, shapes_
     assert saved.name.startswith("interrupted-") and (saved / "training_state" / "trainer_state.json").is_file()
     assert f"the weights trained so far were saved first: {saved}" in err
     assert_all_finite(saved)
+
+
+# ---------------------------------------------------------------- resuming from what is there now
+
+
+def hold_at_first_read(fifo: Path, run: TrainProcess) -> int:
+    """The write end of `fifo`, a named pipe the run reads as a json file, once the run has opened it: the run then
+    waits in that read, at a known point of its start, until the test writes the file's text and closes it."""
+    deadline = time.monotonic() + 240
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the run opens it to read
+        except OSError as err:
+            if err.errno != errno.ENXIO:
+                raise
+        assert run.popen.poll() is None and time.monotonic() < deadline, f"the run never read {fifo}"
+        time.sleep(0.01)
+
+
+def release(hold: int, text: bytes = b"{}") -> None:
+    os.write(hold, text)
+    os.close(hold)
+
+
+def test_a_findlast_model_pruned_before_it_loads_gives_way_to_the_newest_that_is_left(tiny_model, shapes_dir,
+                                                                                      tmp_path):
+    """resume_ckpt findlast picks the newest save; another run's max_saves pruning removes it (renamed away, then
+    deleted, as prune_saves does) after the pick, while the model is being read: the run says so in one line and
+    trains from the newest complete save left, never calling the removed one damaged. A named pipe among the
+    picked save's tokenizer files holds the run inside its load while the save is removed."""
+    first = run_train(args(tiny_model("sd1"), shapes_dir, "--max_epochs", "2", "--save_every_n_epochs", "1",
+                           "--save_single_file", "false", "--run_name", "first"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    older, newest = saved_paths(first.stdout)
+    picked = newest.relative_to(tmp_path)  # as findlast finds it under logdir "logs"
+    os.mkfifo(newest / "tokenizer" / "a-held.json")  # read first of the tokenizer's json files when the model loads
+    run = TrainProcess(["--resume_ckpt", "findlast", "--data_root", str(shapes_dir), *BASE, "--max_steps", "2",
+                        "--save_single_file", "false", "--run_name", "second"], cwd=tmp_path)
+    hold = hold_at_first_read(newest / "tokenizer" / "a-held.json", run)
+    remove_whole(newest)  # what another run's max_saves does to it
+    release(hold)
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    assert f"resume_ckpt findlast: continuing from {picked}" in out
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    said = (f"Warning: resume_ckpt findlast: {picked} was removed before this run had read it (by another run's "
+            f"max_saves pruning, most likely); continuing from {older.relative_to(tmp_path)}, the newest saved model "
+            "that still exists.")
+    assert warnings == [said], warnings
+    assert f"Model source: diffusers folder {older}" in out and "damaged" not in err
+    (final,) = saved_paths(out)
+    assert final.name == "last-myproj-ep01-gs00002" and (final / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("processes", [1, 2], ids=["one process", "two processes"])
+def test_a_findlast_state_pruned_before_it_loads_gives_way_to_the_newest_that_is_left(tiny_model, shapes_dir,
+                                                                                      tmp_path, processes):
+    """resume_state findlast: the state the preflight read is removed (as max_saves prunes) while the base model
+    loads, before the state loads: one line, and the run goes on from the newest training state left, from its
+    own step; with two processes (each loads the model in turn) both go on from that one."""
+    common, older, newest = two_states(tiny_model, shapes_dir, tmp_path)
+    code, out, err = resume_while_removed(common, tmp_path, tiny_model, newest, "findlast", processes)
+
+    assert code == 0, err[-3000:]
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    said = (f"Warning: resume_state findlast: {newest} was removed before this run had read it (by another run's "
+            f"max_saves pruning, most likely); continuing from {older}, the newest training state that still exists.")
+    assert warnings == [said], warnings
+    assert f"Resumed from {older}: step 8, epoch 2, 0 batches into it." in out
+    assert [save.name for save in saved_paths(out)] == ["myproj-ep02-gs00016", "last-myproj-ep03-gs00018"]
+
+
+def test_a_named_state_removed_before_it_loads_is_said_removed(tiny_model, shapes_dir, tmp_path):
+    """A training state named by its path is not replaced by another when it goes: that it was removed is said."""
+    common, _, newest = two_states(tiny_model, shapes_dir, tmp_path)
+    code, _, err = resume_while_removed(common, tmp_path, tiny_model, newest, str(newest), 1)
+
+    assert code == 1, err[-3000:]
+    assert one_message(err) == (f"train.py: resume_state {newest} was removed before this run had read it (by another "
+                                "run's max_saves pruning, most likely): nothing was trained. Resume from another save "
+                                "(--resume_state findlast takes the newest that exists).")
+
+
+def two_states(tiny_model, shapes_dir: Path, tmp_path: Path) -> tuple[list[str], Path, Path]:
+    """(the arguments, the older and the newest training state) of a run saved at steps 8 and 16."""
+    common = args(tiny_model("sd1"), shapes_dir, "--save_optimizer", "--save_single_file", "false",
+                  "--save_every_n_epochs", "1", "--max_epochs", "3")
+    first = run_train([*common, "--max_steps", "16", "--run_name", "first"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    older, newest = (save.relative_to(tmp_path) / "training_state" for save in saved_paths(first.stdout))
+    return common, older, newest
+
+
+def resume_while_removed(common: list[str], tmp_path: Path, tiny_model, newest: Path, resume_state: str,
+                         processes: int) -> tuple[int, str, str]:
+    """A run resuming `resume_state` to step 18, and `newest`'s save removed as max_saves removes it once the (main)
+    process has read it in its preflight, before it loads: a named pipe among the base model's tokenizer files
+    holds each process inside its model load meanwhile."""
+    from tests.test_distributed import CPU_RANKS, LAUNCH_TWO
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model("sd1"), base)
+    held = base / "tokenizer" / "a-held.json"
+    os.mkfifo(held)
+    launch = {"env": CPU_RANKS, "launcher": LAUNCH_TWO} if processes == 2 else {}
+    run = TrainProcess([*common, "--resume_ckpt", str(base), "--resume_state", resume_state, "--max_steps", "18",
+                        "--batch_size", str(2 // processes), "--run_name", "second"], cwd=tmp_path, **launch)
+    hold = hold_at_first_read(held, run)
+    remove_whole(tmp_path / newest.parent)
+    release(hold)
+    if processes == 2:  # the other loads the model once the main process has, and has closed the pipe
+        run.wait_for("Memory plan")
+        release(hold_at_first_read(held, run))
+    held.unlink()
+    return run.finish()
+
+
+def grown_or_shrunk(data: Path, folder: Path, images: int) -> Path:
+    """A copy of `data` (20 images) with `images` images: more (copies under new names) or fewer."""
+    shutil.copytree(data, folder)
+    pngs = sorted(folder.glob("*.png"))
+    for png in pngs[images:]:
+        png.unlink(), png.with_suffix(".txt").unlink()
+    for i, png in enumerate(pngs[: max(0, images - len(pngs))]):
+        shutil.copyfile(png, folder / f"extra_{i:03d}.png")
+        shutil.copyfile(png.with_suffix(".txt"), folder / f"extra_{i:03d}.txt")
+    return folder
+
+
+@pytest.mark.parametrize("images, epoch, end", [
+    (30, "epoch 2 goes on in the new data's order after the 10 samples it had trained", 40),
+    (12, "epoch 2 goes on in the new data's order after the 10 samples it had trained", 22),
+    (8, ("epoch 2 had trained 10 samples, as many as the new data's epoch holds: it is over, and the next begins "
+         "with the new data"), 19),
+], ids=["30 images", "12 images", "8 images"])
+def test_a_data_set_changed_since_the_save_is_said_and_its_epochs_are_trained_whole(tiny_model, tmp_path, images,
+                                                                                    epoch, end):
+    """Saved 5 batches into epoch 2 of 20 images (10 batches an epoch), resumed on 30, 12 or 8: one line says the
+    counts then and now and what resuming does; the epoch in progress goes on in the new data's plan after the
+    samples it had trained, every later epoch trains the new data whole, and the run ends where epoch 3 ends."""
+    from trainer.tiny.shapes import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "data", images_per_concept=10, size=64)
+    common = args(tiny_model("sd1"), data, "--save_single_file", "false", "--max_epochs", "3")
+    first = run_train([*common, "--max_steps", "15", "--save_optimizer", "--run_name", "first"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (save,) = saved_paths(first.stdout)
+    changed = grown_or_shrunk(data, tmp_path / "changed", images)
+    resumed = run_train([*common, "--data_root", str(changed), "--resume_state", str(save), "--run_name", "second"],
+                        cwd=tmp_path)
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (notice,) = [line for line in resumed.stdout.splitlines() if "with changes, honoured" in line]
+    assert notice == (f"resuming {save / 'training_state'} with changes, honoured: total_steps 15 -> {end}; data_root "
+                      f"20 -> {images} images ({epoch}; every epoch after it trains the new data whole, and the run "
+                      "ends where its last epoch ends)."), notice
+    assert f"Resumed from {save / 'training_state'}: step 15, epoch 2," in resumed.stdout
+    (final,) = saved_paths(resumed.stdout)
+    assert final.name == f"last-myproj-ep03-gs{end:05d}" and (final / "model_index.json").is_file()
+
+
+def test_an_output_disk_turning_read_only_mid_run_ends_in_one_line_that_says_how_to_go_on(tiny_model, shapes_dir,
+                                                                                         tmp_path, small_disk):
+    """The disk of the run's outputs (run folder, saves, latent cache) turns read-only mid-run, as a file system
+    mounted errors=remount-ro does after a fault, and the run must write there outside a save: a latent-cache entry
+    damaged since the start is encoded again and written back (data/dataset.py). The rescue save cannot be written
+    either; the one line names the read-only file system and, as every stopped run does, how to go on from the
+    last complete save, and that advice works."""
+    disk = small_disk("out", "256m")
+    writable = tmp_path / "writable"  # the same file system through a mount of its own that stays writable
+    writable.mkdir()
+    subprocess.run(["mount", "--bind", str(disk), str(writable)], check=True)
+    try:
+        common = args(tiny_model("sd1"), shapes_dir, "--logdir", str(disk / "logs"), "--latent_cache_dir",
+                      str(disk / "cache"), "--save_optimizer", "--save_single_file", "false")
+        run = TrainProcess([*common, "--save_every_n_epochs", "1", "--max_epochs", "500", "--run_name", "r"],
+                           cwd=tmp_path)
+        first = Path(run.wait_for("Saved model: ").split("Saved model: ", 1)[1].strip())
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(disk)], check=True)  # the run's view of it only
+        for entry in (writable / "cache").rglob("*.safetensors"):
+            entry.write_bytes(entry.read_bytes()[:50])
+        code, _, err = run.finish()
+
+        assert code == 1, err[-3000:]
+        message = one_message(err)
+        assert message.startswith("train.py: the file system is read-only: "), message
+        assert message.endswith(f"; then continue with --resume_state {first / 'training_state'}."), message
+        assert "and the weights could not be saved either" in err
+        subprocess.run(["mount", "-o", "remount,bind,rw", str(disk)], check=True)
+        resumed = run_train([*common, "--resume_state", str(first / "training_state"), "--max_steps", "10",
+                             "--run_name", "r2"], cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"Resumed from {first / 'training_state'}: step 8" in resumed.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(writable)], capture_output=True, check=False)

@@ -11,11 +11,13 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from data.errors import DataError
 from data.latent_cache import (
@@ -65,12 +67,12 @@ def test_a_truncated_cache_entry_is_encoded_again_and_the_run_trains(tiny_model,
     assert second.returncode == 0, second.stderr[-3000:]
     cache = data / ".latent_cache"
     notices = [line for line in second.stdout.splitlines() if "damaged entr" in line]
-    assert notices == [
+    assert notices == [(
         f"Latent cache: 1 damaged entry will be encoded again, e.g. {victim.relative_to(cache)} ({image.name}): "
         f"truncated: it is {len(whole) // 2} bytes, but its safetensors header declares {len(whole)} "
         f"(8 + 136 header + 2048 tensor data). Nothing to do; if this recurs, "
         f"check the disk that holds {cache}."
-    ], second.stdout
+    )], second.stdout
     assert "Latent cache: 1 encoded, 3 reused" in second.stdout
     assert "Traceback" not in second.stderr
     assert entry_problem(victim, LATENT_SHAPE) is None
@@ -202,3 +204,162 @@ def test_entries_cached_for_another_vae_pass_the_preflight_and_the_fill_checks_t
     assert "--latent_cache_dir <folder>" in str(refused.value)
     assert not cache.folder.exists()  # nothing encoded, nothing written
     assert [p.name for p in disk.rglob(".*")] == [".gitignore"]  # no partial
+
+
+# ---------------------------------------------------------------- entries damaged during the run
+
+LONG_RUN = [*SMALL_RUN[:SMALL_RUN.index("--max_steps")], *SMALL_RUN[SMALL_RUN.index("--max_steps") + 2:],
+            "--flip_p", "0"]  # one entry an image: an epoch (8 steps) reads each
+
+
+def run_args(model: Path, data: Path, *more: str) -> list[str]:
+    return ["--resume_ckpt", str(model), "--data_root", str(data), *LONG_RUN, *more]
+
+
+def the_message(stderr: str) -> str:
+    """The one `train.py: ...` message of a run that ended on a problem, with no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    (message,) = [line for line in stderr.splitlines() if line.startswith("train.py: ")]
+    return message
+
+
+def saved_paths(stdout: str) -> list[Path]:
+    return [Path(line.split("Saved model: ", 1)[1].strip()) for line in stdout.splitlines() if "Saved model: " in line]
+
+
+def image_of(entry: Path, data: Path) -> Path:
+    return next(p for p in data.glob("*.png") if entry.name.startswith(hashlib.sha256(p.read_bytes()).hexdigest()))
+
+
+def of_another_shape(entry: Path) -> None:
+    """A whole entry, of a 128 px image's latents: it reads well, and trains a picture of another size."""
+    save_file({"mean": torch.zeros(4, 16, 16), "std": torch.ones(4, 16, 16)}, str(entry))
+
+
+DAMAGES = [
+    lambda entry: entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2]),  # truncated
+    lambda entry: entry.write_bytes(os.urandom(entry.stat().st_size)),  # garbage
+    Path.unlink,  # deleted
+    of_another_shape,
+    lambda entry: save_file({k: v.half() for k, v in load_file(entry).items()}, str(entry)),  # float16
+]
+
+
+def test_latent_cache_entries_damaged_during_the_run_are_encoded_again_and_the_run_trains(
+        tiny_model, shapes_dir: Path, tmp_path: Path):
+    """Five entries are damaged while the run trains, each another way: truncated, overwritten with garbage,
+    deleted, replaced by a whole entry of another shape (that one used to end in "this is a bug in the trainer")
+    and by one in float16. The run reads each at its next epoch, encodes it again from its image (said once),
+    trains to its end and saves; afterwards every entry is whole and holds what it held."""
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    run = TrainProcess(run_args(tiny_model("sd1"), data, "--max_steps", "48", "--num_workers", "0"), cwd=tmp_path)
+    run.wait_for("First step done")
+    entries = cache_entries(data)
+    held = {entry: {k: v.clone() for k, v in load_file(entry).items()} for entry in entries}
+    for damage, entry in zip(DAMAGES, entries[::3]):
+        damage(entry)
+    code, out, err = run.finish()
+
+    assert code == 0, err[-3000:]
+    assert "Traceback" not in err
+    cache = data / ".latent_cache"
+    (notice,) = [line for line in out.splitlines() if "damaged during the run" in line]
+    assert notice.startswith("Latent cache: the entry vae-") and notice.endswith(
+        f"it was encoded again from its image, as any other found damaged will be. Nothing to do; if this recurs, "
+        f"check the disk that holds {cache}."), notice
+    assert cache_entries(data) == entries
+    for entry in entries:
+        assert entry_problem(entry, LATENT_SHAPE) is None
+        torch.testing.assert_close(load_file(entry), held[entry])  # encoded again, the same
+    assert len(saved_paths(out)) == 1
+
+
+def left_half_masks(data: Path) -> None:
+    """A mask beside each image: its left half trains, its right half is left out."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    for image in data.glob("*.png"):
+        mask.save(image.with_name(f"{image.stem}-masklabel.png"))
+
+
+def first_mask_entry(data: Path) -> Path:
+    return min((data / ".latent_cache" / "masks").rglob("*.safetensors"))
+
+
+def first_latent_entry(data: Path) -> Path:
+    return cache_entries(data)[0]
+
+
+def of_another_shape_then_removed(entry: Path, image: Path) -> Callable[[], None]:
+    of_another_shape(entry)
+    return entry.unlink  # the advice: remove it
+
+
+def mask_of_another_shape_then_removed(entry: Path, image: Path) -> Callable[[], None]:
+    save_file({"mask": torch.zeros(1, 16, 16)}, str(entry))
+    return entry.unlink  # the advice: remove it
+
+
+def damaged_as_its_image_changed_then_put_back(entry: Path, image: Path) -> Callable[[], None]:
+    pixels = image.read_bytes()
+    entry.write_bytes(entry.read_bytes()[:100])
+    shutil.copyfile(next(p for p in sorted(image.parent.glob("*.png")) if p != image), image)
+    return lambda: image.write_bytes(pixels)  # the advice: put the image back
+
+
+# which entry, how it is damaged (and the advice followed), run settings, the message's middle, what the start says
+CANNOT_ENCODE_AGAIN = {
+    "read by a worker": (
+        first_latent_entry, of_another_shape_then_removed, ["--num_workers", "1"],
+        ("): it was changed or deleted during the run, and a DataLoader worker has no VAE to encode it again (with "
+         "num_workers 0 the run does it itself). Remove it (the next start encodes it again), "),
+        "Latent cache: 1 encoded, 15 reused"),
+    "its image changed": (
+        first_latent_entry, damaged_as_its_image_changed_then_put_back, ["--num_workers", "0"],
+        ("), and its image {image} changed since the run started, so it cannot be encoded again. Put the image back "
+         "as it was, or remove it, "),
+        "Latent cache: 1 encoded, 15 reused"),
+    "a mask entry": (
+        first_mask_entry, mask_of_another_shape_then_removed, ["--num_workers", "0", "--masked_training", "true"],
+        ("mask is F32 [1, 16, 16], expected F32 [1, 8, 8]): it was changed or deleted during the run. Remove it (the "
+         "next start makes it again), "),
+        "Latent cache: 1 masks made, 15 reused"),
+}
+
+
+@pytest.mark.parametrize("case", CANNOT_ENCODE_AGAIN)
+def test_a_latent_cache_entry_damaged_where_it_cannot_be_encoded_again_is_one_message_and_the_advice_works(
+        case, tiny_model, shapes_dir: Path, tmp_path: Path):
+    """An entry damaged during the run where it cannot be encoded again: read by a DataLoader worker, which has no
+    VAE (here replaced by an entry of another shape), truncated while its image changed too (its latent is no
+    longer known), or a cached mask of another shape. What trained is saved first, then one message names the
+    entry, says why it cannot be used and the way on; following it, the run goes on. (An entry of another shape
+    used to end in "this is a bug in the trainer".)"""
+    pick, damage, settings, middle, start_says = CANNOT_ENCODE_AGAIN[case]
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data)
+    if "--masked_training" in settings:
+        left_half_masks(data)
+    command = run_args(tiny_model("sd1"), data, "--max_epochs", "500", *settings)
+    run = TrainProcess(command, cwd=tmp_path)
+    run.wait_for("First step done")
+    entry = pick(data)
+    image = image_of(entry, data)
+    follow_the_advice = damage(entry, image)
+    code, out, err = run.finish()
+
+    assert code == 1, err[-3000:]
+    message = the_message(err)
+    assert message.startswith(f"train.py: the latent-cache entry {entry} can no longer be read ("), message
+    assert middle.format(image=image) in message, message
+    assert message.endswith("then continue from the run's last save with --resume_state findlast."), message
+    assert "Warning: the error below stopped training at step" in err  # what trained was saved first
+    (saved,) = saved_paths(out)
+    assert saved.name.startswith("interrupted-") and (saved / "training_state").is_dir()
+
+    follow_the_advice()
+    resumed = run_train([*command, "--max_steps", str(int(saved.name[-5:]) + 2), "--resume_state", "findlast"],
+                        cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert start_says in resumed.stdout

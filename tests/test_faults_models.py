@@ -8,18 +8,23 @@ tier (tests/test_models.py) loads the same faults in this process.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from convert import export_single_file
 from convert.read import sidecar_yaml_path
-from tests.conftest import run_train
+from convert.to_diffusers import convert_vae
+from tests.conftest import TrainProcess, run_train
 from trainer.tiny.model import STORED_DTYPES, tiny_unet, tiny_vae
 
 SMALL_RUN = ["--resolution", "64", "--batch_size", "2", "--max_steps", "2", "--mixed_precision", "no",
@@ -269,6 +274,71 @@ def test_frozen_parts_held_in_bf16_train_sample_validate_and_save_as_stored(tiny
         stored, kept = load_file(str(base / weights)), load_file(str(saved / weights))
         assert kept.keys() == stored.keys() and all(torch.equal(kept[k], stored[k]) for k in stored), weights
     assert saved_unet_differs(result.stdout, base)
+
+
+def same_size_other_vae(vae_file: Path, to: Path) -> None:
+    """At `to`, another VAE of `vae_file`'s shapes, dtype and byte size: every value moved (as a VAE fine-tuned
+    from it would be), the header the same."""
+    with safe_open(str(vae_file), "pt") as stored:
+        metadata = stored.metadata()
+    save_file({k: v + 1 for k, v in load_file(str(vae_file)).items()}, str(to), metadata=metadata)
+    assert to.stat().st_size == vae_file.stat().st_size
+
+
+def renamed_over(vae_file: Path, other: Path) -> None:
+    """As rsync -a replaces a file: a temporary beside it, given the old file's times, renamed over it."""
+    stat = vae_file.stat()
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, vae_file)
+
+
+def overwritten_in_place(vae_file: Path, other: Path) -> None:
+    """As cp -p or rsync -a --inplace: the same file written over, its modification time put back."""
+    stat = vae_file.stat()
+    with open(vae_file, "r+b") as file:
+        file.write(other.read_bytes())
+    os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("replace", [renamed_over, overwritten_in_place], ids=["renamed over", "overwritten in place"])
+def test_a_vae_file_replaced_during_the_run_keeps_its_size_and_time_and_the_saves_hold_the_vae_the_run_used(
+        replace, tiny_model, shapes_dir, tmp_path):
+    """The base model's VAE file is replaced while the run trains by another of the same size, with its
+    modification time put back (as rsync -a and cp -p do). The save and its single file hold the VAE the run
+    loaded: renamed over, the file as loaded, bit for bit in its stored fp32 (the run held it open); overwritten
+    in place, the VAE as the run held and used it, in bf16. Either is said in one line."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model("sd1"), model)
+    vae_file = model / "vae" / "diffusion_pytorch_model.safetensors"
+    loaded = {k: v.clone() for k, v in load_file(str(vae_file)).items()}  # not memory-mapped: the file will change
+    same_size_other_vae(vae_file, model / "vae" / ".new.safetensors")
+    run = TrainProcess(["--resume_ckpt", str(model), "--data_root", str(shapes_dir), *SMALL_RUN, "--max_steps",
+                        "100000", "--mixed_precision", "bf16", "--save_full_precision"], cwd=tmp_path)
+    run.wait_for("First step done")
+    replace(vae_file, model / "vae" / ".new.safetensors")
+    run.signal_group(signal.SIGTERM)
+    code, out, err = run.finish()
+
+    assert code == 143, err[-3000:]
+    warnings = [line[line.index("Warning: "):] for line in err.splitlines() if "Warning: " in line]
+    if replace is renamed_over:  # the file the run loaded is still open, whatever its path names now
+        expected = loaded
+        said = ("were replaced or deleted during the run; saves keep the vae files the run loaded, unchanged (held "
+                "open since loading), not the new ones.")
+    else:  # the file the run loaded is gone: what it used is its bf16 copy in memory
+        expected = {k: v.bfloat16().float() for k, v in loaded.items()}
+        said = ("changed on disk during the run; saves keep the vae the run loaded and used, from memory (bfloat16), "
+                "instead of reading those files.")
+    assert warnings == [f"Warning: the vae files of {model} {said}"]
+    (saved,) = [Path(line.split("Saved model: ", 1)[1].strip()) for line in out.splitlines() if "Saved model: " in line]
+    kept = load_file(str(saved / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert kept.keys() == expected.keys()
+    assert all(torch.equal(kept[k], expected[k]) for k in expected)
+    single = convert_vae(load_file(str(saved.with_name(saved.name + ".safetensors"))),
+                         json.loads((saved / "vae" / "config.json").read_text()))
+    assert single.keys() == expected.keys()
+    assert all(torch.equal(single[k].reshape(expected[k].shape), expected[k]) for k in expected)
 
 
 # ------------------------------------------------------------------------- where the base model is written

@@ -233,8 +233,9 @@ def test_honoured_changes_are_said_in_one_line(tmp_path, shapes_dir, tiny_model)
                  lr_scheduler="cosine", batch_size=4)
     found = run_preflight(cfg, tmp_path / "logs" / "run")
     (notice,) = [n for n in found.notices if n.startswith("resuming")]
+    # step 6 at the start of epoch 2, then 29 whole epochs of 4 steps at the new batch: the run ends at step 122
     for expected in ("lr (unet) 1.5e-06 -> 3e-06", "lr (text_encoder) 1.5e-06 -> 3e-06",
-                     "lr_scheduler constant -> cosine", "total_steps 180 -> 120", "global batch 2 -> 4"):
+                     "lr_scheduler constant -> cosine", "total_steps 180 -> 122", "global batch 2 -> 4"):
         assert expected in notice
     assert found.resume.saved.global_step == 6
 

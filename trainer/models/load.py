@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from trainer.models.ckpt_cache import (
     source_kind,
 )
 from trainer.models.hub import download_model, parse_repo_id, pick_weights
+from trainer.models.pinned import PinnedPart, pinned_while_loading
 
 
 @dataclass(frozen=True)
@@ -79,11 +80,13 @@ class ModelInfo:
 @dataclass(frozen=True)
 class ComponentDtypes:
     """The dtype each model component is loaded in. fp32 by default, so trained weights are fp32 masters
-    whatever the files store; frozen parts may take the compute dtype."""
+    whatever the files store; frozen parts may take the compute dtype. `copied_by_saves`: the frozen parts whose
+    saves copy their files, which are pinned as loaded (trainer/models/pinned.py)."""
 
     unet: torch.dtype = torch.float32
     text_encoder: torch.dtype = torch.float32
     vae: torch.dtype = torch.float32
+    copied_by_saves: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -95,6 +98,7 @@ class SDModels:
     noise_scheduler: DDPMScheduler  # training: adds noise, defines the target
     sample_scheduler: SchedulerMixin  # the model's own inference scheduler, saved with it unchanged
     info: ModelInfo
+    pinned: dict[str, PinnedPart] = field(default_factory=dict)  # ComponentDtypes.copied_by_saves' files as loaded
 
 
 @dataclass(frozen=True)
@@ -231,7 +235,8 @@ def load_model_dir(
     model_dir: Path, prediction_type: PredictionType | None = None, *, dtypes: ComponentDtypes | None = None
 ) -> SDModels:
     """Check a diffusers SD folder (trainer/models/checks.py: refused before any weight is read), then load each
-    component straight in its dtype of `dtypes`, fp32 by default, whatever dtype the files store.
+    component straight in its dtype of `dtypes`, fp32 by default, whatever dtype the files store; the files of
+    `dtypes.copied_by_saves` stay pinned as loaded.
 
     `prediction_type` overrides what the folder's scheduler says; the model is then trained and saved with it.
     """
@@ -241,7 +246,8 @@ def load_model_dir(
     sizes = {name: weights_mib(model_dir / name) for name in ("unet", "vae", "text_encoder")}
     # read, cast and copied out of the files: 8.5 s for SD1.5 on 2 CPU cores from a warm disk cache, more from a cold
     # one; diffusers shows no bar for a UNet or VAE in one file (transformers' own bar for the text encoder stays)
-    with progress("Model: loading", total=sum(sizes.values()), unit="MiB") as bar:
+    with (pinned_while_loading(model_dir, dtypes.copied_by_saves) as pinned,
+          progress("Model: loading", total=sum(sizes.values()), unit="MiB") as bar):
         unet = _load_component(UNet2DConditionModel.from_pretrained, model_dir, "unet", torch_dtype=dtypes.unet)
         bar.update(sizes["unet"])
         vae = _load_component(AutoencoderKL.from_pretrained, model_dir, "vae", torch_dtype=dtypes.vae)
@@ -254,7 +260,7 @@ def load_model_dir(
     # Training always uses DDPM's forward process with the model's own betas and prediction type.
     noise_scheduler = DDPMScheduler.from_config(sample_scheduler.config)
     info = describe_model(model_dir, unet, vae, text_encoder, sample_scheduler)
-    return SDModels(unet, vae, text_encoder, tokenizer, noise_scheduler, sample_scheduler, info)
+    return SDModels(unet, vae, text_encoder, tokenizer, noise_scheduler, sample_scheduler, info, pinned)
 
 
 def load_models(

@@ -32,9 +32,11 @@ def training_precision(requested: str) -> str:
 def component_dtypes(cfg, precision: str) -> ComponentDtypes:
     """The UNet (trained) in fp32; the VAE in the compute dtype; the text encoder in fp32 when it is trained,
     else in the compute dtype. In LoRA and embedding mode the whole base is frozen, so all of it is in the compute
-    dtype (the adapters and rows that train are fp32: trainer/adapters/)."""
+    dtype (the adapters and rows that train are fp32: trainer/adapters/), and a save holds only what trains. In a
+    full fine-tune the saves copy the frozen parts' files, pinned as loaded (trainer/models/pinned.py)."""
     frozen = COMPUTE_DTYPES[precision]
     if frozen_base(cfg):
         return ComponentDtypes(unet=frozen, text_encoder=frozen, vae=frozen)
     text_encoder = frozen if cfg.disable_textenc_training else torch.float32
-    return ComponentDtypes(unet=torch.float32, text_encoder=text_encoder, vae=frozen)
+    copied = frozenset({"vae", "text_encoder"} if cfg.disable_textenc_training else {"vae"})
+    return ComponentDtypes(unet=torch.float32, text_encoder=text_encoder, vae=frozen, copied_by_saves=copied)

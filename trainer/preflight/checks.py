@@ -22,9 +22,8 @@ is scanned or resolved twice.
 from __future__ import annotations
 
 import importlib.util
-import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -37,42 +36,26 @@ from data.masking.masks import checked_masks
 from data.scan import ImageItem, Scan, scan_data_root
 from data.schedule import batches_per_epoch
 from data.validation import validation_sets
+from trainer.adapters.embedding_tokens import EmbeddingToken, checked_tokens
 from trainer.config.everydream2 import FIND_LAST
 from trainer.config.load import ConfigError
-from trainer.adapters.embedding_tokens import EmbeddingToken, checked_tokens
-from trainer.config.schema import TrainConfig, embedding_mode, frozen_base, lora_alpha, trains_unet
+from trainer.config.schema import TrainConfig, embedding_mode, frozen_base, lora_alpha
 from trainer.errors import ProblemsError, UserError, bulleted
 from trainer.evaluation.prompts import SampleSettings, read_sample_prompts
 from trainer.evaluation.validation import MAIN_SET, ValidationPlan, plan_validation
 from trainer.models import hub
 from trainer.models.ckpt_cache import cache_entry, conversion_problems, find_ckpt_cache, not_found_message, source_kind
 from trainer.optim.plan import OptimizerPlan, plan_optimizers
+from trainer.preflight.findlast import FoundLast, find_last_model, is_gone, no_saved_model, save_search
+from trainer.preflight.resuming import ResumePlan, check_resume_fits_model, count_steps, plan_resume
 from trainer.saves import footprint
-from trainer.saves.resume import (
-    TrainerState,
-    TrainingSetup,
-    architecture_hash,
-    embedding_record,
-    find_training_state,
-    fixed_differences,
-    honoured_changes,
-    lora_record,
-    missing_state_files,
-    read_trainer_state,
-    refusal,
-)
+from trainer.saves.resume import architecture_hash, find_training_state, read_trainer_state
 
 OPTIONAL_PACKAGES = {  # config key -> (package, how to get it)
     "wandb": ("wandb", "pip install wandb (then wandb login), or set wandb false; tensorboard logs either way"),
     "attn_type": ("xformers", "pip install xformers matching your torch build, or set attn_type sdp (as fast on "
                               "torch 2)"),
 }
-
-
-@dataclass
-class ResumePlan:
-    state_dir: Path
-    saved: TrainerState
 
 
 @dataclass
@@ -85,7 +68,7 @@ class Preflight:
     save_dir: Path
     cache_dir: Path | None  # None: cache_latents is off
     steps_per_epoch: int
-    total_steps: int
+    total_steps: int  # the step the run ends at (a resumed one: resuming.steps_in_run)
     optimizer: OptimizerPlan
     prompts: SampleSettings | None  # None: no sample_prompts
     resume: ResumePlan | None
@@ -102,22 +85,11 @@ def resolve_find_last(cfg: TrainConfig) -> TrainConfig:
     counts (train.py passes its config to the others)."""
     if cfg.resume_ckpt != FIND_LAST:
         return cfg
-    found = find_last_model(_save_search(cfg))
+    found = find_last_model(save_search(cfg))
     if found is None:
         return cfg
     say(f"resume_ckpt findlast: continuing from {found}, the newest saved model under {cfg.logdir}.")
-    return replace(cfg, resume_ckpt=str(found))
-
-
-def _save_search(cfg: TrainConfig) -> list[Path]:
-    return [Path(cfg.logdir)] + ([Path(cfg.save_ckpt_dir)] if cfg.save_ckpt_dir else [])
-
-
-def _no_saved_model(cfg: TrainConfig) -> str:
-    where = " or ".join(dict.fromkeys(str(d) for d in _save_search(cfg)))
-    return (f"resume_ckpt findlast: there is no saved model under {where} yet. Train from a base model first "
-            "(resume_ckpt: a model folder, a .safetensors/.ckpt file or a Hub id), with the same logdir, then "
-            "findlast continues from its newest save.")
+    return replace(cfg, resume_ckpt=FoundLast(found))  # picked again if it goes before it loads (findlast.py)
 
 
 def resumed_seed(cfg: TrainConfig) -> int | None:
@@ -126,21 +98,12 @@ def resumed_seed(cfg: TrainConfig) -> int | None:
     what is wrong with resume_state, if anything)."""
     if not cfg.resume_state:
         return None
-    search = _save_search(cfg)
+    search = save_search(cfg)
     try:
         setup = read_trainer_state(find_training_state(cfg.resume_state, search)).setup
     except (UserError, OSError, ValueError, TypeError):
         return None
     return setup.seed if setup else None
-
-
-def find_last_model(search: list[Path]) -> Path | None:
-    """The newest complete saved model under the `search` folders: a diffusers folder (its model_index.json),
-    not an EMA twin, not a partial save (hidden; saves appear whole, trainer/saves/checkpoints.py)."""
-    found = [index.parent for folder in search if folder.is_dir() for index in folder.rglob("model_index.json")
-             if not any(part.startswith(".") for part in index.relative_to(folder).parts)
-             and not index.parent.name.endswith("-ema")]
-    return max(found, key=lambda p: (p / "model_index.json").stat().st_mtime_ns, default=None)
 
 
 def run_dir_path(cfg: TrainConfig) -> Path:
@@ -153,13 +116,6 @@ def save_folder(cfg: TrainConfig, run_dir: Path) -> Path:
     """Where the run's saves go: save_ckpt_dir, else the run folder's ckpts/ (of the folder the run made, which
     has a -2 suffix when another run took the planned name in the same second)."""
     return Path(cfg.save_ckpt_dir) if cfg.save_ckpt_dir else run_dir / "ckpts"
-
-
-def count_steps(batches: int, cfg: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps per epoch, steps in the whole run) for `batches` global micro-batches per epoch."""
-    per_epoch = math.ceil(batches / cfg.grad_accum)
-    total = per_epoch * cfg.max_epochs
-    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Preflight:
@@ -213,10 +169,11 @@ def run_preflight(cfg: TrainConfig, run_dir: Path, num_processes: int = 1) -> Pr
                         "its folder or image settings; give some images a multiply > 0.")
     if plan is not None and not unplaceable:
         problems += room_problems(cfg, save_dir, plan)
-    resume = attempt(plan_resume, cfg, plan, total_steps, cfg.batch_size * num_processes, notices) \
+    resume = attempt(plan_resume, cfg, plan, train_scan.items, cfg.batch_size * num_processes, notices) \
         if cfg.resume_state and plan and train_scan else None
     if problems:
         raise ProblemsError(problems)
+    total_steps = resume.total_steps if resume else total_steps
     return Preflight(train_scan, validation, run_dir, save_dir, cache_dir, steps_per_epoch, total_steps, plan,
                      prompts, resume, validation_plan, notices, tokens or ())
 
@@ -276,7 +233,9 @@ def model_source_problems(cfg: TrainConfig) -> list[str]:
     whose first folder exists here), and when where it goes cannot take it (the ckpt_cache folder for a single
     file to convert, the hub cache for a download)."""
     if cfg.resume_ckpt == FIND_LAST:  # resolve_find_last found no save
-        return [_no_saved_model(cfg)]
+        return [no_saved_model(cfg)]
+    if isinstance(cfg.resume_ckpt, FoundLast) and is_gone(cfg.resume_ckpt):  # pruned since: the load picks again
+        return []
     cache = find_ckpt_cache(cfg.ckpt_cache_dir)
     given = Path(cfg.resume_ckpt).expanduser()
     try:
@@ -361,48 +320,6 @@ def room_problems(cfg: TrainConfig, save_dir: Path, plan: OptimizerPlan,
 # ---------------------------------------------------------------- resume
 
 
-def current_setup(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, family: str = "",
-                  architecture: str = "", base: str = "") -> TrainingSetup:
-    trained = (("unet",) if trains_unet(cfg) else ()) + (() if cfg.disable_textenc_training else ("text_encoder",))
-    lr = {"unet": plan.unet.lr, **({} if cfg.disable_textenc_training else {"text_encoder": plan.text_encoder.lr})}
-    if plan.embedding is not None:
-        lr = {**({"unet": lr["unet"]} if trains_unet(cfg) else {}), "embedding": plan.embedding.lr}
-        if cfg.lora_text_encoder:
-            lr["text_encoder"] = plan.text_encoder.lr
-    schedules = {"unet": plan.unet_schedule, "text_encoder": plan.text_encoder_schedule,
-                 "embedding": plan.text_encoder_schedule}
-    return TrainingSetup(family, architecture, trained, asdict(plan.freezing), plan.label,
-                         cfg.ema_decay_rate is not None, lr, plan.unet_schedule.name, plan.unet_schedule.warmup_steps,
-                         total_steps, cfg.grad_accum, schedules={group: schedules[group].record() for group in lr},
-                         seed=cfg.seed, fused_backward=cfg.fused_backward, lora=lora_record(cfg), base=base,
-                         embedding=embedding_record(cfg))
-
-
-def plan_resume(cfg: TrainConfig, plan: OptimizerPlan, total_steps: int, batch_samples: int,
-                notices: list[str]) -> ResumePlan:
-    """The training state to continue, checked for completeness and fit; what changed is said in one line."""
-    search = _save_search(cfg)
-    state_dir = find_training_state(cfg.resume_state, search)
-    saved = read_trainer_state(state_dir)
-    missing = missing_state_files(state_dir, saved.setup)
-    if missing:
-        raise UserError(f"resume_state {state_dir} is incomplete: it lacks {', '.join(missing)}. Resume from another "
-                        f"save, or start a new run from this save's weights with --resume_ckpt {state_dir.parent}.")
-    current = current_setup(cfg, plan, total_steps)
-    if saved.setup is not None:
-        differences = fixed_differences(saved.setup, {k: getattr(current, k) for k in TrainingSetup.FIXED})
-        if differences:
-            raise refusal(state_dir, differences, " Set them back to continue exactly.", saved.setup)
-        changes = honoured_changes(saved.setup, current, saved.batch_samples, batch_samples)
-        if changes:
-            notices.append(f"resuming {state_dir} with changes, honoured: {'; '.join(changes)}.")
-    if saved.global_step >= total_steps:
-        raise UserError(f"resume_state {state_dir} is at step {saved.global_step}, and this config's run ends at step "
-                        f"{total_steps} (max_epochs {cfg.max_epochs}, max_steps {cfg.max_steps or 'none'}, batch "
-                        f"{batch_samples} per step): nothing is left to train. Raise max_epochs or max_steps.")
-    return ResumePlan(state_dir, saved)
-
-
 def check_model_fits(cfg: TrainConfig, preflight: Preflight, models) -> None:
     """What could only be checked once the model has loaded, checked before the latent cache or the run folder
     is made: the training state to resume fits its architecture, and one save of it fits on the disk."""
@@ -414,14 +331,3 @@ def check_model_fits(cfg: TrainConfig, preflight: Preflight, models) -> None:
                                  footprint.model_size(counts, not cfg.disable_textenc_training))
         if problems:
             raise ProblemsError(problems, heading="once the model had loaded")
-
-
-def check_resume_fits_model(resume: ResumePlan | None, family: str, architecture: str) -> None:
-    """A state only loads into the architecture it was trained with."""
-    setup = resume.saved.setup if resume else None
-    if setup is None:
-        return
-    if (setup.family, setup.architecture) != (family, architecture):
-        what = (f"model family {setup.family.upper()} then, {family.upper()} now" if setup.family != family
-                else "the model's layers differ in name or shape from those it was trained with")
-        raise refusal(resume.state_dir, [what], " Resume with the base model it was trained from.", setup)

@@ -29,6 +29,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from common.console import say
 from common.files import owner_tag
 from data.dataset import TrainingData
+from data.schedule import plan_record
 from trainer.adapters.embeddings import TrainedRows, is_rows_key, trained_rows
 from trainer.adapters.lora import Adapters, LoraSettings, add_adapters, is_adapter_key, keep_states_to_trained
 from trainer.adapters.lora_file import base_hash
@@ -38,6 +39,7 @@ from trainer.evaluation.prompts import SampleSettings
 from trainer.evaluation.sampling import sd_pipeline
 from trainer.evaluation.validation import ValidationPlan
 from trainer.models.load import ModelInfo, SDModels
+from trainer.models.pinned import PinnedPart
 from trainer.objective.loss import Objective
 from trainer.objective.noise import zero_terminal_snr_schedulers
 from trainer.objective.text_cache import TextEmbeddingCache
@@ -50,20 +52,20 @@ from trainer.optim.build import (
 )
 from trainer.optim.chained import ChainedOptimizer
 from trainer.optim.plan import OptimizerPlan
-from trainer.preflight.checks import Preflight, count_steps, current_setup, save_folder
+from trainer.preflight.checks import Preflight, save_folder
 from trainer.preflight.device import require_resolved
+from trainer.preflight.resuming import current_setup, resume_elsewhere, steps_in_run
 from trainer.run.guard import WeightGuard
 from trainer.run.logs import watch_logs
 from trainer.run.peers import roster
 from trainer.run.stops import StopRequest
-from trainer.saves.checkpoints import stored_stamp
 from trainer.saves.resume import (
     TrainerState,
     TrainingSetup,
     architecture_hash,
     configured_hyperparameters,
     continue_position,
-    load_training_state,
+    load_agreed,
     refusal,
     restore_configured_hyperparameters,
 )
@@ -105,8 +107,7 @@ class Run:
     last_save: Path | None = None  # the newest complete model save of this run (or the one it resumed from)
     last_state: Path | None = None  # the newest complete training state
     periodic_saves: list[Path] = field(default_factory=list)  # this run's, oldest first: what max_saves prunes
-    stored_stamps: dict[str, tuple] = field(default_factory=dict)  # the frozen parts' files as loaded (saving.py)
-    changed_on_disk: set[str] = field(default_factory=set)  # those that changed since: saved from memory
+    pinned: dict[str, PinnedPart] = field(default_factory=dict)  # the files saves copy, as loaded (saving.py)
     text_cache: TextEmbeddingCache | None = None  # None: the text encoder runs every step
     adapters: Adapters | None = None  # LoRA mode: the adapters trained on the frozen base (trainer/adapters/lora.py)
     embeddings: TrainedRows | None = None  # embedding mode: the trained token rows (trainer/adapters/embeddings.py)
@@ -324,7 +325,9 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
                                 models.text_encoder if train_text_encoder else None, accelerator.device,
                                 fused_backward=cfg.fused_backward)
     taken += fused_kernels(optimizer)
-    total_steps = count_steps(len(data.loader), cfg)[1]
+    batch_samples = cfg.batch_size * accelerator.num_processes
+    resumed = preflight.resume.saved if preflight.resume else None
+    total_steps = steps_in_run(cfg, len(data.loader), batch_samples, resumed)  # where its last epoch ends
     lr_scheduler = build_lr_scheduler(plan, optimizer, total_steps)
     to_prepare = trained_modules(cfg, unet, models.text_encoder)
     *trained, optimizer, loader, lr_scheduler = accelerator.prepare(*to_prepare, optimizer, data.loader, lr_scheduler)
@@ -339,13 +342,14 @@ def prepare_run(cfg: TrainConfig, models: SDModels, data: TrainingData, run_dir:
         total_steps=total_steps, run_dir=run_dir, save_dir=save_folder(cfg, run_dir),
         guard=WeightGuard([p for m in to_prepare for p in m.parameters() if p.requires_grad],
                           half_saves=not cfg.save_full_precision, device=accelerator.device),
-        setup=current_setup(cfg, plan, total_steps, models.info.family, architecture, base),
+        setup=current_setup(cfg, plan, total_steps, models.info.family, architecture, base,
+                            plan_record(data.sampler.items, Path(cfg.data_root))),
         owner=owner, prompts=preflight.prompts, validation=data.validation,
         validation_plan=preflight.validation_plan, steps_per_epoch=math.ceil(len(loader) / cfg.grad_accum),
         text_cache=text_embedding_cache(cfg, models.text_encoder), adapters=adapters, base_hash=base,
         embeddings=trained_rows(models.text_encoder),
         processes=roster(accelerator),
-        stored_stamps={name: stored_stamp(Path(models.info.path), name) for name in ("vae", "text_encoder", "unet")},
+        pinned=models.pinned,
     )
     run.emas = make_emas(cfg, run, accelerator.device)
     accelerator.init_trackers("tensorboard")
@@ -404,14 +408,19 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
     batch_samples = run.cfg.batch_size * run.accelerator.num_processes
     if preflight.resume is None:
         return TrainerState(global_step=0, epoch=1, batches_in_epoch=0, batch_samples=batch_samples)
-    state_dir = preflight.resume.state_dir
-    check_same_base(preflight.resume.saved.setup, run.setup, state_dir)
+    resume, saved = preflight.resume, None
     configured = configured_hyperparameters(run.optimizer)
-    saved = load_training_state(run.accelerator, state_dir)
+    while saved is None:  # None: the state went before it loaded (another run's max_saves pruning)
+        check_same_base(resume.saved.setup, run.setup, resume.state_dir)
+        saved = load_agreed(run.accelerator, resume.state_dir)
+        if saved is None:
+            resume = resume_elsewhere(run.cfg, resume, run.plan, run.data.sampler.items, batch_samples,
+                                      (run.setup.family, run.setup.architecture), run.accelerator)
+    state_dir = resume.state_dir
     restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
     if run.plan.grad_scaler_tweaks:  # a state saved without them has the scaler's plain settings
         tweak_grad_scaler(run.accelerator.scaler, saved.global_step, catch_up=True)
-    state = continue_position(saved, batch_samples)
+    state = continue_position(saved, batch_samples, len(run.data.loader))
     run.last_save, run.last_state = state_dir.parent, state_dir
     say(f"Resumed from {state_dir}: step {state.global_step}, epoch {state.epoch}, "
         f"{state.batches_in_epoch} batches into it.")

@@ -8,10 +8,17 @@ program ends.
 Sent to the whole process group, the signals reach the DataLoader workers too; those ignore them (data/dataset.py)
 and leave the stop to the main process, which shuts them down as it ends. Sampling and validation look at the
 request between denoising steps and batches, so a stop never waits for a long prompt list.
+
+Under `accelerate launch` (torch's elastic launcher) a stop signal reaches the launcher, which sends it on to each
+process, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default) for them, kills what is left, and then ends
+with exit status 1 and a traceback of its own (SignalException), whatever the processes did: nothing in them can
+change that. So the first stop's line says so there, and that the `Interrupted at step` line tells that the save
+is whole (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 from common.console import say
@@ -68,10 +75,23 @@ class StopRequest:
                 "skipping the validation and samples that follow it.")
             return
         say(f"{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
-            "training state (press Ctrl-C again to abort without saving).")
+            f"training state{launcher_note() or ' (press Ctrl-C again to abort without saving).'}")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             # after a stop (saved, or aborted) the program only ends from here: a further Ctrl-C would cut its exit
             # short with a traceback (from the interpreter's own exit functions, past the last line of ours)
             signal.signal(signum, signal.SIG_IGN if self.requested and signum == signal.SIGINT else handler)
+
+
+def launcher_note() -> str:
+    """What torch's launcher does around the stop, for a process it started (it sets TORCHELASTIC_RUN_ID); "" for
+    a process started otherwise. There a second Ctrl-C reaches the launcher alone, not this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ""
+    # the launcher reads its grace time from these, in this order (torch.distributed.run's --shutdown-timeout)
+    grace = os.environ.get("PET_SHUTDOWN_TIMEOUT") or os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or "30"
+    return (f". The launcher (accelerate launch) gives the processes {grace} s for it (TORCH_ELASTIC_SHUTDOWN_TIMEOUT "
+            "sets more; a save cut short is removed at the next start, the earlier saves stay) and then ends with "
+            "exit status 1 and torch's SignalException traceback, whatever the save: the 'Interrupted at step' line "
+            "below says the save is whole.")

@@ -34,13 +34,11 @@ from common.files import (
     remove_whole,
     write_text_atomically,
 )
-from convert.tables import WEIGHTED_COMPONENTS
 from trainer.config.schema import TrainConfig, config_to_dict
 from trainer.errors import UserError
 from trainer.models.load import ModelInfo
+from trainer.models.pinned import WEIGHT_FILES, PinnedPart, weight_files
 from trainer.saves.resume import STATE_FILE, TrainerState
-
-WEIGHT_FILES = {c.name: c.weights for c in WEIGHTED_COMPONENTS}  # e.g. unet -> diffusion_pytorch_model.safetensors
 
 
 class SaveError(UserError):
@@ -123,15 +121,20 @@ def free_save_path(directory: Path, name: str) -> Path:
 
 
 def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], from_memory: set[str],
-                      dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+                      dtype: torch.dtype, pinned: dict[str, PinnedPart] | None = None
+                      ) -> dict[str, dict[str, torch.Tensor]]:
     """Every component's tensors in the save's dtype, on the CPU. Trained modules come from memory (their fp32
-    masters), and so do those in `from_memory`; frozen ones from the model's own files in `model_dir` when those
-    hold them (frozen parts are held in the compute precision, and a bf16 copy of an fp32 VAE must not be what the
-    save keeps), else from memory."""
+    masters), and so do those in `from_memory`; frozen ones from their files as stored, when there are such files
+    (frozen parts are held in the compute precision, and a bf16 copy of an fp32 VAE must not be what the save
+    keeps), else from memory.
+
+    A run passes `pinned`, its frozen parts' files as it loaded them (trainer/models/pinned.py): those are copied
+    when unchanged, and a part whose files changed in place since (or that has none pinned) comes from memory, as
+    the run used it, said once. Without `pinned` (tools, tests) the files in `model_dir` are read as they are."""
     weights = {}
     for name, module in modules.items():
         state = module.state_dict()
-        stored = None if name in from_memory else stored_weights(model_dir, name)
+        stored = None if name in from_memory else _stored(model_dir, name, module, pinned)
         if stored is not None:
             state = {k: stored[k] if k in stored and stored[k].shape == v.shape else v for k, v in state.items()}
         weights[name] = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
@@ -139,32 +142,23 @@ def component_weights(model_dir: Path, modules: dict[str, torch.nn.Module], from
     return weights
 
 
+def _stored(model_dir: Path, name: str, module: torch.nn.Module,
+            pinned: dict[str, PinnedPart] | None) -> dict[str, torch.Tensor] | None:
+    """A frozen part's tensors as stored: from its pinned files when given, else from `model_dir`."""
+    if pinned is None:
+        return stored_weights(model_dir, name)
+    part = pinned.get(name)
+    if part is None:  # no safetensors files at load: there is nothing else the run loaded
+        return None
+    stored = part.read()
+    part.say_change(kept_files=stored is not None, held=next(module.parameters()).dtype)
+    return stored
+
+
 def stored_weights(model_dir: Path, component: str) -> dict[str, torch.Tensor] | None:
-    """A component's tensors as its safetensors files hold them (memory-mapped), or None without such files."""
-    files = stored_files(model_dir, component)
+    """A component's tensors as its safetensors files hold them now (memory-mapped), or None without such files."""
+    files = weight_files(model_dir, component)
     return {k: v for file in files for k, v in load_file(file).items()} if files else None
-
-
-def stored_files(model_dir: Path, component: str) -> list[Path]:
-    """A component's safetensors weight files in `model_dir` (one, or the shards its index names); [] for none."""
-    folder = model_dir / component
-    single = folder / WEIGHT_FILES[component]
-    if single.is_file():
-        return [single]
-    index = folder / f"{WEIGHT_FILES[component]}.index.json"
-    if index.is_file():
-        return [folder / shard for shard in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                                                       .values()))]
-    return []
-
-
-def stored_stamp(model_dir: Path, component: str) -> tuple:
-    """What tells whether a component's weight files changed: each file's path, size and modification time; a
-    file that is gone or unreadable reads as its error."""
-    try:
-        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in stored_files(model_dir, component))
-    except (OSError, ValueError, KeyError) as err:
-        return (type(err).__name__,)
 
 
 def weight_problems(weights: dict[str, dict[str, torch.Tensor]]) -> list[str]:
@@ -188,7 +182,7 @@ def write_model_folder(folder: Path, pipeline, weights: dict[str, dict[str, torc
     transformers' default `dtype="auto"` takes the config's dtype (or, without one, the file's): an fp16 text
     encoder beside an fp32 UNet fails at the first step ("mat1 and mat2 must have the same dtype"). An explicit
     dtype overrides the config in both libraries, and the single file and ComfyUI/A1111 never read it."""
-    for name in weights:
+    for name, tensors in weights.items():
         module, target = getattr(pipeline, name), folder / name
         target.mkdir()
         if name == "text_encoder":  # a transformers model: it needs its class named, and the dtype said above
@@ -197,7 +191,7 @@ def write_model_folder(folder: Path, pipeline, weights: dict[str, dict[str, torc
             config.save_pretrained(target)
         else:
             module.save_config(target)
-        save_file(weights[name], str(target / WEIGHT_FILES[name]), metadata={"format": "pt"})
+        save_file(tensors, str(target / WEIGHT_FILES[name]), metadata={"format": "pt"})
     pipeline.tokenizer.save_pretrained(folder / "tokenizer")
     pipeline.scheduler.save_pretrained(folder / "scheduler")
     pipeline.save_config(folder)  # model_index.json

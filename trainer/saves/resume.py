@@ -9,7 +9,13 @@ EMA) plus `trainer_state.json`, which holds the loop's position and the setup it
   go on (a save's folder is also a model: `--resume_ckpt <save>` starts anew from its weights);
 - what may change (learning rates, betas, weight decay, each model's LR schedule, warmup and decay steps,
   max_epochs/max_steps, the global batch, grad_accum) is honoured and said in one line;
-- a state that has nothing left to train under this config is refused rather than ending at once with exit 0.
+- a state that has nothing left to train under this config is refused rather than ending at once with exit 0;
+- a data set that changed since the save (images added, removed or replaced: the epochs' plan, data/schedule.py,
+  differs) is said in the same line with its counts then and now, and handled as a changed batch is: the epoch in
+  progress is planned anew from the new data and goes on after as many samples as it had trained (an epoch that
+  had trained as many as the new data holds is over), the epochs after it train the new data whole, and the run
+  ends where they end (`steps_left`), the LR schedule spanning exactly that; the global step and the schedule's
+  position are kept. States saved before the data was recorded are resumed as they were.
 
 The checks that need only the config run in the preflight, before any model loads; the architecture check runs
 right after the model loads, before the latent cache or the run folder is made.
@@ -20,10 +26,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.files import modified_ns
 from trainer.config.schema import lora_alpha
 from trainer.errors import UserError
 
@@ -56,6 +64,7 @@ class TrainingSetup:
     lora: dict[str, Any] = field(default_factory=dict)  # LoRA mode's adapter shapes (config.lora_record); {}: full
     base: str = ""  # LoRA mode: sha256 of the base's weights the adapters were trained on (trainer/adapters/lora.py)
     embedding: dict[str, Any] = field(default_factory=dict)  # embedding mode: each token's vector count; {}: none
+    data: dict[str, Any] = field(default_factory=dict)  # the data's plan record (data/schedule.py); {}: older state
 
     FIXED = ("trained", "freezing", "optimizer", "ema", "fused_backward", "lora", "embedding")  # checked from the
     # config alone (preflight)
@@ -145,13 +154,13 @@ def find_training_state(resume_state: str, search: list[Path]) -> Path:
             f"(the save folder or its {STATE_DIR}/ sub-folder), or use 'findlast'."
         )
     # hidden folders are partial saves, never complete ones
-    found = [p.parent for d in search if d.is_dir() for p in d.rglob(f"{STATE_DIR}/{STATE_FILE}")
-             if not any(part.startswith(".") for part in p.relative_to(d).parts)]
+    found = [(mtime, p.parent) for d in search if d.is_dir() for p in d.rglob(f"{STATE_DIR}/{STATE_FILE}")
+             if not any(part.startswith(".") for part in p.relative_to(d).parts) and (mtime := modified_ns(p)) is not None]
     if not found:
         where = ", ".join(dict.fromkeys(str(d) for d in search))
         raise UserError(f"resume_state findlast found no training state under {where}; saves keep one only when "
                         "save_optimizer is true (and always on Ctrl-C).")
-    return max(found, key=lambda p: (p / STATE_FILE).stat().st_mtime)
+    return max(found, key=lambda pair: pair[0])[1]
 
 
 def read_trainer_state(state_dir: Path) -> TrainerState:
@@ -246,33 +255,101 @@ def refusal(state_dir: Path, differences: list[str], what_to_set: str = "",
                      f"state continues only the setup it was saved with.{what_to_set}{fresh}")
 
 
-def continue_position(saved: TrainerState, batch_samples: int) -> TrainerState:
-    """Where to go on in the epoch with global batches of `batch_samples` rows. Unchanged (an exact resume) when
-    the global batch is the same, whatever the process count (batch 4 on one process = batch 2 on two). With
-    another global batch the epoch is re-planned in batches of the new size (data/schedule.py), so the run goes
-    on after as many samples as were trained, rounded down to whole batches: close, not exact."""
+def continue_position(saved: TrainerState, batch_samples: int, batches: int) -> TrainerState:
+    """Where to go on in the epoch with global batches of `batch_samples` rows, `batches` of them in an epoch now.
+    Unchanged (an exact resume) when the global batch and the data are the same, whatever the process count
+    (batch 4 on one process = batch 2 on two). With another global batch or data set the epoch is planned anew
+    (data/schedule.py), so the run goes on after as many samples as were trained, rounded down to whole batches;
+    an epoch that had trained as many as the new plan holds is at its end."""
     position = saved.batches_in_epoch
     if saved.batch_samples and saved.batch_samples != batch_samples:
         position = saved.batches_in_epoch * saved.batch_samples // batch_samples
-    return dataclasses.replace(saved, batches_in_epoch=position, batch_samples=batch_samples)
+    return dataclasses.replace(saved, batches_in_epoch=min(position, batches), batch_samples=batch_samples)
+
+
+def steps_left(position: TrainerState, batches: int, grad_accum: int, max_epochs: int) -> int:
+    """Optimizer steps from `position` (`continue_position`'s) to the end of epoch `max_epochs`, with `batches`
+    global micro-batches an epoch: the rest of the epoch in progress, then the whole epochs after it (each ends
+    in a step, its last accumulation however short). A resumed run ends there, so that it trains whole epochs of
+    the data it has now; for a state of the same data and batch this is exactly what a fresh count leaves."""
+    if position.epoch > max_epochs:
+        return 0
+    rest = math.ceil((batches - position.batches_in_epoch) / grad_accum)
+    return rest + (max_epochs - position.epoch) * math.ceil(batches / grad_accum)
+
+
+def data_changes(saved: TrainerState, now: dict[str, Any], batch_samples: int, batches: int) -> list[str]:
+    """The data set's change since the state was saved (its plan record, data/schedule.py, differs), with what
+    resuming does about it, as one honoured change; [] when it is the same or the state did not record it."""
+    then = saved.setup.data if saved.setup else {}
+    if not then or then == now:
+        return []
+    counts = (f"{then['images']} -> {now['images']} images" if then["images"] != now["images"] else
+              f"{now['images']} images then and now, but other files, sizes or folder settings")
+    trained = saved.batches_in_epoch * (saved.batch_samples or batch_samples)
+    position = continue_position(saved, batch_samples, batches)
+    if not trained:
+        epoch = f"epoch {saved.epoch} begins with the new data"
+    elif position.batches_in_epoch >= batches:
+        epoch = (f"epoch {saved.epoch} had trained {trained} samples, as many as the new data's epoch holds: it is "
+                 "over, and the next begins with the new data")
+    else:
+        epoch = f"epoch {saved.epoch} goes on in the new data's order after the {trained} samples it had trained"
+    change = (f"data_root {counts} ({epoch}; every epoch after it trains the new data whole, and the run ends "
+              "where its last epoch ends)")
+    return [change]
 
 
 # ---------------------------------------------------------------- loading
 
 
+class StateGone(UserError):
+    """The training state left its place before it had loaded: its save was renamed away whole (another run's
+    max_saves pruning, trainer/saves/checkpoints.py), which is no damage to it."""
+
+
 def load_training_state(accelerator, state_dir: Path) -> TrainerState:
     """Weights, optimizer, LR schedule and RNG back into the prepared objects; returns the saved position. With
     more processes than at the save, the new ones find no RNG file of their own; accelerate then keeps their
-    seeded state, which changes nothing here: no training draw uses the global RNG."""
-    saved = read_trainer_state(state_dir)
+    seeded state, which changes nothing here: no training draw uses the global RNG. Raises StateGone when the
+    state's folder is no longer there once a read failed."""
     try:
+        saved = read_trainer_state(state_dir)
         accelerator.load_state(str(state_dir))
-    except (OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+    except (UserError, OSError, RuntimeError, ValueError, KeyError, EOFError) as err:
+        if not state_dir.is_dir():
+            raise StateGone(f"the training state {state_dir} is gone") from None
+        if isinstance(err, UserError):
+            raise
         first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]  # torch adds paragraphs
         raise UserError(f"could not load the training state {state_dir} ({type(err).__name__}: {first}); it is "
                         f"damaged or from another setup. Resume from another save, or start a new run from this "
                         f"save's weights with --resume_ckpt {state_dir.parent}.") from None
     return saved
+
+
+def load_agreed(accelerator, state_dir: Path) -> TrainerState | None:
+    """`load_training_state` on every process, with one outcome for all: the state; None when it was gone under
+    any process (all then load another one together: processes must never train on from different states); any
+    other failure, on any process, raised on every one (none is left waiting for the others)."""
+    saved, outcome, failure = None, None, None  # outcome: None loaded, "" gone, else what failed
+    try:
+        saved = load_training_state(accelerator, state_dir)
+    except StateGone:
+        outcome = ""
+    except UserError as err:
+        outcome, failure = str(err), err
+    outcomes = [outcome]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        outcomes = gather_object([outcome])
+    if failure is not None:
+        raise failure
+    problem = next((text for text in outcomes if text), None)
+    if problem is not None:
+        raise UserError(problem)
+    return None if "" in outcomes else saved
 
 
 def restore_configured_hyperparameters(optimizer, lr_scheduler, configured: list[dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from trainer.adapters import embedding_file
 from trainer.adapters.lora_file import file_metadata, file_tensors
 from trainer.config.schema import frozen_base
 from trainer.errors import UserError
+from trainer.failures import mark_how_to_go_on
 from trainer.run.guard import Breakage, DivergedError
 from trainer.run.setup import Run, adapted_modules, ema_weights
 from trainer.saves import footprint
@@ -38,7 +40,6 @@ from trainer.saves.checkpoints import (
     prune_saves,
     room_problem,
     save_name,
-    stored_stamp,
     weight_problems,
     write_model_folder,
     write_single_file,
@@ -194,21 +195,8 @@ def _say_saved(run: Run, path: Path) -> None:
 def _weights(run: Run, pipeline, dtype: torch.dtype) -> dict:
     modules = {name: getattr(pipeline, name) for name in ("unet", "vae", "text_encoder")}
     trained = {"unet"} | (set() if run.cfg.disable_textenc_training else {"text_encoder"})
-    return component_weights(Path(run.info.path), modules, trained | _changed_on_disk(run, modules, trained), dtype)
-
-
-def _changed_on_disk(run: Run, modules: dict, trained: set[str]) -> set[str]:
-    """The frozen parts whose files in the model folder changed since the run loaded them (replaced, damaged or
-    deleted by something else): those are saved from memory, as the run used them, said once each."""
-    model_dir = Path(run.info.path)
-    changed = {name for name, stamp in run.stored_stamps.items()
-               if name not in trained and stored_stamp(model_dir, name) != stamp}
-    for name in sorted(changed - run.changed_on_disk):
-        dtype = next(modules[name].parameters()).dtype
-        warn(f"the {name} files of {model_dir} changed on disk during the run; saves keep the {name} the run loaded "
-             f"and used, from memory ({str(dtype).removeprefix('torch.')}), instead of reading those files.")
-    run.changed_on_disk |= changed
-    return changed
+    # the frozen parts' files as the run loaded them (trainer/models/pinned.py), or memory where they changed
+    return component_weights(Path(run.info.path), modules, trained, dtype, pinned=run.pinned)
 
 
 def _save_training_state(run: Run, partial: Path) -> None:
@@ -368,10 +356,18 @@ def check_in_sync(run: Run, step: int) -> None:
 
 
 def rescue(run: Run, state: TrainerState, start_step: int) -> None:
-    """After an unexpected error (a bug, out of memory): save the weights trained so far as an interrupted save
-    with its training state, if anything was trained, the weights are sound, and one process runs (a lone
-    process cannot save alongside others that are stuck elsewhere). Never raises: the error itself is what
-    gets reported."""
+    """After an unexpected error (a bug, out of memory, a disk that turned read-only): save the weights trained so
+    far as an interrupted save with its training state, if anything was trained, the weights are sound, and one
+    process runs (a lone process cannot save alongside others that are stuck elsewhere); then mark the error with
+    how to go on from the run's last complete save, this one or an earlier one, which its one line ends with
+    (trainer/failures.py). Never raises: the error itself is what gets reported. Called while it is handled."""
+    error = sys.exception()
+    _rescue_save(run, state, start_step)
+    if error is not None:
+        mark_how_to_go_on(error, how_to_go_on(run))
+
+
+def _rescue_save(run: Run, state: TrainerState, start_step: int) -> None:
     if run.accelerator.num_processes > 1 or state.global_step <= start_step:
         return
     try:
