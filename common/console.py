@@ -87,6 +87,23 @@ def say(message: str) -> None:
     _emit(message, sys.stdout)
 
 
+def say_from_signal_handler(message: str) -> None:
+    """`say` for a signal handler. A handler runs between any two bytecodes of the main thread, so also inside a
+    write to stdout or stderr (whose lowest layer, `_ConsoleFile.write`, is Python): writing through those streams'
+    buffers again from there fails ("reentrant call inside <_io.BufferedWriter>", a closed terminal's SIGHUP met
+    it). So the line goes straight to stdout's descriptor, on a line of its own where a progress bar may be showing;
+    train.log gets it as from `say` (each append opens the file anew)."""
+    if not _channel.main:
+        return
+    _to_log(message)
+    try:
+        fd = sys.stdout.fileno()
+        text = ("\n" if os.isatty(fd) else "") + message + "\n"
+        os.write(fd, text.encode(sys.stdout.encoding or "utf-8", errors="replace"))
+    except (OSError, ValueError):  # a console that is gone (or none) loses the line; train.log has it
+        pass
+
+
 def warn(message: str) -> None:
     _emit(f"Warning: {message}", sys.stderr)
 

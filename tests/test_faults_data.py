@@ -212,6 +212,10 @@ LONG_RUN = [*SMALL_RUN[:SMALL_RUN.index("--max_steps")], *SMALL_RUN[SMALL_RUN.in
             "--flip_p", "0"]  # one entry an image: an epoch (8 steps) reads each
 
 
+# what a copy of the shared shapes folder leaves out: the latent cache and scan index other tests' runs left in it
+FRESH = shutil.ignore_patterns(".latent_cache", ".scan_index.json.gz")
+
+
 def run_args(model: Path, data: Path, *more: str) -> list[str]:
     return ["--resume_ckpt", str(model), "--data_root", str(data), *LONG_RUN, *more]
 
@@ -252,8 +256,8 @@ def test_latent_cache_entries_damaged_during_the_run_are_encoded_again_and_the_r
     and by one in float16. The run reads each at its next epoch, encodes it again from its image (said once),
     trains to its end and saves; afterwards every entry is whole and holds what it held."""
     data = tmp_path / "data"
-    shutil.copytree(shapes_dir, data)
-    run = TrainProcess(run_args(tiny_model("sd1"), data, "--max_steps", "48", "--num_workers", "0"), cwd=tmp_path)
+    shutil.copytree(shapes_dir, data, ignore=FRESH)  # entries of other tests' runs would not be this run's
+    run = TrainProcess(run_args(tiny_model("sd1"), data, "--max_steps", "160", "--num_workers", "0"), cwd=tmp_path)
     run.wait_for("First step done")
     entries = cache_entries(data)
     held = {entry: {k: v.clone() for k, v in load_file(entry).items()} for entry in entries}
@@ -338,7 +342,7 @@ def test_a_latent_cache_entry_damaged_where_it_cannot_be_encoded_again_is_one_me
     used to end in "this is a bug in the trainer".)"""
     pick, damage, settings, middle, start_says = CANNOT_ENCODE_AGAIN[case]
     data = tmp_path / "data"
-    shutil.copytree(shapes_dir, data)
+    shutil.copytree(shapes_dir, data, ignore=FRESH)  # entries of other tests' runs would not be this run's
     if "--masked_training" in settings:
         left_half_masks(data)
     command = run_args(tiny_model("sd1"), data, "--max_epochs", "500", *settings)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import signal
 
-from common.console import say
+from common.console import say_from_signal_handler
 from data.workers import STOP_SIGNALS
 from trainer.errors import UserError
 
@@ -66,16 +66,18 @@ class StopRequest:
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        name = signal.Signals(signum).name
+        # not `say`: this may run inside a write to the console (common/console.py say_from_signal_handler)
         if self.final_save is not None:
-            say(f"{signal.Signals(signum).name}: the final model is already saved ({self.final_save}); stopping the "
-                "validation and samples that follow it.")
+            say_from_signal_handler(f"{name}: the final model is already saved ({self.final_save}); stopping the "
+                                    "validation and samples that follow it.")
             return
         if self.saving_final:
-            say(f"{signal.Signals(signum).name}: the final save is being written; the run stops once it is whole, "
-                "skipping the validation and samples that follow it.")
+            say_from_signal_handler(f"{name}: the final save is being written; the run stops once it is whole, "
+                                    "skipping the validation and samples that follow it.")
             return
-        say(f"{signal.Signals(signum).name}: stopping after this step and saving an 'interrupted' model with its "
-            f"training state{launcher_note() or ' (press Ctrl-C again to abort without saving).'}")
+        say_from_signal_handler(f"{name}: stopping after this step and saving an 'interrupted' model with its "
+                                f"training state{launcher_note() or ' (press Ctrl-C again to abort without saving).'}")
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
