@@ -122,8 +122,8 @@ def backdropped(pixels: np.ndarray, backdrop: str, noise: np.random.Generator) -
     return on_noise(pixels, noise if backdrop == "noise" else None)
 
 
-def region_losses(model_dir: Path, backdrop: str, anywhere: bool = False, images: int = 16, draws: int = 8,
-                  seed: int = 123) -> dict[str, float]:
+def region_losses(model_dir: Path, backdrop: str, anywhere: bool = False, size: int = 64, images: int = 16,
+                  draws: int = 8, seed: int = 123) -> dict[str, float]:
     """caption_losses' measure (the training objective, the same noise and timesteps for every model) on fresh
     shapes on `backdrop` (backdropped's), over the shape ("subject") and over the rest ("background") apart, each
     region's weight map divided by its area: with each image's own caption, and with the other concept's ("...
@@ -139,7 +139,7 @@ def region_losses(model_dir: Path, backdrop: str, anywhere: bool = False, images
         captions = [caption for _, _, caption in CONCEPTS.values()]
         states = encode_prompts(models.text_encoder, tokenize_captions(models.tokenizer, captions)).split(1)
         for i in range(images):
-            pixels = np.asarray(draw_shape(list(CONCEPTS)[i % 2], 64, rng, anywhere))
+            pixels = np.asarray(draw_shape(list(CONCEPTS)[i % 2], size, rng, anywhere))
             image = to_tensor(backdropped(pixels, backdrop, noise))[None]
             latents = encode_posterior(models.vae, image)[0] * models.vae.config.scaling_factor
             subject = torch.from_numpy(shape_of(pixels).astype(np.float32))[None, None]
@@ -153,10 +153,10 @@ def region_losses(model_dir: Path, backdrop: str, anywhere: bool = False, images
     return {name: float(np.mean(values)) for name, values in losses.items()}
 
 
-def train_on(start: Path, data: Path, epochs: int, *extra: str) -> Path:
+def train_on(start: Path, data: Path, epochs: int, *extra: str, size: int = 64) -> Path:
     """The learning tests' run (the text encoder frozen, fp32, no caption dropout) on `data`; its final save."""
     result = run_train(
-        ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", "64", "--batch_size", "8",
+        ["--resume_ckpt", str(start), "--data_root", str(data), "--resolution", str(size), "--batch_size", "8",
          "--max_epochs", str(epochs), "--lr", "2e-3", "--disable_textenc_training", "--gradient_checkpointing",
          "false", "--mixed_precision", "no", "--zero_frequency_noise_ratio", "0", "--cond_dropout", "0",
          "--save_full_precision", "--save_single_file", "false", "--num_workers", "0", "--logdir", "logs",
@@ -166,14 +166,14 @@ def train_on(start: Path, data: Path, epochs: int, *extra: str) -> Path:
     return Path([line for line in result.stdout.splitlines() if line.startswith("Saved model: ")][-1].split(": ", 1)[1])
 
 
-def shapes_on(out: Path, backdrop: str, masks: bool, anywhere: bool = False) -> Path:
+def shapes_on(out: Path, backdrop: str, masks: bool, anywhere: bool = False, size: int = 64) -> Path:
     """16 circles and 16 squares (make_shapes_dataset's, seed 1) on `backdrop` (region_losses'), with a
     `-masklabel.png` of each shape where `masks`."""
     rng, noise = random.Random(1), np.random.default_rng(7)
     out.mkdir()
     for concept, (_, _, caption) in CONCEPTS.items():
         for i in range(16):
-            pixels = np.asarray(draw_shape(concept, 64, rng, anywhere))
+            pixels = np.asarray(draw_shape(concept, size, rng, anywhere))
             backdropped(pixels, backdrop, noise).save(out / f"{concept}_{i:03d}.png")
             (out / f"{concept}_{i:03d}.txt").write_text(caption + "\n", encoding="utf-8")
             if masks:
@@ -209,27 +209,26 @@ def test_masked_training_learns_the_subject_and_not_the_background_it_masks_out(
 
 
 @pytest.mark.slow
-def test_masked_training_on_noise_learns_the_concept_and_the_same_images_without_masks_hardly(tiny_model,
-                                                                                             tmp_path: Path):
+def test_masked_training_on_noise_learns_the_concept_as_well_as_clean_images_and_far_better_than_without_masks(
+        tiny_model, tmp_path: Path):
     """The concept is what the caption says: a red circle or a blue square, each anywhere in the image, so that
     only the caption tells which the shape is (the trained VAE keeps the colours). Three runs of 100 epochs (400
-    steps) from the same base: on the clean images; on the same shapes, each on a fresh noise image, with masks of
-    their shapes (unmasked_weight 0); and on those noisy images without masks. Each is judged by the learning tests'
-    measure on fresh clean shapes, over the shape: how much better the model denoises it with its own caption than
-    with the other concept's (the loss with the other caption / with its own, less 1).
+    steps) at 128 px from the same base: on the clean images; on the same shapes, each on a fresh noise image, with
+    masks of their shapes (unmasked_weight 0); and on those noisy images without masks. Each is judged by the
+    learning tests' measure on fresh clean shapes, over the shape: how much better the model denoises it with its
+    own caption than with the other concept's (the loss with the other caption / with its own, less 1).
 
-    Measured, this test's runs: clean 0.668, masked 0.316, without masks 0.088. The masked runs are steady (0.28 to
-    0.36 over four seeds), the runs without masks learn a quarter of that. The clean runs vary far more (0.27 to
-    0.67 over the same seeds; masked / clean 0.95, 1.03, 0.89, 0.47), so "as well as clean images" holds for some
-    seeds and not others, and is not asserted: at 64 px a shape covers about 3 x 3 latents, nearly all of them on
-    its edge, where the clean runs also learn from the background side that the masks leave out."""
+    Measured, this test's runs (seed 555): clean 0.385, masked 0.586, without masks 0.059; seed 3: clean 0.354,
+    masked 0.632. At 64 px the masked runs fell behind the clean ones in some seeds (masked / clean 0.95, 1.03, 0.89,
+    0.47): a shape there covers about 3 x 3 latents, nearly all on its edge, where the clean run also learns from the
+    background side that a mask leaves out; at 128 px a shape has an inside."""
     start = tiny_model("sd1", vae="trained")
     runs = {"clean": ("clean", ()), "masked": ("noise", MASKED), "noisy": ("noise", ())}
     gain = {}
     for name, (backdrop, extra) in runs.items():
-        data = shapes_on(tmp_path / name, backdrop, masks=bool(extra), anywhere=True)
-        losses = region_losses(train_on(start, data, 100, *extra), "clean", anywhere=True)
+        data = shapes_on(tmp_path / name, backdrop, masks=bool(extra), anywhere=True, size=128)
+        losses = region_losses(train_on(start, data, 100, *extra, size=128), "clean", anywhere=True, size=128)
         gain[name] = losses["subject other"] / losses["subject"] - 1
-    assert gain["masked"] > 0.2, gain  # the masked run learned the concept (measured 0.28 to 0.36)
-    assert gain["masked"] > 2.5 * gain["noisy"], gain  # far better than the noisy images without masks (3.6x)
-    assert gain["clean"] > 0.2, gain  # the clean images taught it too, so the measure measures (0.27 to 0.67)
+    assert gain["clean"] > 0.2, gain  # the clean images taught the concept, so the comparison means something
+    assert gain["masked"] >= gain["clean"], gain  # at least as well from noisy images with masks (1.52x)
+    assert gain["masked"] > 3 * gain["noisy"], gain  # and far better than from the same images without masks (9.9x)
