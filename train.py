@@ -126,6 +126,7 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     from trainer.preflight.findlast import load_base_model
     from trainer.preflight.memory import memory_report, model_params_of
     from trainer.run.loop import train
+    from trainer.run.repeatable import use_deterministic_kernels
     from trainer.run.setup import refuse_sharding_without_accelerators
     from trainer.saves.checkpoints import open_run_folder
 
@@ -144,6 +145,8 @@ def train_run(cfg: TrainConfig, started: float) -> int:
     # every process resolves findlast (a missing save stops them all); the main process's answers count
     device = Device.here(processes.num_processes)
     cfg = fit_to_device(cfg, device)
+    if cfg.deterministic:  # before any model is loaded (trainer/run/repeatable.py)
+        say(use_deterministic_kernels(cuda=device.gpu))
     cfg, run_dir = broadcast_object_list([resolve_find_last(pick_seed(cfg, say)), run_dir_path(cfg)])
     preflight = run_preflight(cfg, run_dir, processes.num_processes)  # every file and place, before any model
     for notice in preflight.notices:

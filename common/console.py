@@ -77,9 +77,9 @@ def attach_log(path: Path | None) -> None:
         _append_to_log("".join(held))
 
 
-def on_log_folder_gone(say_it: Callable[[], None]) -> None:
+def on_log_folder_gone(say_it: Callable[[], None] | None) -> None:
     """`say_it` is called, instead of the usual line, when the log cannot be written because its folder is gone:
-    a run whose folder was deleted says that once, for all of its logs, in its own words."""
+    a run whose folder was deleted says that once, for all of its logs, in its own words (None: the usual line)."""
     _channel.log_folder_gone = say_it
 
 

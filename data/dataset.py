@@ -53,6 +53,7 @@ from data.latent_cache import (
     DamagedEntry,
     LatentCache,
     Variant,
+    entry_sha,
     fill_cache,
     image_variants,
     latent_keys,
@@ -90,7 +91,6 @@ class CachedLatents:
         self.root = cache.root
         self.variants = dict(zip(keys, variants))
         self.entries = {key: cache.entry(v) for key, v in self.variants.items()}
-        self.shas = {key: cache.content_hash(v.path) for key, v in self.variants.items()}  # what entries are named by
         self.shapes = {key: latent_shape(vae, v.bucket) for key, v in self.variants.items()}
         self.vae: torch.nn.Module | None = vae
         self.said = False  # that entries damaged during the run are encoded again
@@ -117,7 +117,7 @@ class CachedLatents:
         variant, entry = self.variants[key], self.entries[key]
         try:
             image = variant.path.read_bytes()
-            changed = hashlib.sha256(image).hexdigest() != self.shas[key] and "changed since the run started"
+            changed = hashlib.sha256(image).hexdigest() != entry_sha(entry) and "changed since the run started"
         except OSError as err:
             changed = f"can no longer be read ({err.strerror or err})"
         if changed:

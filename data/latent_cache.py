@@ -117,6 +117,11 @@ def entry_name(sha: str, variant: Variant) -> str:
     return f"{sha}-{variant.bucket}{'-flip' if variant.flip else ''}.safetensors"
 
 
+def entry_sha(entry: Path) -> str:
+    """The content hash of the image an entry was made from: the start of its name (`entry_name`)."""
+    return entry.name.split("-", 1)[0]
+
+
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """A short hash of the VAE's config and every weight with its dtype: any change to either gives a new cache
     folder (the same VAE in fp16 encodes slightly differently from fp32, so it has entries of its own).

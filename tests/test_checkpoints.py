@@ -223,3 +223,47 @@ def test_an_fp16_save_loads_and_generates_with_a_plain_from_pretrained(tiny_mode
 
     half = StableDiffusionPipeline.from_pretrained(save, dtype=torch.float16)
     assert {half.unet.dtype, half.vae.dtype, half.text_encoder.dtype} == {torch.float16}
+
+
+# ---------------------------------------------------------------- EMA across a resume
+
+
+def test_place_emas_puts_each_ema_where_ema_device_says():
+    from diffusers.training_utils import EMAModel
+
+    from trainer.run.setup import place_emas
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    emas = [(EMAModel(params, decay=0.9), params)]
+    place_emas(emas, TrainConfig(ema_device="cpu"), torch.device("meta"))  # "meta": a device that is not the CPU's
+    assert emas[0][0].shadow_params[0].device.type == "cpu"
+    place_emas(emas, TrainConfig(ema_device="gpu"), torch.device("meta"))
+    assert emas[0][0].shadow_params[0].device.type == "meta"
+
+
+@pytest.mark.slow
+def test_a_resumed_run_puts_its_emas_back_on_their_device_after_the_state_loads(tiny_model, shapes_dir, tmp_path,
+                                                                               monkeypatch):
+    """accelerate loads the saved EMA onto the CPU, and EMAModel keeps what it is given: an EMA on a GPU must be put
+    back there after loading, or its first update mixes devices (on a CPU both are the CPU: the order is checked)."""
+    import trainer.run.setup as setup
+    from tests.test_speed_paths import run_steps
+
+    first = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "first", monkeypatch, steps=2, record=False,
+                      ema_decay_rate=0.9, save_optimizer=True)
+    events: list[str] = []
+    real_load, real_place = setup.load_agreed, setup.place_emas
+
+    def load(*args, **kwargs):
+        events.append("state loaded")
+        return real_load(*args, **kwargs)
+
+    def place(emas, cfg, device):
+        events.append(f"{len(emas)} EMA placed")
+        real_place(emas, cfg, device)
+
+    monkeypatch.setattr(setup, "load_agreed", load)
+    monkeypatch.setattr(setup, "place_emas", place)
+    run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "second", monkeypatch, steps=4, record=False,
+              ema_decay_rate=0.9, resume_state=str(first.saved))
+    assert events == ["2 EMA placed", "state loaded", "2 EMA placed"], events  # the UNet's and the text encoder's

@@ -275,3 +275,82 @@ def test_train_says_the_thread_wait_policy(environment: str | None, tiny_model, 
         assert "Threads: OMP_WAIT_POLICY ACTIVE, as set in the environment." in result.stdout
     else:
         assert "Threads: OMP_WAIT_POLICY PASSIVE: idle OpenMP threads sleep rather than spin" in result.stdout
+
+
+# ---------------------------------------------------------------- deterministic
+
+
+@pytest.fixture
+def global_kernel_settings(monkeypatch):
+    """torch's process-wide kernel choices, put back after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    attention = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                 torch.backends.cuda.cudnn_sdp_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.allow_tf32) = saved[2:]
+    for enable, was in zip((torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                            torch.backends.cuda.enable_cudnn_sdp), attention, strict=True):
+        enable(was)
+
+
+def test_deterministic_chooses_ordered_kernels_and_keeps_cudnns_autotuner_off(global_kernel_settings):
+    import os
+
+    from trainer.run.repeatable import use_deterministic_kernels
+    from trainer.run.setup import speed_paths
+
+    cuda = torch.device("cuda")  # speed_paths only sets torch's CUDA flags: no GPU needed to read its choice
+    unet = torch.nn.Linear(2, 2)
+    speed_paths(TrainConfig(channels_last=False), unet, cuda)
+    assert torch.backends.cudnn.benchmark  # the default: tuned once per bucket shape
+    on_cpu = use_deterministic_kernels(cuda=False)
+    assert torch.backends.cuda.flash_sdp_enabled() and "attention" not in on_cpu  # ordered on a CPU already
+    said = use_deterministic_kernels(cuda=True)
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and "CUBLAS_WORKSPACE_CONFIG=:4096:8" in said
+    # the fused attention kernels add up their backward with atomics, and warn_only leaves them so
+    assert not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+                or torch.backends.cuda.cudnn_sdp_enabled())
+    assert "the plain attention kernel" in said
+    taken = speed_paths(TrainConfig(channels_last=False, deterministic=True), unet, cuda)
+    assert not torch.backends.cudnn.benchmark and taken == ["TF32 matmuls"]
+
+
+@pytest.mark.slow
+def test_a_deterministic_run_says_so_and_trains_on_a_cpu_bit_for_bit_as_without(tiny_model, shapes_dir: Path,
+                                                                               tmp_path: Path):
+    args = ["--resume_ckpt", str(tiny_model("sd1")), "--data_root", str(shapes_dir), "--resolution", "64",
+            "--batch_size", "2", "--max_steps", "3", "--save_full_precision", "true", "--save_single_file", "false",
+            "--logdir", "logs"]
+    saved = {}
+    for deterministic in ("true", "false"):
+        result = run_train([*args, "--run_name", deterministic, "--deterministic", deterministic], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("Deterministic: ordered kernels" in result.stdout) == (deterministic == "true")
+        assert "does not have a deterministic implementation" not in result.stdout + result.stderr
+        (save,) = (tmp_path / "logs" / deterministic / "ckpts").glob("last-*")
+        saved[deterministic] = load_file(save / "unet" / "diffusion_pytorch_model.safetensors")
+    assert saved["true"].keys() == saved["false"].keys()
+    assert all(torch.equal(saved["true"][key], saved["false"][key]) for key in saved["true"])
+
+
+@pytest.mark.slow
+def test_a_run_in_a_callers_process_is_freed_when_train_returns(tiny_model, shapes_dir: Path, tmp_path: Path,
+                                                               monkeypatch):
+    """A notebook or a benchmark calls train() and goes on: nothing of ours keeps the run (its models, optimizer and
+    accelerator) alive after it returns, or their memory (gigabytes on a GPU) stays taken."""
+    import gc
+    import weakref
+
+    trained = run_steps(tiny_model("sd1"), shapes_dir, tmp_path / "run", monkeypatch, steps=2, record=False,
+                        ema_decay_rate=0.9)
+    unet = weakref.ref(trained.unet)
+    del trained
+    gc.collect()
+    assert unet() is None, [type(r).__name__ for r in gc.get_referrers(unet())]

@@ -37,6 +37,7 @@ def mark_how_to_go_on(err: BaseException, advice: str) -> None:
 
 
 def _go_on(err: BaseException, before_training: str) -> str:
+    """How to go on after `err`: from the run's last save when it had begun training, else `before_training`."""
     return getattr(err, GO_ON, None) or before_training
 
 
@@ -71,7 +72,7 @@ def describe_unexpected(err: BaseException) -> str:
     message = environment_message(err)
     if message is not None:
         return f"train.py: {message}"
-    go_on = getattr(err, GO_ON, None)
+    go_on = _go_on(err, "")
     return ("".join(traceback.format_exception(err)) + f"train.py: this is a bug in the trainer ({type(err).__name__} "
             "above): an input or environment problem would have been reported in one line. Please report it at "
             f"{ISSUES_URL}, with the command, your train.json and the output above."

@@ -128,6 +128,11 @@ class TrainConfig:
         "fused back pass): no memory for gradients. Not with grad_accum > 1, clip_grad_norm, fp16, several "
         "processes, or optimizers that look at all parameters at once (prodigy, dadapt_*)."
     )
+    deterministic: bool = _key(
+        False, "Repeat a GPU run bit for bit (same seed, data and machine): deterministic kernels "
+        "(torch.use_deterministic_algorithms), cudnn's autotuner off, a fixed cuBLAS workspace; slower steps. A CPU "
+        "run repeats bit for bit either way."
+    )
     vram_gb: float | None = _key(
         None, "Memory per device to plan for, in GiB: the dry run's memory plan says which settings to change when "
         "the run would not fit. null: the GPU's own memory (no check on a CPU)."

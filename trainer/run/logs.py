@@ -120,6 +120,7 @@ def end_trackers(run: Run) -> None:
             _tensorboard_failed(run, err)
     run.accelerator.trackers = []  # finished; end_training would finish them again
     run.accelerator.end_training()
+    on_log_folder_gone(None)  # its watch lets go of the run: in a caller's process that goes on, the run is freed
 
 
 def _tensorboard_failed(run: Run, err: OSError, step_goes_on: bool = False) -> None:

@@ -239,8 +239,9 @@ def speed_paths(cfg: TrainConfig, unet: torch.nn.Module, device: torch.device) -
         # convolution's algorithms once per input shape: bucketing keeps the shapes few, so it pays off at once.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        taken.append("TF32 matmuls, cudnn benchmark (a few bucket shapes, each tuned once)")
+        torch.backends.cudnn.benchmark = not cfg.deterministic  # its choice may differ from run to run
+        taken.append("TF32 matmuls" if cfg.deterministic else
+                     "TF32 matmuls, cudnn benchmark (a few bucket shapes, each tuned once)")
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)  # its inputs follow (objective.compute_loss)
         taken.append("channels_last UNet")
@@ -286,10 +287,17 @@ def make_emas(cfg: TrainConfig, run: Run, device: torch.device) -> list:
         params = ([p for key, p in module.named_parameters() if is_adapter_key(key) or is_rows_key(key)]
                   if frozen_base(cfg) else list(module.parameters()))
         ema = EMAModel(params, decay=cfg.ema_decay_rate)
-        ema.to(device if cfg.ema_device == "gpu" else torch.device("cpu"))
         run.accelerator.register_for_checkpointing(ema)
         emas.append((ema, params))
+    place_emas(emas, cfg, device)
     return emas
+
+
+def place_emas(emas: list, cfg: TrainConfig, device: torch.device) -> None:
+    """Each EMA's weights where ema_device says: made there, and put back there after a resume, whose state
+    accelerate loads onto the CPU (EMAModel takes the loaded tensors as they come)."""
+    for ema, _ in emas:
+        ema.to(device if cfg.ema_device == "gpu" else torch.device("cpu"))
 
 
 @contextlib.contextmanager
@@ -417,6 +425,7 @@ def start_state(run: Run, preflight: Preflight) -> TrainerState:
             resume = resume_elsewhere(run.cfg, resume, run.plan, run.data.sampler.items, batch_samples,
                                       (run.setup.family, run.setup.architecture), run.accelerator)
     state_dir = resume.state_dir
+    place_emas(run.emas, run.cfg, run.accelerator.device)
     restore_configured_hyperparameters(run.optimizer, run.lr_scheduler, configured)
     if run.plan.grad_scaler_tweaks:  # a state saved without them has the scaler's plain settings
         tweak_grad_scaler(run.accelerator.scaler, saved.global_step, catch_up=True)
