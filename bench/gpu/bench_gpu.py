@@ -1,6 +1,6 @@
-"""The one-call GPU check (issue 13 item 7): training speed and memory at full size, against the goals.
+"""The one-call GPU check (issues 13 and 25): the trainer at full size on a GPU, measured against its goals.
 
-What it measures, in ONE table, rows in order of importance (each printed as soon as it is measured):
+What it measures, in order of importance, each row printed (and written to --out) as soon as it is measured:
 - samples/s, ms per step, and peak GPU memory (torch.cuda.max_memory_allocated and max_memory_reserved) of a
   plain training loop on random-weight models built from the real configs (the shipped v1-inference.yaml and
   v2-inference-v.yaml, through the same converters the trainer uses): SD1.5 at 512 px (batch 1/4/8; AdamW
@@ -11,12 +11,14 @@ What it measures, in ONE table, rows in order of importance (each printed as soo
 - the trainer's own step: a real run through the library's public functions in train.py's order, final save
   included (bench/gpu/gpu_trainer.py), on a random SD1.5-size model saved as a diffusers folder, 512 px, batch 4,
   UNet only, cached latents, against the plain loop with the same model and settings run just before and just
-  after it: the trainer's speed over the bare loop's (its log in bench_gpu_trainer.log beside --out; the memory
-  plan the trainer makes of it among the notes);
-- beside each peak, the memory plan's prediction (trainer/preflight/memory.py `predict_peak_gib`).
-Then the goals, each PASS/FAIL: >= 100 samples/s for SD1.5 512, UNet only, cached latents, bf16 (the best
-batch-8 row); the trainer >= 0.95x the bare loop; peak <= 10 GiB for a full SD1.5 fine-tune (UNet + text
-encoder) at batch 1 with adamw8bit and checkpointing (with or without fused_backward: the lower peak counts).
+  after it: the trainer's speed over the bare loop's (its log in bench_gpu_trainer.log beside --out);
+- real `python train.py` runs at full size, checked as a user would check them (bench/gpu/gpu_runs.py): an SD1.5
+  full fine-tune (bf16, adamw8bit, checkpointing, EMA on the GPU, a sample, a save diffusers loads and a single
+  file with every key), its exact resume (3 + 3 steps against 6), a LoRA whose file diffusers loads, SD2.1-768-v
+  with a validation loss, and an fp32 resume that must be equal bit for bit; each run's peak GPU memory beside
+  the memory plan it printed (their logs in bench_gpu_runs.log beside --out);
+- beside each peak, the memory plan's prediction (trainer/preflight/memory.py).
+Then the goals, each PASS/FAIL (bench/gpu/gpu_report.py), and the `--only` that reruns what did not pass.
 
 The VAE is on the GPU in every row, as in a run, though only the VAE row calls it; TF32 matmuls and
 cudnn.benchmark are on and attention is PyTorch's SDPA. The plain loop uses fused AdamW, the fastest torch has,
@@ -24,18 +26,18 @@ so the trainer's ratio includes its optimizer choice. Speed: `--warmup` steps, t
 between two synchronisations. Peak memory does not count the CUDA context (nvidia-smi shows about 0.5-1 GiB more).
 
     bash bench/gpu/gpu_check.sh                  # on a bare CUDA machine: installs .gpu_wheels/ offline, then this
-    python bench/gpu/bench_gpu.py [--budget_s 360] [--steps 10] [--warmup 3] [--out table.txt]
-    python bench/gpu/bench_gpu.py --dry          # CPU self-check: same code paths, tiny models, 2 steps
+    python bench/gpu/bench_gpu.py [--budget_s 360] [--only speed,lora] [--steps 10] [--warmup 3] [--out table.txt]
+    python bench/gpu/bench_gpu.py --dry          # CPU rehearsal: same code paths, tiny models, 2 steps
 
-`--budget_s` is a global deadline: a row whose estimated time no longer fits is listed as skipped, and the goals
-are still printed. Without CUDA (and without --dry) it says so in one line and exits with code 2.
+`--only` takes the names of GROUPS (rows) and of gpu_runs.GROUPS (train.py runs). `--budget_s` is a global
+deadline: a row whose estimated time no longer fits is listed as skipped, and the goals are still printed. Without
+CUDA (and without --dry) it says so in one line and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -43,7 +45,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -51,7 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
+from bench.gpu import gpu_runs  # noqa: E402
+from bench.gpu.gpu_report import Table, say_goals  # noqa: E402
 from bench.gpu.gpu_rows import (  # noqa: E402
+    FULL_FINETUNE_CASE,
+    FUSED_FULL_FINETUNE_CASE,
+    GOAL_SPEED_CASE,
+    PAIR_CASE,
     SPECS,
     Case,
     Device,
@@ -63,65 +71,12 @@ from bench.gpu.gpu_rows import (  # noqa: E402
     first_line,
     predicted_peak,
     run_case,
+    sd15,
 )
 from bench.gpu.gpu_trainer import measure_trainer  # noqa: E402
 
-GOAL_SAMPLES_PER_S = 100.0
-GOAL_TRAINER_RATIO = 0.95
-GOAL_FULL_FINETUNE_GIB = 10.0
-
-# ---------------------------------------------------------------------------------------------- the table
-
-
-COLUMNS = (("#", 3), ("model", 8), ("px", 4), ("batch", 5), ("optimizer", 10), ("fused bw", 8), ("ckpt", 4),
-           ("text enc", 8), ("latents", 8), ("samples/s", 9), ("ms/step", 8), ("peak GiB", 8), ("reserved", 8),
-           ("plan GiB", 8), ("vs bare", 7))
-
-
-def number(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def on_off(flag: bool) -> str:
-    return "on" if flag else "off"
-
-
-class Table:
-    """Prints each row as it comes (flushed), and copies every line into `out` when given."""
-
-    def __init__(self, out: Path | None):
-        self.out = out
-        self.rows: list[tuple[str, Case, Result]] = []  # (kind: bare | trainer, case, result)
-        self.notes: list[str] = []
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text("")
-
-    def say(self, line: str = "") -> None:
-        print(line, flush=True)
-        if self.out:
-            with open(self.out, "a") as file:
-                file.write(line + "\n")
-
-    def header(self) -> None:
-        self.say(" ".join(f"{name:>{width}}" for name, width in COLUMNS) + "  note")
-
-    def add(self, kind: str, px: int, case: Case, result: Result) -> None:
-        self.rows.append((kind, case, result))
-        cells = (len(self.rows), SPECS[case.model].label, px, case.batch, case.optimizer, on_off(case.fused_backward),
-                 on_off(case.checkpointing), "trained" if case.train_text_encoder else "frozen",
-                 "VAE" if case.vae_in_step else "cached", number(result.samples_per_s, ".1f"),
-                 number(result.step_s and result.step_s * 1e3, ".1f"), number(result.peak_gib, ".2f"),
-                 number(result.reserved_gib, ".2f"), result.plan, number(result.vs_bare, ".3f"))
-        self.say(" ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, COLUMNS)) + f"  {result.note}")
-
-    def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-
-    def numbered(self, kind: str, wanted: Callable[[Case], bool]) -> list[tuple[int, Case, Result]]:
-        """(row number, case, result) of every row of `kind` whose case is `wanted`."""
-        return [(n, c, r) for n, (k, c, r) in enumerate(self.rows, 1) if k == kind and wanted(c)]
+RUNS_MINIMUM_S = 60  # the train.py runs are not started with less left
+CHECKS_RESERVE_S = 25  # the runs are stopped this long before the deadline: their checks, then the goals
 
 
 class Deadline:
@@ -153,36 +108,43 @@ class Deadline:
 # ---------------------------------------------------------------------------------------------- the plan of rows
 
 
-PAIR = "pair"  # the trainer-vs-bare entry in the row order
+PAIR = "pair"  # the trainer-vs-bare entry
+RUNS = "runs"  # where the train.py runs go
+GRID = [sd15(batch, optimizer, checkpointing, text) for batch in (4, 8, 1) for text in (False, True)
+        for checkpointing in (False, True) for optimizer in ("adamw", "adamw8bit")]
+# The row groups `--only` names, in the order they run: the goals' rows, the train.py runs, then the rest.
+GROUPS: dict[str, list[Case | str]] = {
+    "speed": [GOAL_SPEED_CASE],
+    "finetune": [FULL_FINETUNE_CASE, FUSED_FULL_FINETUNE_CASE],
+    "pair": [PAIR],
+    RUNS: [RUNS],
+    "sd15_rows": [sd15(8, "adamw8bit"), sd15(4, vae=True)],
+    "sd21v_rows": [Case("sd21v", 4), Case("sd21v", 4, "adamw8bit", True, True), Case("sd21v", 4, "adamw", True, False)],
+    "grid": [c for c in GRID if c not in (GOAL_SPEED_CASE, PAIR_CASE, FULL_FINETUNE_CASE, sd15(8, "adamw8bit"))],
+}
 
 
-def sd15(batch: int, optimizer: str = "adamw", checkpointing: bool = False, text: bool = False,
-         vae: bool = False) -> Case:
-    return Case("sd15", batch, optimizer, checkpointing, text, vae)
-
-
-GOAL_SPEED_CASE = sd15(8)
-PAIR_CASE = sd15(4)  # UNet only, cached latents, no checkpointing
-FULL_FINETUNE_CASE = sd15(1, "adamw8bit", checkpointing=True, text=True)
-FUSED_FULL_FINETUNE_CASE = dataclasses.replace(FULL_FINETUNE_CASE, fused_backward=True)
-
-
-def row_order() -> list[Case | str]:
-    """The goals' rows first, then SD2.1-v (the issue asks for it), then the rest of the SD1.5 grid."""
-    first = [GOAL_SPEED_CASE, PAIR, FULL_FINETUNE_CASE, FUSED_FULL_FINETUNE_CASE, sd15(8, "adamw8bit"),
-             sd15(4, vae=True)]
-    sd21 = [Case("sd21v", 4), Case("sd21v", 4, "adamw8bit", True, True), Case("sd21v", 4, "adamw", True, False)]
-    grid = [sd15(batch, optimizer, checkpointing, text) for batch in (4, 8, 1)
-            for text in (False, True) for checkpointing in (False, True) for optimizer in ("adamw", "adamw8bit")]
-    return first + sd21 + [case for case in grid if case not in first and case != PAIR_CASE]
+def chosen(only: str | None) -> tuple[list[str], list[str]]:
+    """(row groups, train.py groups) that `--only` names, in their running order; all of them without it."""
+    names = [n.strip() for n in only.split(",") if n.strip()] if only else [*GROUPS, *gpu_runs.GROUPS]
+    unknown = [n for n in names if n not in GROUPS and n not in gpu_runs.GROUPS]
+    if unknown:
+        raise SystemExit(f"bench_gpu.py: --only {','.join(unknown)}: not a group; the groups are "
+                         f"{', '.join(n for n in GROUPS if n != RUNS)} and the train.py runs "
+                         f"{', '.join(gpu_runs.GROUPS)}")
+    runs = [n for n in gpu_runs.GROUPS if n in names]
+    rows = [n for n in GROUPS if n in names or (n == RUNS and runs)]
+    return rows, runs
 
 
 # ---------------------------------------------------------------------------------------------- running
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, device: Device, table: Table, deadline: Deadline):
+    def __init__(self, args: argparse.Namespace, device: Device, table: Table, deadline: Deadline,
+                 run_groups: list[str]):
         self.args, self.device, self.table, self.deadline = args, device, table, deadline
+        self.run_groups = run_groups
         self.parts: Parts | None = None
         self.eight_bit: str | None = "unchecked"
         self.work = Path(tempfile.mkdtemp(prefix="bench_gpu-"))
@@ -216,7 +178,7 @@ class Bench:
         reason = self.skip_reason(case)
         result = Result(note=reason) if reason else self.measure(case)
         result.note = " ".join(filter(None, [note, result.note]))
-        self.table.add("bare", self.resolution(case), case, result)
+        self.table.add("bare", self.resolution_of(case.model), case, result)
         return result
 
     def measure(self, case: Case) -> Result:
@@ -239,13 +201,13 @@ class Bench:
             self.table.note(f"predict_peak_gib failed: {type(err).__name__}: {first_line(err)}")
             return "err"
 
-    def pair(self) -> None:
+    def pair(self) -> bool:
         """The trainer's step between two plain-loop rows of the same case; its speed over their mean."""
         case = PAIR_CASE
         if not self.deadline.fits("pair"):
             reason = f"budget ({self.deadline.left():.0f} s left, needs ~{self.deadline.estimate('pair'):.0f} s)"
-            self.table.add("trainer", self.resolution(case), case, Result(note=f"trainer: skipped: {reason}"))
-            return
+            self.table.add("trainer", self.resolution_of(case.model), case, Result(note=f"trainer: skipped: {reason}"))
+            return False
         with self.deadline.timing("pair"):
             bare = [self.row(case, note="bare loop of the pair (1/2)")]
             result = self.trainer_row(case)
@@ -253,11 +215,8 @@ class Bench:
         times = [r.step_s for r in bare if r.step_s]
         if result.step_s and times:
             result.vs_bare = (sum(times) / len(times)) / result.step_s  # speed ratio: >1 is faster than bare
-        self.table.add("trainer", self.resolution(case), case, result)
-
-    def resolution(self, case: Case) -> int:
-        spec = SPECS[case.model]
-        return spec.dry_resolution if self.args.dry else spec.resolution
+        self.table.add("trainer", self.resolution_of(case.model), case, result)
+        return result.vs_bare is not None
 
     def trainer_row(self, case: Case) -> Result:
         parts = self.model(case.model)
@@ -278,63 +237,72 @@ class Bench:
         return Result(case.batch / measure.step_s, measure.step_s, measure.peak_gib, measure.reserved_gib,
                       self.plan(parts, case), note="trainer: a real run's step (its peak: the whole run)")
 
-    def run(self) -> None:
+    def run(self, row_groups: list[str]) -> None:
         try:
-            for entry in row_order():
-                if entry == PAIR:
-                    self.pair()
-                else:
-                    self.row(entry)
+            for name in row_groups:
+                measured = [self.entry(entry) for entry in GROUPS[name]]
+                if not all(measured):
+                    self.table.rows_unmeasured.append(name)
         finally:
             self.parts = None
             shutil.rmtree(self.work, ignore_errors=True)
 
+    def entry(self, entry: Case | str) -> bool:
+        """One entry of a group; whether all it was to measure was measured."""
+        if entry == PAIR:
+            return self.pair()
+        if entry == RUNS:
+            try:
+                self.train_runs()
+            except Exception as err:  # the rows after it are still worth their minutes
+                self.table.say(f"  the train.py runs failed to start: {type(err).__name__}: {first_line(err)[:200]}")
+            return True  # its groups each say whether they passed, and are rerun by their own names
+        return self.row(entry).step_s is not None
 
-# ---------------------------------------------------------------------------------------------- goals
+    # ------------------------------------------------------------------------------------------ train.py runs
 
+    def train_runs(self) -> None:
+        """The chosen train.py groups: the models written as original files (from the parts the rows use), then
+        the runs, `--parallel` at a time with the GPU left to them, then each group's checks."""
+        runs = list(dict.fromkeys(run for name in self.run_groups for run in gpu_runs.GROUPS[name]))
+        work = self.work / "runs"
+        table = self.table
+        table.wanted_groups = list(self.run_groups)
+        table.run_header()
+        if self.deadline.left() < RUNS_MINIMUM_S:
+            table.say(f"  skipped: budget ({self.deadline.left():.0f} s left, the runs need ~{RUNS_MINIMUM_S} s)")
+            return
+        models = gpu_runs.Models()
+        for model in dict.fromkeys(run.model for run in runs):
+            file = work / "models" / f"{model}.safetensors"
+            models.files[model] = gpu_runs.write_original_file(self.model(model), file, self.args.dry)
+            models.bases[model] = gpu_runs.convert_once(file, work / "ckpt_cache", self.args.dry)
+        self.parts = None  # the GPU's memory is the runs'
+        self.device.reset_peak()
+        free = shutil.disk_usage(work).free / GiB
+        table.say(f"  {len(runs)} runs, {self.args.parallel} at a time, in {work}: {free:.0f} GiB free there (a run's "
+                  "saves take up to ~12 GiB; with less than that per run, a smaller --parallel)")
+        runner = gpu_runs.Runner(work, models.files, self.args.dry, self.args.parallel)
+        try:
+            gpu_runs.run_groups(self.run_groups, runner, models, self.resolution_of,
+                                self.deadline.end - CHECKS_RESERVE_S, table.add_run, table.add_group)
+        finally:  # a call cut short (gpu_check.sh's timeout) still brings back the logs of the runs that started
+            self.keep_logs([runner.outcomes[run.name] for run in runs if run.name in runner.outcomes])
+        shutil.rmtree(work, ignore_errors=True)  # saves of gigabytes each, on a small disk
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
+    def resolution_of(self, model: str) -> int:
+        spec = SPECS[model]
+        return spec.dry_resolution if self.args.dry else spec.resolution
 
-
-def speed_goal(table: Table) -> str:
-    name = f">= {GOAL_SAMPLES_PER_S:.0f} samples/s, SD1.5 512, UNet only, cached latents, bf16 (best batch-8 row)"
-    speed = [(n, r) for n, _, r in table.numbered("bare", lambda c: c.model == "sd15" and c.batch == 8 and not
-                                                  c.train_text_encoder and not c.vae_in_step) if r.samples_per_s]
-    if not speed:
-        return f"NOT RUN  {name}: no such row was measured"
-    row, best = max(speed, key=lambda numbered: numbered[1].samples_per_s)
-    return f"{verdict(best.samples_per_s >= GOAL_SAMPLES_PER_S)}  {name}: #{row}, {best.samples_per_s:.1f} samples/s"
-
-
-def trainer_goal(table: Table) -> str:
-    name = f"trainer >= {GOAL_TRAINER_RATIO}x the bare loop (SD1.5 512, batch 4, UNet only, cached latents)"
-    trainer = table.numbered("trainer", lambda c: True)
-    if not trainer or not trainer[0][2].vs_bare:
-        return f"NOT RUN  {name}: {trainer[0][2].note if trainer else 'no trainer row'}"
-    row, _, result = trainer[0]
-    return f"{verdict(result.vs_bare >= GOAL_TRAINER_RATIO)}  {name}: #{row}, {result.vs_bare:.3f}x"
-
-
-def memory_goal(table: Table) -> str:
-    """Judged on the lower peak of the two full fine-tune rows (fused_backward off and on); both are named."""
-    name = (f"peak <= {GOAL_FULL_FINETUNE_GIB:.0f} GiB, full SD1.5 fine-tune (UNet + text encoder), batch 1, "
-            "adamw8bit, checkpointing")
-    rows = table.numbered("bare", lambda c: c in (FULL_FINETUNE_CASE, FUSED_FULL_FINETUNE_CASE))
-    measured = [(n, c, r) for n, c, r in rows if r.peak_gib is not None]
-    if not measured:
-        return f"NOT RUN  {name}: {(rows[0][2].note or 'no GPU memory on a CPU') if rows else 'no row'}"
-    said = "; ".join(f"#{n} ({'with' if c.fused_backward else 'without'} fused_backward) {r.peak_gib:.2f} GiB "
-                     f"allocated, {r.reserved_gib:.2f} reserved" for n, c, r in measured)
-    return f"{verdict(min(r.peak_gib for _, _, r in measured) <= GOAL_FULL_FINETUNE_GIB)}  {name}: {said}"
-
-
-def goal_lines(table: Table, dry: bool) -> list[str]:
-    """Each goal PASS or FAIL from its row (with the row's number), or NOT RUN with the reason."""
-    lines = [speed_goal(table), trainer_goal(table), memory_goal(table)]
-    if dry:
-        lines = [f"{line}  [dry: tiny models on a CPU, not a measurement]" for line in lines]
-    return lines
+    def keep_logs(self, outcomes: list[gpu_runs.Outcome]) -> None:
+        """Every run's log, one after another, in bench_gpu_runs.log beside --out (the device tool brings back
+        few files)."""
+        folder = self.args.out.parent if self.args.out else Path(tempfile.gettempdir())
+        with open(folder / "bench_gpu_runs.log", "w") as out:
+            for outcome in outcomes:
+                out.write(f"\n===== {outcome.run.name}: exit {outcome.exit_code} {outcome.note}\n")
+                if outcome.log.exists():
+                    out.write(outcome.log.read_text(errors="replace"))
 
 
 # ---------------------------------------------------------------------------------------------- the program
@@ -344,7 +312,8 @@ def versions() -> str:
     from importlib import metadata
 
     found = []
-    for name in ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes"):
+    for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "huggingface_hub", "tokenizers",
+                 "safetensors", "bitsandbytes"):
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -360,9 +329,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --dry: 1)")
     parser.add_argument("--trainer_steps", type=int, default=None, help="timed trainer steps (default 15; --dry: 2)")
     parser.add_argument("--out", type=Path, default=None, help="also write the table here (gpu_check.sh: $OUT)")
-    parser.add_argument("--dry", action="store_true", help="CPU self-check: the same code paths, tiny models")
+    parser.add_argument("--dry", action="store_true", help="CPU rehearsal: the same code paths, tiny models")
+    parser.add_argument("--only", default=None, help="comma-separated groups to run (default: all): "
+                        f"rows {', '.join(n for n in GROUPS if n != RUNS)}; train.py runs {', '.join(gpu_runs.GROUPS)}")
+    parser.add_argument("--parallel", type=int, default=None, help="train.py runs at a time (default 3; --dry: 2)")
     args = parser.parse_args()
-    for name, full, dry in (("budget_s", 360.0, 900.0), ("steps", 10, 2), ("warmup", 3, 1), ("trainer_steps", 15, 2)):
+    for name, full, dry in (("budget_s", 360.0, 900.0), ("steps", 10, 2), ("warmup", 3, 1), ("trainer_steps", 15, 2),
+                            ("parallel", 3, 2)):
         if getattr(args, name) is None:
             setattr(args, name, dry if args.dry else full)
     return args
@@ -376,20 +349,6 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its notices about 4-bit kernels (unused here)
 
 
-def say_goals(table: Table, dry: bool, started: float) -> None:
-    table.say()
-    table.say("Goals:")
-    for line in goal_lines(table, dry):
-        table.say(f"  {line}")
-    table.say("Columns: fused bw: fused_backward (trainer/optim/fused_backward.py); peak GiB and reserved: "
-              "torch.cuda.max_memory_allocated/reserved over the row (weights included); plan GiB: "
-              "trainer/preflight/memory.py's predict_peak_gib; vs bare: the trainer's speed over the mean of the two "
-              "bare-loop rows just before and after it.")
-    for note in table.notes:
-        table.say(f"Note: {note}")
-    table.say(f"Total {time.monotonic() - started:.0f} s.")
-
-
 def main() -> int:
     started = time.monotonic()
     args = parse_args()
@@ -401,19 +360,21 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer sets them on a GPU
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes per row; the autotuning falls in the warm-up steps
+    row_groups, run_groups = chosen(args.only)
     table = Table(args.out)
     where = "CPU (--dry: tiny models)" if args.dry else (
         f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GiB:.0f} GiB)")
     table.say(f"bench_gpu on {where}; {versions()}")
     table.say(f"bf16 autocast, fp32 masters, TF32 and cudnn.benchmark on; {args.warmup} warm-up + {args.steps} "
-              f"timed steps a row (trainer: {args.trainer_steps}); budget {args.budget_s:.0f} s")
+              f"timed steps a row (trainer: {args.trainer_steps}); budget {args.budget_s:.0f} s; groups "
+              f"{', '.join(n for n in row_groups if n != RUNS)}; train.py runs {', '.join(run_groups) or 'none'}")
     table.header()
     # a `timeout` (gpu_check.sh's hard limit) ends the bench through the finally below: the goals still print
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        Bench(args, Device(args.dry), table, Deadline(args.budget_s, started)).run()
+        Bench(args, Device(args.dry), table, Deadline(args.budget_s, started), run_groups).run(row_groups)
     finally:
-        say_goals(table, args.dry, started)
+        say_goals(table, args.dry, time.monotonic() - started)
     return 0
 
 

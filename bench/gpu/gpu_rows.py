@@ -8,6 +8,7 @@ optimizer per parameter stepped inside backward (`fused_backward`, trainer/optim
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable
@@ -121,6 +122,17 @@ class Case:
     train_text_encoder: bool = False
     vae_in_step: bool = False  # False: cached latents (random latents are the inputs, no VAE call)
     fused_backward: bool = False  # one optimizer per parameter, stepped inside backward
+
+
+def sd15(batch: int, optimizer: str = "adamw", checkpointing: bool = False, text: bool = False,
+         vae: bool = False) -> Case:
+    return Case("sd15", batch, optimizer, checkpointing, text, vae)
+
+
+GOAL_SPEED_CASE = sd15(8)
+PAIR_CASE = sd15(4)  # UNet only, cached latents, no checkpointing
+FULL_FINETUNE_CASE = sd15(1, "adamw8bit", checkpointing=True, text=True)
+FUSED_FULL_FINETUNE_CASE = dataclasses.replace(FULL_FINETUNE_CASE, fused_backward=True)
 
 
 @dataclass

@@ -22,8 +22,13 @@ WITH_8BIT=${WITH_8BIT:-1}  # 0: leave bitsandbytes out (the bench then skips its
 BNB_KEEP=${BNB_KEEP:-"cpu cuda130 cuda132"}
 
 PACKAGES=(
-  # the two libraries the trainer is built on
-  diffusers==0.42.1 transformers==5.24.0
+  # the two libraries the trainer is built on, and peft (LoRA; its other needs are on the machine: psutil, ...)
+  diffusers==0.42.1 transformers==5.24.0 peft==0.21.2
+  # the versions requirements.txt pins of two the machine has in some version: pip takes them from here only
+  # where the machine's are too old for the others (and the private-folder fallback has them)
+  accelerate==1.15.0 huggingface_hub==2.4.0 safetensors==0.8.0
+  # huggingface_hub 2.4's needs that an older hub's machine may lack
+  hf-xet==1.8.0 httpx2==2.17.0 httpcore2==2.17.0 truststore==0.10.5 click==8.5.1 anyio==4.16.0 h11==0.16.0
   # diffusers: importlib_metadata (-> zipp, lazy-importer), regex, requests, Pillow
   importlib_metadata==10.2.0 zipp==4.1.2 lazy-importer==0.1.0 regex==2026.11.19 pillow==13.0.0
   requests==2.34.2 charset_normalizer==3.5.3 urllib3==2.8.0 idna==3.20 certifi==2026.10.19.post1
