@@ -130,8 +130,9 @@ class TrainConfig:
     )
     deterministic: bool = _key(
         False, "Repeat a GPU run bit for bit (same seed, data and machine): deterministic kernels "
-        "(torch.use_deterministic_algorithms), cudnn's autotuner off, a fixed cuBLAS workspace; slower steps. A CPU "
-        "run repeats bit for bit either way."
+        "(torch.use_deterministic_algorithms), cudnn's autotuner off, a fixed cuBLAS workspace, plain attention; "
+        "slower steps, and more memory for attention (the memory plan counts it). A CPU run repeats bit for bit "
+        "either way."
     )
     vram_gb: float | None = _key(
         None, "Memory per device to plan for, in GiB: the dry run's memory plan says which settings to change when "

@@ -8,7 +8,9 @@ resolution, in about a second and no memory. Two things differ from a real GPU s
   runs in half precision (matmuls, convolutions, attention) and of those it runs in fp32 (norms, softmax), as
   autocast does; the half copies of trained weights are then kept for backward, as they are on a GPU;
 - attention: SDPA on a GPU runs a flash/memory-efficient kernel that keeps q, k, v, the output and a per-row
-  log-sum-exp, never the attention matrix. `_FlashAttention` keeps exactly those.
+  log-sum-exp, never the attention matrix. `_FlashAttention` keeps exactly those. `deterministic` runs PyTorch's
+  plain ("math") kernel on a GPU instead (trainer/run/repeatable.py): it computes in fp32 and keeps each attention
+  matrix, and the meta device runs that very kernel, so the trace of `attention="plain"` lets SDPA run as it is.
 
 Each saved tensor is recorded with the position of the op that first saved it, and whether it lies inside a
 region gradient checkpointing recomputes (a UNet ResnetBlock2D or BasicTransformerBlock, a CLIP encoder layer, as
@@ -52,6 +54,9 @@ class ActivationProfile:
     params_last_use: list[tuple[int, int]] = field(default_factory=list)  # (op, numel) of each trained parameter
     ops: int = 0
     weight_copies: int = 0  # bytes of every half copy of a weight: autocast's cache holds them all to the end
+    # the plain attention kernel's: (op, bytes of its fp32 attention matrices per sample); its backward briefly
+    # holds two more of them (the gradients of the probabilities and of the scores) beside the one it kept
+    attention_matrices: list[tuple[int, int]] = field(default_factory=list)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -70,11 +75,12 @@ class _FlashAttention(torch.autograd.Function):
 
 
 class _Tracer(TorchFunctionMode):
-    """Autocast emulation, flash attention, and bookkeeping of which op runs and which trained weight it reads."""
+    """Autocast emulation, flash attention (or the plain kernel), and bookkeeping of which op runs and which trained
+    weight it reads."""
 
-    def __init__(self, half: torch.dtype | None, profile: ActivationProfile, trained: set[int]):
+    def __init__(self, half: torch.dtype | None, profile: ActivationProfile, trained: set[int], plain: bool):
         super().__init__()
-        self.half, self.profile, self.trained = half, profile, trained
+        self.half, self.profile, self.trained, self.plain = half, profile, trained, plain
         self.weight_copies: dict[int, torch.Tensor] = {}  # the half copies of weights, by storage
         self.last_use: dict[int, tuple[int, int]] = {}  # id(param) -> (op, numel)
 
@@ -86,7 +92,10 @@ class _Tracer(TorchFunctionMode):
                 self.last_use[id(arg)] = (self.profile.ops, arg.numel())
         if func is F.scaled_dot_product_attention:
             q, k, v = (self._cast(a, self.half) for a in args[:3])
-            return _FlashAttention.apply(q, k, v)
+            if not self.plain:
+                return _FlashAttention.apply(q, k, v)
+            self.profile.attention_matrices.append((self.profile.ops, q.shape[:-1].numel() * k.shape[-2] * 4))
+            return func(q, k, v, *args[3:], **kwargs)
         if self.half is not None and func in HALF_OPS:
             args = tuple(self._cast(a, self.half) for a in args)
         elif self.half is not None and func in FP32_OPS:
@@ -139,19 +148,22 @@ class _Recorder:
         self.region = None
 
 
-def trace(unet_config: dict, text_encoder_config: dict | None, resolution: int, precision: str) -> ActivationProfile:
+def trace(unet_config: dict, text_encoder_config: dict | None, resolution: int, precision: str,
+          attention: str = "fused") -> ActivationProfile:
     """The activation profile of one training forward at batch 1: the UNet at `resolution` (pixels), and the text
-    encoder first when `text_encoder_config` is given (it is trained). `precision`: no, fp16 or bf16."""
-    return _trace(json.dumps([unet_config, text_encoder_config], sort_keys=True, default=str), resolution, precision)
+    encoder first when `text_encoder_config` is given (it is trained). `precision`: no, fp16 or bf16. `attention`:
+    fused (a GPU's flash kernel) or plain (PyTorch's math kernel, which `deterministic` runs on a GPU)."""
+    configs = json.dumps([unet_config, text_encoder_config], sort_keys=True, default=str)
+    return _trace(configs, resolution, precision, attention)
 
 
 @functools.lru_cache(maxsize=16)  # the plan's advice re-plans the same model many times
-def _trace(configs: str, resolution: int, precision: str) -> ActivationProfile:
+def _trace(configs: str, resolution: int, precision: str, attention: str) -> ActivationProfile:
     unet, text_encoder = meta_models(*json.loads(configs))
     half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     trained = [*unet.parameters(), *(text_encoder.parameters() if text_encoder is not None else [])]
     profile = ActivationProfile()
-    tracer = _Tracer(half, profile, {id(p) for p in trained})
+    tracer = _Tracer(half, profile, {id(p) for p in trained}, plain={"fused": False, "plain": True}[attention])
     weights = {_storage_key(p) for m in (unet, text_encoder) if m is not None for p in m.parameters()}
     recorder = _Recorder(profile, tracer, weights)
     hooks = [m.register_forward_pre_hook(recorder.enter) for m in _regions(unet, text_encoder)]

@@ -29,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 GIB = 2**30
 DTYPE_BYTES = {"no": 4, "fp16": 2, "bf16": 2}
 RUNTIME_BYTES = {"gpu": int(0.6 * GIB), "cpu": int(1.0 * GIB)}  # CUDA context + kernels; the process's own RSS
+ATTENTION_BACKWARD_MATRICES = 2  # the gradients of the probabilities and of the scores (PyTorch's math SDPA)
 ALLOCATOR_SLACK = 1.05  # the caching allocator's fragmentation on a GPU, and malloc's on a CPU
 
 
@@ -69,6 +70,7 @@ class Settings:
     lora_kind: str = "lora"  # lora, dora, loha, lokr (trainer/adapters/lora.py)
     lokr_factor: int = -1
     embedding_rows: int = 0  # embedding mode: the token rows that train (vectors x width each); the base is frozen
+    plain_attention: bool = False  # deterministic on a GPU: the math kernel, which keeps each attention matrix
 
     @property
     def frozen_base(self) -> bool:
@@ -85,7 +87,7 @@ class Settings:
                    gpu=gpu, save_bytes=4 if cfg.save_full_precision else 2, lora_rank=cfg.lora_rank,
                    lora_targets=cfg.lora_targets, lora_text_encoder=cfg.lora_text_encoder,
                    lora_kind=cfg.lora_kind, lokr_factor=cfg.lokr_factor,
-                   embedding_rows=embedding_vectors)
+                   embedding_rows=embedding_vectors, plain_attention=cfg.deterministic and gpu)
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
     from trainer.preflight.activations import trace
 
     profile = trace(model.unet_config, model.text_encoder_config if settings.train_text_encoder else None,
-                    settings.resolution, settings.precision)
+                    settings.resolution, settings.precision, "plain" if settings.plain_attention else "fused")
     compute = DTYPE_BYTES[settings.precision]
     if settings.frozen_base:  # the whole base frozen in the compute dtype; adapters and embedding rows train
         trained = (adapter_params(model, settings) if settings.lora_rank else 0) + \
@@ -176,11 +178,13 @@ def replay(profile, batch: int, checkpointing: bool, fused_backward: bool,
     if not fused_backward and not frozen_base:  # fused: each gradient is consumed and freed as soon as it is ready
         for op, numel in profile.params_last_use:
             allocs[op] = allocs.get(op, 0) + numel * 4
+    # the plain attention kernel's backward: two more matrices beside the one it kept, for a moment
+    work = {op: ATTENTION_BACKWARD_MATRICES * nbytes * batch for op, nbytes in profile.attention_matrices}
     worst = forward
-    stops = {*frees, *allocs, *(end for _, end in profile.regions if checkpointing)}
+    stops = {*frees, *allocs, *work, *(end for _, end in profile.regions if checkpointing)}
     for op in sorted(stops, reverse=True):
         held += allocs.get(op, 0)
-        worst = max(worst, held + (_region_live(profile, op, batch) if checkpointing else 0))
+        worst = max(worst, held + (_region_live(profile, op, batch) if checkpointing else 0) + work.get(op, 0))
         held -= frees.get(op, 0)
     return forward, worst
 
@@ -199,6 +203,7 @@ def _region_live(profile, op: int, batch: int) -> int:
 
 
 CHANGES = [  # (setting, value, what it says), tried in this order: cheapest loss of speed or quality first
+    ("plain_attention", False, "deterministic false"),  # faster too; only bit-for-bit repeats are given up
     ("gradient_checkpointing", True, "gradient_checkpointing true"),
     ("optimizer", "adamw8bit", "optimizer adamw8bit"),
     ("fused_backward", True, "fused_backward true"),
@@ -336,6 +341,7 @@ def report(model: ModelParams | None, settings: Settings, budget: int | None) ->
                 ".ckpt); the run prints its plan once the model has loaded."], []
     plan = plan_memory(model, settings)
     where = f"{'GPU' if settings.gpu else 'CPU'}, {settings.precision if settings.precision != 'no' else 'fp32'}"
+    where += ", deterministic's plain attention" if settings.plain_attention else ""
     lines = [f"Memory plan ({where}, batch {settings.batch} at {settings.resolution}px, gradient checkpointing "
              f"{'on' if settings.gradient_checkpointing else 'off'}): {plan.describe()}."]
     if budget is None or plan.peak <= budget:
