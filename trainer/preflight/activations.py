@@ -14,8 +14,9 @@ resolution, in about a second and no memory. Two things differ from a real GPU s
 
 Each saved tensor is recorded with the position of the op that first saved it, and whether it lies inside a
 region gradient checkpointing recomputes (a UNet ResnetBlock2D or BasicTransformerBlock, a CLIP encoder layer, as
-diffusers and transformers checkpoint them), so trainer/preflight/memory.py can replay the backward pass's peak with
-and without checkpointing. Imports torch, diffusers and transformers: only the memory plan calls it.
+diffusers and transformers checkpoint them), and each op with the bytes of the gradients its backward makes (of
+its output and of its inputs), so trainer/preflight/memory.py can replay the backward pass's peak with and without
+checkpointing. Imports torch, diffusers and transformers: only the memory plan calls it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class ActivationProfile:
     # the plain attention kernel's: (op, bytes of its fp32 attention matrices per sample); its backward briefly
     # holds two more of them (the gradients of the probabilities and of the scores) beside the one it kept
     attention_matrices: list[tuple[int, int]] = field(default_factory=list)
+    gradient_work: list[tuple[int, int]] = field(default_factory=list)  # (op, bytes per sample of the gradients
+    # of its output and of its non-weight inputs): they live for a moment while backward is at that op
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -74,6 +77,15 @@ class _FlashAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
+def _grad_bytes(value) -> int:
+    """The bytes of the gradient backward makes for `value` (a tensor, or a tuple of them), 0 where it needs none."""
+    if isinstance(value, (tuple, list)):
+        return sum(_grad_bytes(v) for v in value)
+    if isinstance(value, torch.Tensor) and value.requires_grad and value.is_floating_point():
+        return value.numel() * value.element_size()
+    return 0
+
+
 class _Tracer(TorchFunctionMode):
     """Autocast emulation, flash attention (or the plain kernel), and bookkeeping of which op runs and which trained
     weight it reads."""
@@ -87,9 +99,17 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.profile.ops += 1
+        op = self.profile.ops
         for arg in [*args, *kwargs.values()]:
             if isinstance(arg, torch.nn.Parameter) and id(arg) in self.trained:
                 self.last_use[id(arg)] = (self.profile.ops, arg.numel())
+        result = self._run(func, args, kwargs)
+        grads = _grad_bytes(result) + sum(_grad_bytes(a) for a in args if not isinstance(a, torch.nn.Parameter))
+        if grads:
+            self.profile.gradient_work.append((op, grads))
+        return result
+
+    def _run(self, func, args, kwargs):
         if func is F.scaled_dot_product_attention:
             q, k, v = (self._cast(a, self.half) for a in args[:3])
             if not self.plain:

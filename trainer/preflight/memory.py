@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,25 +180,41 @@ def replay(profile, batch: int, checkpointing: bool, fused_backward: bool,
     if not fused_backward and not frozen_base:  # fused: each gradient is consumed and freed as soon as it is ready
         for op, numel in profile.params_last_use:
             allocs[op] = allocs.get(op, 0) + numel * 4
-    # the plain attention kernel's backward: two more matrices beside the one it kept, for a moment
+    # what lives for a moment while backward is at an op: the gradients of its output and inputs, and for the plain
+    # attention kernel two more matrices beside the one it kept
     work = {op: ATTENTION_BACKWARD_MATRICES * nbytes * batch for op, nbytes in profile.attention_matrices}
+    for op, nbytes in profile.gradient_work:
+        work[op] = work.get(op, 0) + nbytes * batch
     worst = forward
+    region_live = _region_live(profile, batch) if checkpointing else lambda op: 0
     stops = {*frees, *allocs, *work, *(end for _, end in profile.regions if checkpointing)}
     for op in sorted(stops, reverse=True):
         held += allocs.get(op, 0)
-        worst = max(worst, held + (_region_live(profile, op, batch) if checkpointing else 0) + work.get(op, 0))
+        worst = max(worst, held + region_live(op) + work.get(op, 0))
         held -= frees.get(op, 0)
     return forward, worst
 
 
-def _region_live(profile, op: int, batch: int) -> int:
-    """With checkpointing: the recomputed activations of the region backward is in at `op`, still held there."""
+def _region_live(profile, batch: int) -> Callable[[int], int]:
+    """With checkpointing: op -> the recomputed activations of the region backward is in at that op, still held
+    there (the bytes its region saved at or before the op)."""
     starts = [start for start, _ in profile.regions]
-    index = bisect.bisect_right(starts, op) - 1
-    if index < 0 or op > profile.regions[index][1]:
-        return 0
-    return sum(s.nbytes * (batch if s.per_sample else 1) for s in profile.saved
-               if s.region == index and s.first_op <= op)
+    saved_by_region: dict[int, list[tuple[int, int]]] = {}
+    for s in sorted(profile.saved, key=lambda s: s.first_op):
+        if s.region is not None:
+            saved_by_region.setdefault(s.region, []).append((s.first_op, s.nbytes * (batch if s.per_sample else 1)))
+    totals = {region: ([op for op, _ in saved], list(itertools.accumulate(n for _, n in saved)))
+              for region, saved in saved_by_region.items()}
+
+    def live(op: int) -> int:
+        index = bisect.bisect_right(starts, op) - 1
+        if index < 0 or op > profile.regions[index][1] or index not in totals:
+            return 0
+        ops, running = totals[index]
+        count = bisect.bisect_right(ops, op)
+        return running[count - 1] if count else 0
+
+    return live
 
 
 # ---------------------------------------------------------------- advice
