@@ -182,7 +182,8 @@ def test_advice_changes_settings_in_order_until_the_plan_fits(tiny_model):
     assert steps[-1][1] == fits_after_two and all(a > b for (_, a), (_, b) in zip(steps, steps[1:]))
 
 
-def test_deterministic_on_a_gpu_is_planned_with_the_plain_attention_kernel_and_given_up_first(tiny_model):
+def test_deterministic_on_a_gpu_is_planned_with_the_plain_attention_kernel_and_given_up_after_checkpointing(
+        tiny_model):
     from trainer.config.schema import TrainConfig
 
     model = model_params_on_disk(str(tiny_model("sd1")))
@@ -193,8 +194,12 @@ def test_deterministic_on_a_gpu_is_planned_with_the_plain_attention_kernel_and_g
     fused = dataclasses.replace(on_gpu, plain_attention=False)
     # the tiny UNet's largest attention at 512 px: 4096 x 4096 fp32, kept, and two more in its backward
     assert plan_memory(model, on_gpu).backward_peak - plan_memory(model, fused).backward_peak > 3 * 4096**2 * 4
-    steps = advice(model, on_gpu, budget=plan_memory(model, on_gpu).peak - 1)
-    assert steps == [("deterministic false", plan_memory(model, fused).peak)]
+    checkpointed = dataclasses.replace(on_gpu, gradient_checkpointing=True)
+    assert advice(model, on_gpu, budget=plan_memory(model, checkpointed).peak)[0][0] == "gradient_checkpointing true"
+    steps = advice(model, on_gpu, budget=plan_memory(model, checkpointed).peak - 1)
+    fused_checkpointed = dataclasses.replace(checkpointed, plain_attention=False)
+    assert steps[:2] == [("gradient_checkpointing true", plan_memory(model, checkpointed).peak),
+                         ("deterministic false", plan_memory(model, fused_checkpointed).peak)]
 
 
 def test_model_read_from_files_equals_the_loaded_model(tiny_model, tmp_path: Path):
