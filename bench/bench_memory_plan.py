@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,24 +37,38 @@ from trainer.preflight.memory import GIB, replay  # noqa: E402
 ROWS = ("fused", "fused-ckpt", "plain", "plain-ckpt")
 
 
-def measured_peak(unet: torch.nn.Module, resolution: int, attention: str) -> int:
-    """The peak bytes allocated over one forward and backward, beyond what existed before it (the weights)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def timeline_peak(step: Callable[[], None]) -> int:
+    """The peak bytes allocated while `step` runs, beyond what existed before it: the running sum of every
+    allocation and free in torch's memory profiler's timeline, in order."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as profiled:
+        step()
+    live = peak = 0
+    for _, action, _, nbytes in sorted(profiled._memory_profile().timeline, key=lambda event: event[0]):
+        live += {Action.CREATE: nbytes, Action.DESTROY: -nbytes}.get(action, 0)
+        peak = max(peak, live)
+    return peak
+
+
+def step_peak(unet: torch.nn.Module, resolution: int, attention: str) -> int:
+    """The peak of one forward and backward of `unet` at batch 1 with the `attention` kernel (fused or plain),
+    beyond its weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     latent = resolution // 8
     noisy = torch.randn(1, unet.config.in_channels, latent, latent)
     states = torch.randn(1, CLIP_MAX_LENGTH, unet.config.cross_attention_dim)
     kernels = {"fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "plain": [SDPBackend.MATH]}[attention]
+
+    def step() -> None:
+        with sdpa_kernel(kernels):
+            F.mse_loss(unet(noisy, torch.tensor([500]), states).sample, torch.randn_like(noisy)).backward()
+
     unet.zero_grad(set_to_none=True)
-    with sdpa_kernel(kernels), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                                       with_stack=True) as profiled:
-        F.mse_loss(unet(noisy, torch.tensor([500]), states).sample, torch.randn_like(noisy)).backward()
-    live = peak = 0
-    for _, action, _, nbytes in sorted(profiled._memory_profile().timeline, key=lambda event: event[0]):
-        live += {Action.CREATE: nbytes, Action.DESTROY: -nbytes}.get(action, 0)
-        peak = max(peak, live)
+    peak = timeline_peak(step)
     unet.zero_grad(set_to_none=True)
     return peak
 
@@ -81,7 +96,7 @@ def main() -> None:
         else:
             unet.disable_gradient_checkpointing()
         started = time.perf_counter()
-        peak = measured_peak(unet, resolution, attention)
+        peak = step_peak(unet, resolution, attention)
         _, planned = replay(trace(unet_config, None, resolution, "no", attention), batch=1,
                             checkpointing=checkpointing, fused_backward=False)
         print(f"{row:>11} {peak / GIB:12.2f} {planned / GIB:9.2f} {planned / peak:13.3f} "

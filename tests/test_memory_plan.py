@@ -103,24 +103,13 @@ def test_plan_matches_the_allocation_timeline_of_a_real_step(tiny_model, attenti
     0.988 without checkpointing, 0.945 with; plain: 1.005, 1.002. Before the backward's transients were replayed
     (each op's gradients, the plain kernel's two extra matrices) fused with checkpointing was 0.82, plain 0.78 and
     0.52."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
+    from bench.bench_memory_plan import step_peak
     from trainer.models.load import load_models
 
     unet = load_models(str(tiny_model("sd1"))).unet.train().requires_grad_(True)
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    states, noisy = torch.randn(1, CONTEXT_TOKENS, unet.config.cross_attention_dim), torch.randn(1, 4, 64, 64)
-    kernels = {"fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "plain": [SDPBackend.MATH]}[attention]
-    with sdpa_kernel(kernels), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                                       with_stack=True) as profiled:
-        F.mse_loss(unet(noisy, torch.tensor([10]), states).sample, torch.randn_like(noisy)).backward()
-    live = peak = 0
-    for _, action, _, nbytes in sorted(profiled._memory_profile().timeline, key=lambda event: event[0]):
-        live += {Action.CREATE: nbytes, Action.DESTROY: -nbytes}.get(action, 0)
-        peak = max(peak, live)
+    peak = step_peak(unet, 512, attention)
     profile_ = trace(dict(unet.config), None, resolution=512, precision="no", attention=attention)
     _, planned = replay(profile_, batch=1, checkpointing=checkpointing, fused_backward=False)
     assert 0.9 < planned / peak < 1.1, (planned, peak)
