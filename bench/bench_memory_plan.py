@@ -35,6 +35,15 @@ from trainer.preflight.activations import trace  # noqa: E402
 from trainer.preflight.memory import GIB, replay  # noqa: E402
 
 ROWS = ("fused", "fused-ckpt", "plain", "plain-ckpt")
+KERNELS = {"fused": ("FLASH_ATTENTION", "MATH"), "plain": ("MATH",)}  # SDPBackend names: the CPU's fused kernel, or
+# only the plain one (what `deterministic` runs on a GPU)
+
+
+def sdpa_kernels(attention: str):
+    """A context in which SDPA runs the `attention` kernel (fused or plain) on this CPU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, name) for name in KERNELS[attention]])
 
 
 def timeline_peak(step: Callable[[], None]) -> int:
@@ -56,15 +65,12 @@ def timeline_peak(step: Callable[[], None]) -> int:
 def step_peak(unet: torch.nn.Module, resolution: int, attention: str) -> int:
     """The peak of one forward and backward of `unet` at batch 1 with the `attention` kernel (fused or plain),
     beyond its weights."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     latent = resolution // 8
     noisy = torch.randn(1, unet.config.in_channels, latent, latent)
     states = torch.randn(1, CLIP_MAX_LENGTH, unet.config.cross_attention_dim)
-    kernels = {"fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "plain": [SDPBackend.MATH]}[attention]
 
     def step() -> None:
-        with sdpa_kernel(kernels):
+        with sdpa_kernels(attention):
             F.mse_loss(unet(noisy, torch.tensor([500]), states).sample, torch.randn_like(noisy)).backward()
 
     unet.zero_grad(set_to_none=True)
@@ -97,7 +103,7 @@ def main() -> None:
             unet.disable_gradient_checkpointing()
         started = time.perf_counter()
         peak = step_peak(unet, resolution, attention)
-        _, planned = replay(trace(unet_config, None, resolution, "no", attention), batch=1,
+        _, planned = replay(trace(unet_config, None, resolution, "no", attention == "plain"), batch=1,
                             checkpointing=checkpointing, fused_backward=False)
         print(f"{row:>11} {peak / GIB:12.2f} {planned / GIB:9.2f} {planned / peak:13.3f} "
               f"{time.perf_counter() - started:8.0f}", flush=True)

@@ -67,8 +67,7 @@ def test_trace_counts_what_a_real_forward_keeps(tiny_model, attention: str):
     """The meta-device trace equals the bytes autograd really keeps in a real fp32 forward on the CPU: with the
     CPU's fused attention kernel (which keeps what a GPU's flash kernel keeps), and with the plain kernel that
     `deterministic` runs on a GPU, whose attention matrices the trace must count."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    from bench.bench_memory_plan import sdpa_kernels
     from trainer.models.load import load_models
 
     models = load_models(str(tiny_model("sd1")))
@@ -81,14 +80,13 @@ def test_trace_counts_what_a_real_forward_keeps(tiny_model, attention: str):
             kept.setdefault(tensor.untyped_storage()._cdata, tensor)
         return tensor
 
-    kernels = {"fused": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], "plain": [SDPBackend.MATH]}[attention]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernel(kernels):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), sdpa_kernels(attention):
         states = text_encoder(torch.zeros(1, CONTEXT_TOKENS, dtype=torch.long))[0]
         prediction = unet(torch.randn(1, 4, 16, 16), torch.tensor([10]), states).sample
         F.mse_loss(prediction, torch.randn_like(prediction))
     real = sum(t.untyped_storage().nbytes() for t in kept.values())
     profile = trace(dict(unet.config), text_encoder.config.to_dict(), resolution=128, precision="no",
-                    attention=attention)
+                    plain_attention=attention == "plain")
     assert sum(s.nbytes for s in profile.saved) == real
     assert len(profile.params_last_use) == sum(1 for m in (unet, text_encoder) for _ in m.parameters())
 
@@ -110,7 +108,8 @@ def test_plan_matches_the_allocation_timeline_of_a_real_step(tiny_model, attenti
     if checkpointing:
         unet.enable_gradient_checkpointing()
     peak = step_peak(unet, 512, attention)
-    profile_ = trace(dict(unet.config), None, resolution=512, precision="no", attention=attention)
+    profile_ = trace(dict(unet.config), None, resolution=512, precision="no",
+                     plain_attention=attention == "plain")
     _, planned = replay(profile_, batch=1, checkpointing=checkpointing, fused_backward=False)
     assert 0.9 < planned / peak < 1.1, (planned, peak)
 

@@ -10,7 +10,7 @@ resolution, in about a second and no memory. Two things differ from a real GPU s
 - attention: SDPA on a GPU runs a flash/memory-efficient kernel that keeps q, k, v, the output and a per-row
   log-sum-exp, never the attention matrix. `_FlashAttention` keeps exactly those. `deterministic` runs PyTorch's
   plain ("math") kernel on a GPU instead (trainer/run/repeatable.py): it computes in fp32 and keeps each attention
-  matrix, and the meta device runs that very kernel, so the trace of `attention="plain"` lets SDPA run as it is.
+  matrix, and the meta device runs that very kernel, so the trace with `plain_attention` lets SDPA run as it is.
 
 Each saved tensor is recorded with the position of the op that first saved it, and whether it lies inside a
 region gradient checkpointing recomputes (a UNet ResnetBlock2D or BasicTransformerBlock, a CLIP encoder layer, as
@@ -169,21 +169,21 @@ class _Recorder:
 
 
 def trace(unet_config: dict, text_encoder_config: dict | None, resolution: int, precision: str,
-          attention: str = "fused") -> ActivationProfile:
+          plain_attention: bool = False) -> ActivationProfile:
     """The activation profile of one training forward at batch 1: the UNet at `resolution` (pixels), and the text
-    encoder first when `text_encoder_config` is given (it is trained). `precision`: no, fp16 or bf16. `attention`:
-    fused (a GPU's flash kernel) or plain (PyTorch's math kernel, which `deterministic` runs on a GPU)."""
+    encoder first when `text_encoder_config` is given (it is trained). `precision`: no, fp16 or bf16. Attention
+    runs as a GPU's flash kernel, or with `plain_attention` as PyTorch's math kernel (`deterministic` on a GPU)."""
     configs = json.dumps([unet_config, text_encoder_config], sort_keys=True, default=str)
-    return _trace(configs, resolution, precision, attention)
+    return _trace(configs, resolution, precision, plain_attention)
 
 
 @functools.lru_cache(maxsize=16)  # the plan's advice re-plans the same model many times
-def _trace(configs: str, resolution: int, precision: str, attention: str) -> ActivationProfile:
+def _trace(configs: str, resolution: int, precision: str, plain_attention: bool) -> ActivationProfile:
     unet, text_encoder = meta_models(*json.loads(configs))
     half = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     trained = [*unet.parameters(), *(text_encoder.parameters() if text_encoder is not None else [])]
     profile = ActivationProfile()
-    tracer = _Tracer(half, profile, {id(p) for p in trained}, plain={"fused": False, "plain": True}[attention])
+    tracer = _Tracer(half, profile, {id(p) for p in trained}, plain_attention)
     weights = {_storage_key(p) for m in (unet, text_encoder) if m is not None for p in m.parameters()}
     recorder = _Recorder(profile, tracer, weights)
     hooks = [m.register_forward_pre_hook(recorder.enter) for m in _regions(unet, text_encoder)]

@@ -123,7 +123,7 @@ def plan_memory(model: ModelParams, settings: Settings) -> MemoryPlan:
     from trainer.preflight.activations import trace
 
     profile = trace(model.unet_config, model.text_encoder_config if settings.train_text_encoder else None,
-                    settings.resolution, settings.precision, "plain" if settings.plain_attention else "fused")
+                    settings.resolution, settings.precision, settings.plain_attention)
     compute = DTYPE_BYTES[settings.precision]
     if settings.frozen_base:  # the whole base frozen in the compute dtype; adapters and embedding rows train
         trained = (adapter_params(model, settings) if settings.lora_rank else 0) + \
